@@ -1,0 +1,16 @@
+"""Weight decay and L1/L2 regularization done right for PyTorch Lightning."""
+
+from lightning_decay.groups import decay_param_groups
+from lightning_decay.names import clean_param_name
+from lightning_decay.plan import DecayPlan, ParamDecision
+from lightning_decay.rules import DecayRules
+
+__all__ = [
+    "DecayPlan",
+    "DecayRules",
+    "ParamDecision",
+    "clean_param_name",
+    "decay_param_groups",
+]
+
+__version__ = "0.1.0"

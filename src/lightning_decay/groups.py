@@ -1,0 +1,41 @@
+"""The one-call shortcut from a model to optimizer parameter groups."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lightning_decay.rules import DecayRules
+
+__all__ = ["decay_param_groups"]
+
+
+def decay_param_groups(
+    module: nn.Module,
+    weight_decay: float | None = None,
+    rules: DecayRules | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    **group_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Classify ``module`` and return ``"decay"`` / ``"no_decay"`` optimizer parameter groups.
+
+    Equivalent to ``(rules or DecayRules()).classify(module).param_groups(weight_decay, overrides, ...)``.
+
+    Args:
+        module: The model.
+        weight_decay: Decay of the decay group; ``None`` keeps the optimizer's default.
+        rules: The classification policy; default :class:`~lightning_decay.DecayRules`.
+        overrides: Glob pattern -> extra group options, see :meth:`~lightning_decay.DecayPlan.param_groups`.
+        **group_kwargs: Options for every group.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        >>> opt = torch.optim.AdamW(decay_param_groups(model, weight_decay=0.05), lr=1e-3)
+        >>> [g["name"] for g in opt.param_groups]
+        ['decay', 'no_decay']
+    """
+    return (rules or DecayRules()).classify(module).param_groups(weight_decay, overrides, **group_kwargs)

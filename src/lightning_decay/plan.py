@@ -1,0 +1,275 @@
+"""The result of classifying a model: which parameters decay, which do not, and why.
+
+A :class:`DecayPlan` is produced by :meth:`lightning_decay.DecayRules.classify` and is pure data: it
+holds references to the parameters, never copies, and knows nothing about Lightning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DecayPlan", "ParamDecision", "validate_weight_decay"]
+
+DECAY_GROUP = "decay"
+NO_DECAY_GROUP = "no_decay"
+
+
+@dataclass(frozen=True)
+class ParamDecision:
+    """What the rules decided for one parameter tensor.
+
+    Attributes:
+        name: The cleaned name of the parameter (its first name, for tied parameters).
+        param: The parameter itself.
+        decay: Whether weight decay and penalties apply.
+        reason: The rule that decided, in words.
+        shape: The logical (unsharded, unflattened) shape when known, else ``param.shape``.
+        module_type: The class name of the module that owns the parameter.
+        aliases: Further names of a tied parameter, empty when it has only one.
+    """
+
+    name: str
+    param: nn.Parameter
+    decay: bool
+    reason: str
+    shape: tuple[int, ...]
+    module_type: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def group(self) -> str:
+        return DECAY_GROUP if self.decay else NO_DECAY_GROUP
+
+
+def validate_weight_decay(value: float | None, argument: str = "weight_decay") -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is ``None`` or a finite number >= 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{argument}` must be a float >= 0 or None, got {type(value).__name__}: {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}")
+
+
+class DecayPlan:
+    """The decay / no-decay decision for every trainable parameter of a model.
+
+    Build one with :meth:`lightning_decay.DecayRules.classify`. Iterating yields
+    :class:`ParamDecision` objects in registration order; every trainable parameter appears exactly
+    once, tied parameters under their first name.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_decay import DecayRules
+        >>> plan = DecayRules().classify(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+        >>> plan.decay_names, plan.no_decay_names
+        (['0.weight'], ['0.bias', '1.weight', '1.bias'])
+        >>> groups = plan.param_groups(weight_decay=0.05)
+        >>> [(g["name"], g["weight_decay"]) for g in groups]
+        [('decay', 0.05), ('no_decay', 0.0)]
+    """
+
+    def __init__(self, decisions: Sequence[ParamDecision], frozen: Sequence[str] = ()) -> None:
+        self.decisions: tuple[ParamDecision, ...] = tuple(decisions)
+        #: Names of parameters left out because ``requires_grad=False``.
+        self.frozen: tuple[str, ...] = tuple(frozen)
+        self._by_id = {id(d.param): d for d in self.decisions}
+        self._by_name: dict[str, ParamDecision] = {}
+        for d in self.decisions:
+            for n in (d.name, *d.aliases):
+                self._by_name[n] = d
+
+    # ----------------------------------------------------------------- lookups
+    def __iter__(self) -> Iterator[ParamDecision]:
+        return iter(self.decisions)
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+    def __getitem__(self, name: str) -> ParamDecision:
+        """The decision for a (cleaned) parameter name or any of its tied aliases."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a trainable parameter of this plan") from None
+
+    def __contains__(self, param: object) -> bool:
+        return id(param) in self._by_id
+
+    def decision_for(self, param: torch.Tensor) -> ParamDecision | None:
+        """The decision for a parameter object, or ``None`` if the plan does not know it."""
+        return self._by_id.get(id(param))
+
+    def is_decayed(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is in the decay group (``False`` for parameters the plan does not know)."""
+        d = self._by_id.get(id(param))
+        return d is not None and d.decay
+
+    def explain(self, name: str) -> str:
+        """One line saying which group ``name`` is in and the rule that put it there."""
+        d = self[name]
+        return f"{d.name}: {d.group} ({d.reason})"
+
+    @property
+    def decay(self) -> list[ParamDecision]:
+        return [d for d in self.decisions if d.decay]
+
+    @property
+    def no_decay(self) -> list[ParamDecision]:
+        return [d for d in self.decisions if not d.decay]
+
+    @property
+    def decay_names(self) -> list[str]:
+        return [d.name for d in self.decay]
+
+    @property
+    def no_decay_names(self) -> list[str]:
+        return [d.name for d in self.no_decay]
+
+    @property
+    def decay_params(self) -> list[nn.Parameter]:
+        return [d.param for d in self.decay]
+
+    @property
+    def no_decay_params(self) -> list[nn.Parameter]:
+        return [d.param for d in self.no_decay]
+
+    # ------------------------------------------------------------------ groups
+    def param_groups(
+        self,
+        weight_decay: float | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        **group_kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups named ``"decay"`` and ``"no_decay"``.
+
+        The no-decay group always carries an explicit ``weight_decay=0.0`` so it never inherits the
+        optimizer's default. Empty groups are dropped, and every parameter of the plan is in exactly
+        one group (checked).
+
+        Args:
+            weight_decay: Weight decay of the decay group. ``None`` leaves the key out, so the
+                optimizer's own default (for instance a LightningCLI ``init_args.weight_decay``) applies.
+            overrides: Glob pattern on parameter names -> extra group options, like mmengine's
+                ``custom_keys``: ``{"head.*": {"lr": 1e-3}}``. Parameters matching a pattern go to groups
+                named ``"{pattern}/decay"`` and ``"{pattern}/no_decay"``; the first matching pattern in
+                mapping order wins. A ``weight_decay`` given here applies to the pattern's decay group;
+                its no-decay group keeps ``0.0``.
+            **group_kwargs: Options added to every group (``lr``, ``betas``, ...).
+
+        Returns:
+            A list of parameter-group dicts ready for any ``torch.optim.Optimizer``.
+
+        Raises:
+            ValueError: If ``weight_decay`` is negative or not finite, or an override sets ``params``
+                or ``name``.
+        """
+        validate_weight_decay(weight_decay)
+        overrides = dict(overrides or {})
+        for pattern, options in overrides.items():
+            if not isinstance(options, Mapping):
+                raise TypeError(f"`overrides[{pattern!r}]` must be a mapping of group options, got {options!r}")
+            reserved = {"params", "name"} & set(options)
+            if reserved:
+                raise ValueError(f"`overrides[{pattern!r}]` may not set {sorted(reserved)}: they are set per group")
+            validate_weight_decay(options.get("weight_decay"), f"overrides[{pattern!r}]['weight_decay']")
+
+        buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
+        used: set[str] = set()
+        for d in self.decisions:
+            pattern = next((p for p in overrides if _matches_any(p, d)), None)
+            if pattern is not None:
+                used.add(pattern)
+            buckets.setdefault((pattern, d.decay), []).append(d.param)
+        for pattern in overrides:
+            if pattern not in used:
+                warnings.warn(f"param_groups: override pattern {pattern!r} matches no parameter", stacklevel=2)
+
+        groups: list[dict[str, Any]] = []
+        for pattern in [None, *overrides]:
+            for decay in (True, False):
+                params = buckets.get((pattern, decay))
+                if not params:
+                    continue
+                group: dict[str, Any] = {"params": params, **group_kwargs}
+                if pattern is not None:
+                    group.update(overrides[pattern])
+                base = DECAY_GROUP if decay else NO_DECAY_GROUP
+                group["name"] = base if pattern is None else f"{pattern}/{base}"
+                if not decay:
+                    group["weight_decay"] = 0.0
+                elif weight_decay is not None and "weight_decay" not in (overrides.get(pattern) or {}):
+                    group["weight_decay"] = weight_decay
+                groups.append(group)
+        self._check_coverage(groups)
+        return groups
+
+    def _check_coverage(self, groups: list[dict[str, Any]]) -> None:
+        # minGPT-style guarantee: every parameter in exactly one group.
+        seen: dict[int, str] = {}
+        for g in groups:
+            for p in g["params"]:
+                if id(p) in seen:
+                    raise AssertionError(f"parameter {self._by_id[id(p)].name!r} is in two groups")
+                seen[id(p)] = g["name"]
+        missing = [d.name for d in self.decisions if id(d.param) not in seen]
+        if missing:
+            raise AssertionError(f"parameters missing from the groups: {missing}")
+
+    # --------------------------------------------------------------- rendering
+    def summary(self) -> str:
+        """One line with the counts, as logged at fit start."""
+        dn = sum(d.numel for d in self.decay)
+        nn_ = sum(d.numel for d in self.no_decay)
+        text = (
+            f"DecayPlan: decay {len(self.decay)} tensors ({_human(dn)} params), "
+            f"no_decay {len(self.no_decay)} tensors ({_human(nn_)} params)"
+        )
+        if self.frozen:
+            text += f", {len(self.frozen)} frozen skipped"
+        return text
+
+    def table(self) -> str:
+        """A readable table: name, shape, numel, group, reason, with totals."""
+        header = ("name", "shape", "numel", "group", "reason")
+        rows = []
+        for d in self.decisions:
+            name = d.name if not d.aliases else f"{d.name} (= {', '.join(d.aliases)})"
+            rows.append((name, "x".join(map(str, d.shape)) or "scalar", f"{d.numel:,}", d.group, d.reason))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:{'>' if i == 2 else '<'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows]
+        lines = [line.rstrip() for line in lines]
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"<{self.summary()}>"
+
+
+def _matches_any(pattern: str, d: ParamDecision) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in (d.name, *d.aliases))
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)

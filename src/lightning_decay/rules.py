@@ -1,0 +1,369 @@
+"""Decay / no-decay classification rules: pure functions of a module, no framework involved.
+
+The defaults are the consensus of timm, Hugging Face and minGPT: biases, every parameter of a
+normalization layer and every other parameter with at most one dimension are not decayed; matrix
+weights (Linear, convolutions, attention projections, embeddings) are.
+
+Precedence, first match wins (documented in ``docs/`` and tested):
+
+1. ``predicate(name, param, module)`` returning ``True`` or ``False``;
+2. ``include`` glob patterns (force decay);
+3. ``exclude`` glob patterns (no decay);
+4. ``exclude_modules`` types (no decay);
+5. model hooks: ``no_weight_decay()`` names and ``no_weight_decay_keywords()`` substrings (no decay);
+6. built-in rules: bias, normalization layer, embedding (only when ``decay_embeddings=False``),
+   matrix weight of a known layer (decay), ``ndim <= 1`` (no decay);
+7. otherwise decay.
+
+A tied parameter is judged under each of its names. When the names disagree, an explicit user
+decision (levels 1-3) wins; if none or conflicting ones were made, *no decay* wins, as in minGPT for
+a GPT embedding tied to ``lm_head``. The explanation shows both names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_decay.names import clean_param_name
+from lightning_decay.plan import DecayPlan, ParamDecision
+
+__all__ = ["DecayRules", "Predicate", "is_norm_module", "logical_shape"]
+
+#: ``(name, param, module) -> True (decay) | False (no decay) | None (no opinion)``
+Predicate = Callable[[str, nn.Parameter, nn.Module], "bool | None"]
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, LazyBatchNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.CrossMapLRN2d,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+# Class names of custom norm layers: LlamaRMSNorm, T5LayerNorm, FusedLayerNorm, BatchNormAct2d,
+# LayerNormalization... "Normal" (a distribution, NormalLinear) is not a normalization layer.
+_NORM_NAME = re.compile(r"norm(?!al(?!iz))", re.IGNORECASE)
+
+# Layers whose ``weight`` is a matrix (or a conv kernel) however its storage is sharded or flattened.
+_MATRIX_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.RNNCellBase,
+)
+_EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer, by type or by class name."""
+    return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+
+
+def logical_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None = None) -> tuple[int, ...]:
+    """The shape the user created, not the shard or flat view a strategy holds.
+
+    DTensor (FSDP2) ``.shape`` is already global; DeepSpeed keeps it as ``ds_shape``; FSDP1 flat
+    parameters record the original shapes, passed here as ``flat_shapes``.
+    """
+    if flat_shapes and id(param) in flat_shapes:
+        return tuple(flat_shapes[id(param)])
+    ds_shape = getattr(param, "ds_shape", None)
+    if ds_shape is not None:
+        return tuple(ds_shape)
+    return tuple(param.shape)
+
+
+class DecayRules:
+    """The policy deciding which parameters get weight decay and L1/L2 penalties.
+
+    Args:
+        exclude: Glob patterns on (cleaned) parameter names that are never decayed.
+        include: Glob patterns on parameter names that are always decayed; beats ``exclude``.
+        exclude_modules: Module types whose own parameters are never decayed.
+        predicate: ``(name, param, module) -> bool | None``, asked first; ``None`` defers to the rules.
+        decay_bias: Decay biases (names ending in ``bias``). Default ``False``.
+        decay_norm: Decay parameters of normalization layers. Default ``False``.
+        decay_embeddings: Decay embedding tables. Default ``True`` (timm, Hugging Face, nanoGPT).
+        decay_vectors: Decay other parameters with ``ndim <= 1`` (gains, scalars). Default ``False``.
+        use_model_hooks: Honor ``no_weight_decay()`` and ``no_weight_decay_keywords()`` of every
+            submodule. Default ``True``.
+
+    Raises:
+        ValueError: On an unknown option, naming it and the allowed ones.
+        TypeError: If an option has the wrong type.
+
+    Example::
+
+        >>> from torch import nn
+        >>> rules = DecayRules(exclude=["head.*"], decay_embeddings=False)
+        >>> model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 2)})
+        >>> print(rules.classify(model).explain("emb.weight"))
+        emb.weight: no_decay (embedding (decay_embeddings=False))
+    """
+
+    _OPTIONS = (
+        "exclude",
+        "include",
+        "exclude_modules",
+        "predicate",
+        "decay_bias",
+        "decay_norm",
+        "decay_embeddings",
+        "decay_vectors",
+        "use_model_hooks",
+    )
+
+    def __init__(
+        self,
+        exclude: Sequence[str] = (),
+        include: Sequence[str] = (),
+        exclude_modules: Sequence[type[nn.Module]] = (),
+        predicate: Predicate | None = None,
+        decay_bias: bool = False,
+        decay_norm: bool = False,
+        decay_embeddings: bool = True,
+        decay_vectors: bool = False,
+        use_model_hooks: bool = True,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ValueError(
+                f"DecayRules got unknown option(s) {sorted(unknown)}; allowed options are {list(self._OPTIONS)}"
+            )
+        self.exclude = _patterns(exclude, "exclude")
+        self.include = _patterns(include, "include")
+        if isinstance(exclude_modules, type):
+            exclude_modules = (exclude_modules,)
+        for t in exclude_modules:
+            if not (isinstance(t, type) and issubclass(t, nn.Module)):
+                raise TypeError(f"`exclude_modules` must hold nn.Module subclasses, got {t!r}")
+        self.exclude_modules = tuple(exclude_modules)
+        if predicate is not None and not callable(predicate):
+            raise TypeError(f"`predicate` must be callable (name, param, module) -> bool | None, got {predicate!r}")
+        self.predicate = predicate
+        for flag in ("decay_bias", "decay_norm", "decay_embeddings", "decay_vectors", "use_model_hooks"):
+            value = locals()[flag]
+            if not isinstance(value, bool):
+                raise TypeError(f"`{flag}` must be True or False, got {value!r}")
+        self.decay_bias = decay_bias
+        self.decay_norm = decay_norm
+        self.decay_embeddings = decay_embeddings
+        self.decay_vectors = decay_vectors
+        self.use_model_hooks = use_model_hooks
+
+    def __repr__(self) -> str:
+        defaults = DecayRules.__init__.__defaults__ or ()
+        items = [
+            f"{k}={getattr(self, k)!r}"
+            for k, default in zip(self._OPTIONS, defaults, strict=False)
+            if getattr(self, k) != (tuple(default) if isinstance(default, (list, tuple)) else default)
+        ]
+        return f"DecayRules({', '.join(items)})"
+
+    # ------------------------------------------------------------------ public
+    def classify(self, module: nn.Module, include_frozen: bool = False) -> DecayPlan:
+        """Decide decay or no decay for every trainable parameter of ``module``.
+
+        Args:
+            module: The model (any ``nn.Module``, wrapped, compiled or sharded).
+            include_frozen: Also classify parameters with ``requires_grad=False`` (the callbacks use it
+                so that parameters unfrozen later are already known). Default ``False``.
+
+        Returns:
+            A :class:`~lightning_decay.DecayPlan`.
+
+        Raises:
+            ValueError: If ``module`` has no trainable parameter, or the predicate raises.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+        owners = _owners(module)
+        if not owners:
+            raise ValueError(f"{type(module).__name__} has no parameters to classify")
+        hook_names, hook_keywords = _model_hooks(module) if self.use_model_hooks else ({}, {})
+        flat_shapes = _fsdp1_original_shapes(module)
+
+        decisions: list[ParamDecision] = []
+        frozen: list[str] = []
+        used_patterns: set[str] = set()
+        for param, aliases in owners.items():
+            names = [name for name, _ in aliases]
+            if not param.requires_grad and not include_frozen:
+                frozen.append(names[0])
+                continue
+            verdicts = [
+                self._decide(name, param, owner, hook_names, hook_keywords, flat_shapes, used_patterns)
+                for name, owner in aliases
+            ]
+            decay, reason = _resolve_tied(names, verdicts)
+            decisions.append(
+                ParamDecision(
+                    name=names[0],
+                    param=param,
+                    decay=decay,
+                    reason=reason,
+                    shape=logical_shape(param, flat_shapes),
+                    module_type=type(aliases[0][1]).__name__,
+                    aliases=tuple(names[1:]),
+                )
+            )
+        if not decisions:
+            raise ValueError(
+                f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
+                "(requires_grad=False)"
+            )
+        for pattern in (*self.include, *self.exclude):
+            if pattern not in used_patterns:
+                warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
+        return DecayPlan(decisions, frozen)
+
+    # ----------------------------------------------------------------- private
+    def _decide(
+        self,
+        name: str,
+        param: nn.Parameter,
+        owner: nn.Module,
+        hook_names: dict[str, str],
+        hook_keywords: dict[str, list[str]],
+        flat_shapes: dict[int, torch.Size],
+        used_patterns: set[str],
+    ) -> tuple[bool, str, bool]:
+        """Return ``(decay, reason, explicit)`` for one name of a parameter."""
+        if self.predicate is not None:
+            try:
+                verdict = self.predicate(name, param, owner)
+            except Exception as err:
+                raise ValueError(f"DecayRules predicate raised for parameter {name!r}: {err!r}") from err
+            if verdict is not None:
+                if not isinstance(verdict, bool):
+                    raise TypeError(
+                        f"DecayRules predicate must return True, False or None; returned {verdict!r} for {name!r}"
+                    )
+                return verdict, "predicate", True
+        for pattern in self.include:
+            if fnmatch.fnmatchcase(name, pattern):
+                used_patterns.add(pattern)
+                return True, f"include pattern {pattern!r}", True
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(name, pattern):
+                used_patterns.add(pattern)
+                return False, f"exclude pattern {pattern!r}", True
+        if self.exclude_modules and isinstance(owner, self.exclude_modules):
+            return False, f"exclude_modules ({type(owner).__name__})", True
+        if name in hook_names:
+            return False, hook_names[name], False
+        for prefix, keywords in hook_keywords.items():
+            if name.startswith(prefix):
+                for kw in keywords:
+                    if kw in name:
+                        return False, f"no_weight_decay_keywords() {kw!r}", False
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.endswith("bias") and not self.decay_bias:
+            return False, "bias", False
+        if is_norm_module(owner):
+            if not self.decay_norm:
+                return False, f"normalization layer ({type(owner).__name__})", False
+            return True, f"normalization layer ({type(owner).__name__}, decay_norm=True)", False
+        if isinstance(owner, _EMBEDDING_TYPES):
+            if not self.decay_embeddings:
+                return False, "embedding (decay_embeddings=False)", False
+            return True, f"embedding ({type(owner).__name__})", False
+        if isinstance(owner, _MATRIX_TYPES) and "weight" in leaf:
+            # Decided by type and name, so flattened or sharded storage cannot change the answer.
+            return True, f"weight of {type(owner).__name__}", False
+        if len(logical_shape(param, flat_shapes)) <= 1 and not self.decay_vectors:
+            return False, "ndim <= 1", False
+        return True, "default (ndim >= 2)", False
+
+
+def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    out = tuple(value)
+    for p in out:
+        if not isinstance(p, str) or not p:
+            raise TypeError(f"`{argument}` must hold non-empty glob pattern strings, got {p!r}")
+    return out
+
+
+def _owners(module: nn.Module) -> dict[nn.Parameter, list[tuple[str, nn.Module]]]:
+    """Every parameter once, with all its (cleaned name, owning module) pairs in registration order."""
+    owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for leaf, param in mod.named_parameters(prefix=mod_name, recurse=False, remove_duplicate=False):
+            if param is None:
+                continue
+            entry = owners.setdefault(param, [])
+            name = clean_param_name(leaf)
+            if all(name != n for n, _ in entry):
+                entry.append((name, mod))
+    return owners
+
+
+def _model_hooks(module: nn.Module) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path."""
+    names: dict[str, str] = {}
+    keywords: dict[str, list[str]] = {}
+    param_names = [clean_param_name(n) for n, _ in module.named_parameters(remove_duplicate=False)]
+    for mod_name, mod in module.named_modules():
+        prefix = clean_param_name(mod_name)
+        prefix = f"{prefix}." if prefix else ""
+        where = f" of {prefix[:-1]}" if prefix else ""
+        hook = getattr(mod, "no_weight_decay", None)
+        if callable(hook):
+            for entry in _call_hook(hook, "no_weight_decay", type(mod).__name__):
+                full = prefix + entry
+                # An entry names a parameter, or a module whose parameters are all excluded.
+                for n in param_names:
+                    if n == full or n.startswith(full + "."):
+                        names.setdefault(n, f"no_weight_decay(){where} {entry!r}")
+        hook = getattr(mod, "no_weight_decay_keywords", None)
+        if callable(hook):
+            kws = _call_hook(hook, "no_weight_decay_keywords", type(mod).__name__)
+            if kws:
+                keywords.setdefault(prefix, []).extend(kws)
+    return names, keywords
+
+
+def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: str) -> list[str]:
+    result = hook()
+    if isinstance(result, str) or not isinstance(result, Iterable):
+        raise TypeError(f"{owner}.{what}() must return a set or list of names, got {result!r}")
+    return [str(r) for r in result]
+
+
+def _fsdp1_original_shapes(module: nn.Module) -> dict[int, torch.Size]:
+    """Original shapes of FSDP1 ``use_orig_params=True`` parameters, whose local views are flat shards."""
+    shapes: dict[int, torch.Size] = {}
+    for mod in module.modules():
+        handle = getattr(mod, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        infos = getattr(flat, "_param_infos", None)
+        orig = getattr(flat, "_shapes", None)
+        params = getattr(flat, "_params", None)
+        if infos is None or orig is None or params is None:
+            continue
+        for p, shape in zip(params, orig, strict=False):
+            shapes[id(p)] = shape
+    return shapes
+
+
+def _resolve_tied(names: list[str], verdicts: list[tuple[bool, str, bool]]) -> tuple[bool, str]:
+    if len(verdicts) == 1 or len({v[0] for v in verdicts}) == 1:
+        decay, reason, _ = verdicts[0]
+        return decay, reason
+    shown = "; ".join(f"{n}: {'decay' if d else 'no_decay'} ({r})" for n, (d, r, _) in zip(names, verdicts, strict=True))
+    explicit = {d for d, _, e in verdicts if e}
+    if len(explicit) == 1:
+        decay = explicit.pop()
+        return decay, f"tied, explicit rule wins [{shown}]"
+    return False, f"tied, no_decay wins [{shown}]"
