@@ -1,14 +1,22 @@
 """Weight decay and L1/L2 regularization done right for PyTorch Lightning."""
 
+from lightning_decay.cli import DecayLightningCLI
+from lightning_decay.decay import WeightDecay
 from lightning_decay.groups import decay_param_groups
+from lightning_decay.mixin import DecayGroupsMixin
 from lightning_decay.names import clean_param_name
+from lightning_decay.penalty import WeightPenalty
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
 
 __all__ = [
+    "DecayGroupsMixin",
+    "DecayLightningCLI",
     "DecayPlan",
     "DecayRules",
     "ParamDecision",
+    "WeightDecay",
+    "WeightPenalty",
     "clean_param_name",
     "decay_param_groups",
 ]

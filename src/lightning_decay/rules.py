@@ -361,7 +361,9 @@ def _resolve_tied(names: list[str], verdicts: list[tuple[bool, str, bool]]) -> t
     if len(verdicts) == 1 or len({v[0] for v in verdicts}) == 1:
         decay, reason, _ = verdicts[0]
         return decay, reason
-    shown = "; ".join(f"{n}: {'decay' if d else 'no_decay'} ({r})" for n, (d, r, _) in zip(names, verdicts, strict=True))
+    shown = "; ".join(
+        f"{n}: {'decay' if d else 'no_decay'} ({r})" for n, (d, r, _) in zip(names, verdicts, strict=True)
+    )
     explicit = {d for d, _, e in verdicts if e}
     if len(explicit) == 1:
         decay = explicit.pop()

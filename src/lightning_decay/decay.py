@@ -1,0 +1,188 @@
+"""``WeightDecay``: decoupled weight decay (AdamW-style) for any optimizer, on the decayed weights only."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_decay import kernels
+from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient
+from lightning_decay.rules import DecayRules
+from lightning_decay.schedules import ScheduleLike, as_schedule
+
+__all__ = ["WeightDecay"]
+
+_MODES = ("lr", "lr_ratio", "constant")
+
+
+def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    """Whether an optimizer's own ``weight_decay`` is decoupled (AdamW) rather than an L2 gradient term.
+
+    torch's Adam/AdamW say so in ``decoupled_weight_decay``; other optimizers are judged by name
+    (``AdamW``, composer's ``DecoupledAdamW``/``DecoupledSGDW``, ``Lion``). torch's SGD, Adam, RMSprop,
+    Adagrad... add ``weight_decay * w`` to the gradient.
+    """
+    flag = group.get("decoupled_weight_decay")
+    if flag is not None:
+        return bool(flag)
+    name = type(optimizer).__name__
+    return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
+
+
+class WeightDecay(RegularizerCallback):
+    r"""Decoupled weight decay (Loshchilov & Hutter) for any optimizer: ``w <- w - lr * wd * w``.
+
+    Applied to the ``"decay"`` weights of the :class:`~lightning_decay.DecayRules` plan just before each
+    optimizer step that really runs (an ``Optimizer.register_step_pre_hook``, which does not run when
+    the AMP ``GradScaler`` skips a step), with each param group's current learning rate. ``Adam`` with
+    ``WeightDecay(wd)`` is torch's ``AdamW(weight_decay=wd)`` with the same decay / no-decay split.
+
+    Modes:
+        ``"lr"``: ``w *= 1 - lr * wd`` (AdamW). ``"lr_ratio"``: ``w *= 1 - (lr / lr0) * wd`` with ``lr0``
+        the group's initial learning rate (composer's ``DecoupledAdamW``): ``wd`` is then the decay per
+        step at the peak learning rate. ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
+
+    Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
+    ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
+    with the optimizer's own semantics -- decoupled for AdamW-style optimizers, an L2 gradient term
+    ``g += wd * w`` for torch's Adam and SGD (added after clipping, as those optimizers do). So
+    ``--optimizer AdamW --optimizer.weight_decay 0.05`` in a LightningCLI config plus this callback decays
+    weights at 0.05 and leaves biases and normalization parameters alone. With an explicit
+    ``weight_decay``, an optimizer group that also decays the same weights is an error: never both.
+
+    Args:
+        weight_decay: The decay coefficient (number, schedule or ``step -> float``), or ``None`` to take
+            over each optimizer group's ``weight_decay``.
+        mode: ``"lr"``, ``"lr_ratio"`` or ``"constant"`` (ignored when taking over).
+        rules: Which parameters are decayed; default :class:`~lightning_decay.DecayRules`.
+
+    Raises:
+        ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
+            or ``mode`` is unknown.
+        MisconfigurationException: At fit start, on double decay (the optimizer's own ``weight_decay`` on
+            the same weights, or another regularizer callback), or under DeepSpeed.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[WeightDecay(0.05)])  # with torch.optim.Adam(..., weight_decay=0)
+    """
+
+    def __init__(
+        self,
+        weight_decay: ScheduleLike | None = None,
+        mode: Literal["lr", "lr_ratio", "constant"] = "lr",
+        rules: DecayRules | None = None,
+    ) -> None:
+        super().__init__(rules)
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+        self.mode = mode
+        self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
+        # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
+        self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
+
+    @property
+    def takes_over(self) -> bool:
+        return self._weight_decay is None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(weight_decay=repr(self._weight_decay), mode=self.mode)
+
+    # ------------------------------------------------------------ base hooks
+    def _decays_like_weight_decay(self) -> bool:
+        return True
+
+    def _check_double_decay(self, index: int, entry: OptimizerBuckets) -> None:
+        if not self.takes_over:
+            super()._check_double_decay(index, entry)
+            return
+        optimizer = entry.optimizer
+        for gi, group in enumerate(optimizer.param_groups):
+            wd = group.get("weight_decay", 0.0)
+            if (index, gi) in self._taken_over:
+                group["weight_decay"] = 0.0  # resumed: the checkpoint says it was taken over
+                continue
+            if not wd:
+                continue
+            self._taken_over[(index, gi)] = (float(wd), uses_decoupled_decay(optimizer, group))
+            group["weight_decay"] = 0.0
+            rank_zero_info(
+                f"WeightDecay took over weight_decay={wd} of {type(optimizer).__name__} param group "
+                f"{group.get('name', gi)!r}: applied to the decayed parameters only"
+            )
+        if not self._taken_over:
+            rank_zero_warn(
+                f"WeightDecay(weight_decay=None) found no weight_decay to take over in {type(optimizer).__name__}"
+            )
+
+    def _register_optimizer_hooks(self, index: int, optimizer: Optimizer) -> list[RemovableHandle]:
+        def before_fused_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            # Only fused optimizers under a GradScaler: the scaler decides inside `step`, where it sets
+            # `found_inf`; their closure has run already (Lightning's AMP plugin runs it before `step`).
+            if self._unscaled_in_step(opt):
+                self._apply(index, opt)
+
+        def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            if self._step_ran(opt):
+                self._steps[index] += 1
+
+        return [optimizer.register_step_pre_hook(before_fused_step), optimizer.register_step_post_hook(after_step)]
+
+    # --------------------------------------------------------------- steps
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # After the closure (backward, unscale) and before the update. Not a step pre-hook: without AMP,
+        # Lightning runs the closure inside `optimizer.step`, after the pre-hooks.
+        index = self._index_of(optimizer)
+        if index is not None and not self._unscaled_in_step(optimizer):
+            self._apply(index, optimizer)
+
+    def _apply(self, index: int, optimizer: Optimizer) -> None:
+        skip = self._found_inf(optimizer)  # decay nothing on a step the GradScaler will skip
+        wd = None
+        if self._weight_decay is not None:
+            wd = coefficient(self._weight_decay, self._steps[index], "weight_decay")
+        for b in self._buckets(index):
+            group = optimizer.param_groups[b.group_index]
+            decoupled = True
+            if wd is None:
+                coeff, decoupled = self._taken_over.get((index, b.group_index), (0.0, True))
+            else:
+                coeff = wd
+            if not coeff:
+                continue
+            if not decoupled:
+                # The optimizer's own (coupled) semantics: an L2 term in the gradient, like a loss term.
+                weights, grads, _ = b.with_grads()
+                scale = self._grad_scale(optimizer) if self._unscaled_in_step(optimizer) else None
+                if scale is None:
+                    scale = getattr(optimizer, "grad_scale", None)
+                kernels.add_l2_gradient_(grads, weights, coeff if scale is None else scale * coeff)
+                continue
+            lr = group["lr"]
+            if wd is None or self.mode == "lr":
+                shrink = lr * coeff
+            elif self.mode == "lr_ratio":
+                shrink = lr / group.setdefault("initial_lr", lr) * coeff
+            else:
+                shrink = coeff
+            factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
+            kernels.decay_(b.weights(), factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        taken = [[i, g, wd, dec] for (i, g), (wd, dec) in self._taken_over.items()]
+        return {**super().state_dict(), "taken_over": taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        taken = state_dict.get("taken_over", [])
+        self._taken_over = {(int(i), int(g)): (float(wd), bool(dec)) for i, g, wd, dec in taken}

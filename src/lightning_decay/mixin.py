@@ -1,0 +1,110 @@
+"""``DecayGroupsMixin``: decay / no-decay optimizer groups for a ``LightningModule`` in one line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_decay.plan import DecayPlan
+from lightning_decay.rules import DecayRules
+
+__all__ = ["DecayGroupsMixin"]
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+
+class DecayGroupsMixin:
+    """Give a ``LightningModule`` decay / no-decay parameter groups and a ready ``configure_optimizers``.
+
+    Inherit it before ``LightningModule``. The default :meth:`configure_optimizers` builds the optimizer
+    from ``self.optimizer`` -- an ``OptimizerCallable`` injected by ``LightningCLI``, an optimizer class,
+    or any callable taking parameter groups -- called with :meth:`decay_param_groups` and the optional
+    ``self.optimizer_kwargs``. ``self.lr_scheduler`` (an ``LRSchedulerCallable`` or scheduler class,
+    optional) is called with the optimizer, and ``self.lr_scheduler_config`` (for instance
+    ``{"interval": "step"}``) completes Lightning's scheduler dict.
+
+    Class attributes to override:
+        decay_rules: The :class:`~lightning_decay.DecayRules`; default rules when ``None``.
+        decay_overrides: Per-pattern group options, see :meth:`~lightning_decay.DecayPlan.param_groups`.
+
+    Example::
+
+        from lightning.pytorch import LightningModule
+        from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+        class Model(DecayGroupsMixin, LightningModule):
+            def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW,
+                         lr_scheduler: LRSchedulerCallable | None = None):
+                super().__init__()
+                self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+                self.net = torch.nn.Linear(32, 2)
+
+    With ``model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 1e-3, weight_decay: 0.05}}``
+    in a LightningCLI config, weights decay at 0.05 while biases and norms get ``weight_decay=0.0``.
+    """
+
+    decay_rules: DecayRules | None = None
+    decay_overrides: Mapping[str, Mapping[str, Any]] | None = None
+
+    def decay_plan(self, rules: DecayRules | None = None) -> DecayPlan:
+        """Classify this module's trainable parameters (``rules`` beats ``self.decay_rules``)."""
+        return (rules or self.decay_rules or DecayRules()).classify(self._as_module())
+
+    def decay_param_groups(
+        self,
+        weight_decay: float | None = None,
+        rules: DecayRules | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        **group_kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """``"decay"`` / ``"no_decay"`` groups for this module.
+
+        Args:
+            weight_decay: Decay of the decay group; ``None`` keeps the optimizer's own default.
+            rules: Classification policy; defaults to ``self.decay_rules``, then ``DecayRules()``.
+            overrides: Per-pattern group options; defaults to ``self.decay_overrides``.
+            **group_kwargs: Options for every group.
+        """
+        plan = self.decay_plan(rules)
+        groups = plan.param_groups(weight_decay, overrides or self.decay_overrides, **group_kwargs)
+        if not getattr(self, "_decay_plan_logged", False):
+            rank_zero_info(plan.summary())
+            self._decay_plan_logged = True
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        """Build ``self.optimizer`` over the decay groups, with ``self.lr_scheduler`` when set.
+
+        Raises:
+            AttributeError: If ``self.optimizer`` is missing.
+            TypeError: If ``self.optimizer`` or ``self.lr_scheduler`` is not callable.
+        """
+        factory = getattr(self, "optimizer", None)
+        if factory is None:
+            raise AttributeError(
+                f"{type(self).__name__} uses DecayGroupsMixin.configure_optimizers but has no `self.optimizer`: "
+                "assign an optimizer class (torch.optim.AdamW), an OptimizerCallable from LightningCLI, "
+                "or any callable taking parameter groups, or override configure_optimizers"
+            )
+        if not callable(factory):
+            raise TypeError(f"`self.optimizer` must be callable with parameter groups, got {factory!r}")
+        kwargs = dict(getattr(self, "optimizer_kwargs", None) or {})
+        optimizer = factory(self.decay_param_groups(), **kwargs)
+        scheduler_factory = getattr(self, "lr_scheduler", None)
+        if scheduler_factory is None:
+            return optimizer
+        if not callable(scheduler_factory):
+            raise TypeError(f"`self.lr_scheduler` must be callable with the optimizer, got {scheduler_factory!r}")
+        config = dict(getattr(self, "lr_scheduler_config", None) or {})
+        config["scheduler"] = scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _as_module(self) -> nn.Module:
+        if not isinstance(self, nn.Module):
+            raise TypeError(f"DecayGroupsMixin must be mixed into an nn.Module, not {type(self).__name__}")
+        return self

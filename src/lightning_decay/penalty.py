@@ -1,0 +1,256 @@
+"""``WeightPenalty``: L1 / L2 / L2-SP penalties added through the gradient, once per optimizer step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_decay import kernels
+from lightning_decay._regularizer import (
+    OptimizerBuckets,
+    RegularizerCallback,
+    coefficient,
+    is_dtensor,
+    local,
+    should_log,
+    to_host,
+)
+from lightning_decay.names import clean_param_name
+from lightning_decay.plan import ParamDecision
+from lightning_decay.rules import DecayRules
+from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
+
+__all__ = ["WeightPenalty"]
+
+_L1_MODES = ("subgradient", "proximal")
+
+
+class WeightPenalty(RegularizerCallback):
+    r"""Add ``l1 * sum|w| + l2 / 2 * sum w^2`` to the cost through the gradient of the decayed weights.
+
+    The gradient of the penalty, ``l2 * w + l1 * sign(w)``, is added to ``p.grad`` in
+    ``on_before_optimizer_step``: once per real optimizer step (so gradient accumulation is handled),
+    after DDP has averaged and AMP has unscaled the gradients, and before gradient clipping -- exactly
+    where the gradient of a loss term would be. The penalty is the *squared* L2 norm, as in the
+    regularized cost :math:`C = C_0 + \frac{\lambda}{2}\sum w^2`, not the unsquared ``torch.norm(p, 2)``.
+    With plain ``SGD`` this is torch's ``SGD(weight_decay=l2)``; with Adam it is L2 regularization,
+    not AdamW's decoupled decay (use :class:`~lightning_decay.WeightDecay` for that).
+
+    Which tensors: the ``"decay"`` ones of the :class:`~lightning_decay.DecayRules` plan (by default not
+    biases, normalization parameters or other 1-D tensors); each is regularized once, by the optimizer
+    that owns it.
+
+    L1 modes:
+        ``"subgradient"`` adds ``l1 * sign(w)`` to the gradient: exact for any optimizer, but weights
+        oscillate around zero and are never exactly zero. ``"proximal"`` soft-thresholds after each
+        optimizer step, ``w <- sign(w) * max(|w| - lr * l1, 0)``, which gives exact zeros (sparse
+        weights); it is the proximal-gradient method for SGD and a good heuristic for adaptive optimizers.
+
+    L2-SP (Li et al., 2018): with ``reference``, the L2 term pulls toward reference weights ``w0``
+    instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights at fit start (the
+    pretrained backbone when fine-tuning); a mapping of parameter names to tensors, or a module whose
+    ``state_dict`` has the model's names, gives them explicitly. Parameters without a reference (a new
+    head) get ``l2_head / 2 * ||w||^2``. The reference costs one extra copy of each referenced
+    parameter on its device, in its dtype (a local shard under FSDP2), and is saved in checkpoints.
+
+    Args:
+        l1: L1 coefficient, a number, a :mod:`~lightning_decay.schedules` schedule or ``step -> float``.
+        l2: L2 (or L2-SP) coefficient, same forms.
+        l1_mode: ``"subgradient"`` or ``"proximal"``.
+        reference: ``None``, ``"initial"``, a ``{name: tensor}`` mapping or an ``nn.Module`` (L2-SP).
+        l2_head: L2 coefficient toward zero for decayed parameters without a reference; default ``l2``.
+        rules: Which parameters are regularized; default :class:`~lightning_decay.DecayRules`.
+        log_penalty: Log ``penalty/l1`` and ``penalty/l2`` (the current penalty values) on logging steps.
+
+    Raises:
+        ValueError: If a coefficient is negative or not finite (a schedule: at the step it returns one),
+            ``l1_mode`` is unknown, or ``reference`` is neither ``None``, ``"initial"``, a mapping nor a module.
+        MisconfigurationException: At fit start, if an optimizer's own ``weight_decay`` would decay the
+            same parameters (double decay), or under DeepSpeed.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[WeightPenalty(l2=1e-4)])
+    """
+
+    def __init__(
+        self,
+        l1: ScheduleLike = 0.0,
+        l2: ScheduleLike = 0.0,
+        l1_mode: Literal["subgradient", "proximal"] = "subgradient",
+        reference: Literal["initial"] | Mapping[str, Tensor] | nn.Module | None = None,
+        l2_head: ScheduleLike | None = None,
+        rules: DecayRules | None = None,
+        log_penalty: bool = True,
+    ) -> None:
+        super().__init__(rules)
+        self._l1 = as_schedule(l1, "l1")
+        self._l2 = as_schedule(l2, "l2")
+        self._l2_head = self._l2 if l2_head is None else as_schedule(l2_head, "l2_head")
+        if l1_mode not in _L1_MODES:
+            raise ValueError(f"`l1_mode` must be one of {_L1_MODES}, got {l1_mode!r}")
+        self.l1_mode = l1_mode
+        if not (reference is None or reference == "initial" or isinstance(reference, (Mapping, nn.Module))):
+            raise ValueError(
+                "`reference` must be None, 'initial', a mapping of parameter names to tensors or an nn.Module, "
+                f"got {reference!r}"
+            )
+        self._reference = reference
+        self.log_penalty = log_penalty
+        # name -> reference tensor (local shard, on the parameter's device) for L2-SP.
+        self._refs: dict[str, Tensor] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(l1=repr(self._l1), l2=repr(self._l2), mode=self.l1_mode)
+
+    # ------------------------------------------------------------ base hooks
+    def _uses(self, schedule: Any) -> bool:
+        return not (isinstance(schedule, Constant) and schedule.value == 0.0)
+
+    def _decays_like_weight_decay(self) -> bool:
+        return self._uses(self._l2) or self._uses(self._l2_head)
+
+    def _bucket_tag(self, decision: ParamDecision) -> Any:
+        return "sp" if decision.name in self._refs else "zero"
+
+    def _on_buckets_built(self, index: int, entry: OptimizerBuckets) -> None:
+        for b in entry.buckets:
+            if b.tag == "sp":
+                b.refs = [self._ref_for(name, p) for name, p in zip(b.names, b.params, strict=True)]
+
+    def _register_optimizer_hooks(self, index: int, optimizer: Optimizer) -> list[RemovableHandle]:
+        def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            if not self._step_ran(opt):
+                return
+            if self.l1_mode == "proximal":
+                l1 = coefficient(self._l1, self._steps[index], "l1")
+                if l1:
+                    for b in self._buckets(index):
+                        lr = opt.param_groups[b.group_index]["lr"]
+                        kernels.soft_threshold_(b.weights(), lr * l1)
+            self._steps[index] += 1
+
+        return [optimizer.register_step_post_hook(after_step)]
+
+    # ----------------------------------------------------------- lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._refs and self._reference is not None:
+            self._refs = self._collect_references(pl_module)
+        super().on_fit_start(trainer, pl_module)
+
+    def _collect_references(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        plan = self.rules.classify(pl_module, include_frozen=True)
+        if self._reference == "initial":
+            return {d.name: local(d.param).detach().clone() for d in plan if d.decay}
+        source = self._reference.state_dict() if isinstance(self._reference, nn.Module) else self._reference
+        given = {clean_param_name(k): v for k, v in dict(source).items()}  # type: ignore[union-attr]
+        refs: dict[str, Tensor] = {}
+        for d in plan:
+            ref = next((given[n] for n in (d.name, *d.aliases) if n in given), None)
+            if ref is None or not d.decay:
+                continue
+            if tuple(ref.shape) != tuple(d.param.shape):
+                raise ValueError(
+                    f"`reference[{d.name!r}]` has shape {tuple(ref.shape)}, the parameter {tuple(d.param.shape)}"
+                )
+            refs[d.name] = self._ref_for(d.name, d.param, ref)
+        if not refs:
+            raise ValueError("`reference` names none of the regularized parameters of the model")
+        return refs
+
+    def _ref_for(self, name: str, param: nn.Parameter, ref: Tensor | None = None) -> Tensor:
+        ref = self._refs[name] if ref is None else ref
+        target = local(param)
+        if is_dtensor(param) and not is_dtensor(ref) and ref.shape != target.shape:
+            from torch.distributed.tensor import distribute_tensor
+
+            ref = distribute_tensor(ref.to(target.device), param.device_mesh, param.placements).to_local()
+        elif is_dtensor(ref):
+            ref = ref.to_local()
+        ref = ref.detach().to(device=target.device, dtype=target.dtype)
+        self._refs[name] = ref
+        return ref
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "refs": dict(self._refs)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._refs = dict(state_dict.get("refs", {}))
+
+    # --------------------------------------------------------------- steps
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        index = self._index_of(optimizer)
+        if index is None:
+            return
+        step = self._steps[index]
+        l2 = coefficient(self._l2, step, "l2")
+        l2_head = coefficient(self._l2_head, step, "l2_head")
+        l1 = coefficient(self._l1, step, "l1") if self.l1_mode == "subgradient" else 0.0
+        scale = self._grad_scale(optimizer)  # fused optimizers: the gradients are still scaled here
+        for b in self._buckets(index):
+            c2 = l2 if b.tag == "sp" else l2_head
+            if not (c2 or l1):
+                continue
+            weights, grads, idx = b.with_grads()
+            if not grads:
+                continue
+            if c2:
+                refs = b.refs if b.refs is None or len(idx) == len(b.params) else [b.refs[i] for i in idx]
+                kernels.add_l2_gradient_(grads, weights, c2 if scale is None else scale * c2, refs)
+            if l1:
+                kernels.add_l1_subgradient_(grads, weights, l1 if scale is None else scale * l1)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log_penalty or not self._per_optimizer or not should_log(trainer):
+            return
+        values = self.penalty_values()
+        for key, value in values.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+
+    def penalty_values(self) -> dict[str, float]:
+        """The current ``penalty/l1`` and ``penalty/l2`` values, with one device-to-host copy.
+
+        Under FSDP2 the per-shard sums are added across ranks with one all-reduce (every rank must call).
+        """
+        use_l1, use_l2 = self._uses(self._l1), self._decays_like_weight_decay()
+        local_parts: list[Tensor] = []
+        sharded_parts: list[Tensor] = []
+        names: list[str] = []
+        sharded_names: list[str] = []
+        coeffs: list[tuple[str, float]] = []
+        sharded_coeffs: list[tuple[str, float]] = []
+        for index, b in self._all_buckets():
+            step = self._steps[index]
+            weights = b.weights()
+            if b.sharded:
+                parts, nm, cf = sharded_parts, sharded_names, sharded_coeffs
+            else:
+                parts, nm, cf = local_parts, names, coeffs
+            if use_l2:
+                c2 = coefficient(self._l2 if b.tag == "sp" else self._l2_head, step, "l2")
+                parts += kernels.squared_distances(weights, b.refs)
+                nm += b.names
+                cf += [("penalty/l2", c2 / 2)] * len(weights)
+            if use_l1:
+                c1 = coefficient(self._l1, step, "l1")
+                parts += kernels.sum_abs(weights)
+                nm += b.names
+                cf += [("penalty/l1", c1)] * len(weights)
+        host = to_host(local_parts, sharded_parts)
+        self._warn_nonfinite(names + sharded_names, host)
+        out = {k: 0.0 for k in (["penalty/l1"] if use_l1 else []) + (["penalty/l2"] if use_l2 else [])}
+        for (key, c), v in zip(coeffs + sharded_coeffs, host, strict=True):
+            out[key] += c * v
+        return out

@@ -1,0 +1,138 @@
+"""Coefficient schedules for penalties and weight decay: plain functions of the optimizer-step count.
+
+A schedule maps the number of optimizer steps taken so far (0 at the first step) to a coefficient.
+The callbacks count only steps that really ran (not those the AMP ``GradScaler`` skipped) and save
+the count in checkpoints, so a resumed run continues the schedule where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+__all__ = [
+    "Constant",
+    "Cosine",
+    "Linear",
+    "Schedule",
+    "ScheduleLike",
+    "Warmup",
+    "as_schedule",
+    "check_coefficient",
+]
+
+
+class Schedule:
+    """Base class: ``schedule(step) -> coefficient``."""
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+
+#: A constant, a :class:`Schedule`, or any callable ``step -> float``.
+ScheduleLike = float | int | Schedule | Callable[[int], float]
+
+
+class Constant(Schedule):
+    """The same value at every step."""
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"Constant({self.value})"
+
+
+class Linear(Schedule):
+    """From ``start`` to ``end`` linearly over ``steps`` steps, then ``end``."""
+
+    def __init__(self, start: float, end: float, steps: int) -> None:
+        _positive_steps(steps, "steps")
+        self.start, self.end, self.steps = float(start), float(end), int(steps)
+
+    def __call__(self, step: int) -> float:
+        t = min(step / self.steps, 1.0)
+        return self.start + (self.end - self.start) * t
+
+    def __repr__(self) -> str:
+        return f"Linear(start={self.start}, end={self.end}, steps={self.steps})"
+
+
+class Cosine(Schedule):
+    """From ``start`` to ``end`` along a half cosine over ``steps`` steps, then ``end``."""
+
+    def __init__(self, start: float, end: float, steps: int) -> None:
+        _positive_steps(steps, "steps")
+        self.start, self.end, self.steps = float(start), float(end), int(steps)
+
+    def __call__(self, step: int) -> float:
+        t = min(step / self.steps, 1.0)
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def __repr__(self) -> str:
+        return f"Cosine(start={self.start}, end={self.end}, steps={self.steps})"
+
+
+class Warmup(Schedule):
+    """Linear ramp from 0 over ``warmup_steps``, then ``after`` (a value or another schedule).
+
+    The schedule ``after`` sees the step count since the end of the warm-up.
+    """
+
+    def __init__(self, after: ScheduleLike, warmup_steps: int) -> None:
+        _positive_steps(warmup_steps, "warmup_steps")
+        self.after = as_schedule(after, "after")
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.after(0) * step / self.warmup_steps
+        return self.after(step - self.warmup_steps)
+
+    def __repr__(self) -> str:
+        return f"Warmup({self.after!r}, warmup_steps={self.warmup_steps})"
+
+
+class _Callable(Schedule):
+    def __init__(self, fn: Callable[[int], float]) -> None:
+        self.fn = fn
+
+    def __call__(self, step: int) -> float:
+        return float(self.fn(step))
+
+    def __repr__(self) -> str:
+        return f"{getattr(self.fn, '__name__', type(self.fn).__name__)}(step)"
+
+
+def check_coefficient(value: float, argument: str, step: int | None = None) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming ``argument`` if negative or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__}: {value!r}")
+    if not math.isfinite(value) or value < 0:
+        where = "" if step is None else f" (the schedule returned it at step {step})"
+        raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}{where}")
+    return float(value)
+
+
+def as_schedule(value: ScheduleLike, argument: str) -> Schedule:
+    """Turn a constant or a callable into a :class:`Schedule`; constants are validated at once.
+
+    Raises:
+        ValueError: If ``value`` is a negative or non-finite constant, naming ``argument``.
+        TypeError: If ``value`` is neither a number nor callable.
+    """
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Constant(check_coefficient(value, argument))
+    if callable(value):
+        return _Callable(value)
+    raise TypeError(f"`{argument}` must be a number >= 0, a Schedule or a callable step -> float, got {value!r}")
+
+
+def _positive_steps(steps: int, argument: str) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"`{argument}` must be a positive integer, got {steps!r}")
