@@ -1,0 +1,173 @@
+"""Real LightningCLI runs from YAML: decay / no-decay groups from a config alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_decay import DecayLightningCLI, decay_param_groups
+from tests.cli_app import InjectedModel, PlainModel, RegressionData, build_net
+
+TRAINER = """
+trainer:
+  max_epochs: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+"""
+
+
+def _run(cli_class: type[LightningCLI], model: type, tmp_path: Path, yaml: str, *args: str) -> LightningCLI:
+    config = tmp_path / "config.yaml"
+    config.write_text(TRAINER.format(root=tmp_path) + yaml)
+    return cli_class(
+        model, RegressionData, args=["fit", "--config", str(config), *args], save_config_kwargs={"overwrite": True}
+    )
+
+
+def _reference_adamw(weight_decay: float, lr: float, epochs: int = 2) -> torch.nn.Module:
+    """The same training written by hand: AdamW on decay / no-decay groups."""
+    net = build_net()
+    opt = torch.optim.AdamW(decay_param_groups(net, weight_decay), lr=lr)
+    for _ in range(epochs):
+        for x, y in RegressionData().train_dataloader():
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    return net
+
+
+def _groups(cli: LightningCLI) -> dict[str, float]:
+    return {g["name"]: g["weight_decay"] for g in cli.trainer.optimizers[0].param_groups}
+
+
+def test_injected_optimizer_from_yaml_gives_decay_groups(tmp_path: Path) -> None:
+    yaml = """
+model:
+  optimizer:
+    class_path: torch.optim.AdamW
+    init_args: {lr: 0.05, weight_decay: 0.05}
+  lr_scheduler:
+    class_path: torch.optim.lr_scheduler.StepLR
+    init_args: {step_size: 1, gamma: 0.5}
+"""
+    cli = _run(LightningCLI, InjectedModel, tmp_path, yaml)
+    assert _groups(cli) == {"decay": 0.05, "no_decay": 0.0}
+    assert all(g["lr"] == pytest.approx(0.05 * 0.5**2) for g in cli.trainer.optimizers[0].param_groups)
+
+
+def test_plain_cli_automatic_optimizer_is_one_flat_group(tmp_path: Path) -> None:
+    # The upstream behaviour (Lightning #20743) DecayLightningCLI exists to fix: biases decay too.
+    cli = _run(LightningCLI, PlainModel, tmp_path, "", "--optimizer", "AdamW", "--optimizer.weight_decay", "0.05")
+    groups = cli.trainer.optimizers[0].param_groups
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
+
+
+def test_decay_cli_automatic_optimizer_gives_groups_and_scheduler_drives_all(tmp_path: Path) -> None:
+    cli = _run(
+        DecayLightningCLI,
+        PlainModel,
+        tmp_path,
+        "",
+        "--optimizer",
+        "AdamW",
+        "--optimizer.lr",
+        "0.05",
+        "--optimizer.weight_decay",
+        "0.05",
+        "--lr_scheduler",
+        "StepLR",
+        "--lr_scheduler.step_size",
+        "1",
+        "--lr_scheduler.gamma",
+        "0.5",
+    )
+    assert _groups(cli) == {"decay": 0.05, "no_decay": 0.0}
+    assert all(g["lr"] == pytest.approx(0.05 * 0.5**2) for g in cli.trainer.optimizers[0].param_groups)
+
+
+def test_decay_cli_weights_equal_hand_written_adamw_groups(tmp_path: Path) -> None:
+    cli = _run(
+        DecayLightningCLI,
+        PlainModel,
+        tmp_path,
+        "",
+        "--optimizer",
+        "AdamW",
+        "--optimizer.lr",
+        "0.05",
+        "--optimizer.weight_decay",
+        "0.05",
+    )
+    ref = _reference_adamw(0.05, 0.05)
+    for (name, a), b in zip(cli.model.net.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_weight_decay_callback_in_yaml_takes_over_automatic_optimizer(tmp_path: Path) -> None:
+    yaml = """
+  callbacks:
+    - class_path: lightning_decay.WeightDecay
+"""
+    config = tmp_path / "config.yaml"
+    config.write_text(TRAINER.format(root=tmp_path) + yaml)
+    cli = LightningCLI(
+        PlainModel,
+        RegressionData,
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--optimizer",
+            "AdamW",
+            "--optimizer.lr",
+            "0.05",
+            "--optimizer.weight_decay",
+            "0.05",
+        ],
+        save_config_kwargs={"overwrite": True},
+    )
+    # The optimizer no longer decays (the callback took it over) and the weights match AdamW on groups.
+    assert [g["weight_decay"] for g in cli.trainer.optimizers[0].param_groups] == [0.0]
+    ref = _reference_adamw(0.05, 0.05)
+    for (name, a), b in zip(cli.model.net.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_weight_decay_callback_takes_over_sgd_as_coupled_l2(tmp_path: Path) -> None:
+    yaml = """
+  callbacks:
+    - class_path: lightning_decay.WeightDecay
+"""
+    config = tmp_path / "config.yaml"
+    config.write_text(TRAINER.format(root=tmp_path) + yaml)
+    cli = LightningCLI(
+        PlainModel,
+        RegressionData,
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--optimizer",
+            "SGD",
+            "--optimizer.lr",
+            "0.1",
+            "--optimizer.weight_decay",
+            "0.05",
+        ],
+        save_config_kwargs={"overwrite": True},
+    )
+    net = build_net()
+    opt = torch.optim.SGD(decay_param_groups(net, 0.05), lr=0.1)
+    for _ in range(2):
+        for x, y in RegressionData().train_dataloader():
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(cli.model.net.named_parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
