@@ -178,6 +178,9 @@ class DecayPlan:
                 or ``name``.
         """
         validate_weight_decay(weight_decay)
+        reserved = {"params", "name"} & set(group_kwargs)
+        if reserved:
+            raise ValueError(f"param_groups may not take {sorted(reserved)} as group options: they are set per group")
         overrides = dict(overrides or {})
         for pattern, options in overrides.items():
             if not isinstance(options, Mapping):

@@ -16,7 +16,7 @@ Precedence, first match wins (documented in ``docs/`` and tested):
 7. otherwise decay.
 
 A tied parameter is judged under each of its names. When the names disagree, an explicit user
-decision (levels 1-3) wins; if none or conflicting ones were made, *no decay* wins, as in minGPT for
+decision (levels 1-4) wins; if none or conflicting ones were made, *no decay* wins, as in minGPT for
 a GPT embedding tied to ``lm_head``. The explanation shows both names.
 """
 
@@ -60,6 +60,8 @@ _MATRIX_TYPES: tuple[type[nn.Module], ...] = (
     nn.RNNBase,
     nn.RNNCellBase,
 )
+# `bias`, `in_proj_bias`, RNN `bias_ih_l0`; not Swin's 2-D `relative_position_bias_table`.
+_BIAS = re.compile(r"(^|_)bias($|_[ih]h_)")
 _EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -194,15 +196,13 @@ class DecayRules:
 
         decisions: list[ParamDecision] = []
         frozen: list[str] = []
-        used_patterns: set[str] = set()
         for param, aliases in owners.items():
             names = [name for name, _ in aliases]
             if not param.requires_grad and not include_frozen:
                 frozen.append(names[0])
                 continue
             verdicts = [
-                self._decide(name, param, owner, hook_names, hook_keywords, flat_shapes, used_patterns)
-                for name, owner in aliases
+                self._decide(name, param, owner, hook_names, hook_keywords, flat_shapes) for name, owner in aliases
             ]
             decay, reason = _resolve_tied(names, verdicts)
             decisions.append(
@@ -221,8 +221,9 @@ class DecayRules:
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
             )
+        all_names = [name for aliases in owners.values() for name, _ in aliases]
         for pattern in (*self.include, *self.exclude):
-            if pattern not in used_patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
         return DecayPlan(decisions, frozen)
 
@@ -235,7 +236,6 @@ class DecayRules:
         hook_names: dict[str, str],
         hook_keywords: dict[str, list[str]],
         flat_shapes: dict[int, torch.Size],
-        used_patterns: set[str],
     ) -> tuple[bool, str, bool]:
         """Return ``(decay, reason, explicit)`` for one name of a parameter."""
         if self.predicate is not None:
@@ -251,11 +251,9 @@ class DecayRules:
                 return verdict, "predicate", True
         for pattern in self.include:
             if fnmatch.fnmatchcase(name, pattern):
-                used_patterns.add(pattern)
                 return True, f"include pattern {pattern!r}", True
         for pattern in self.exclude:
             if fnmatch.fnmatchcase(name, pattern):
-                used_patterns.add(pattern)
                 return False, f"exclude pattern {pattern!r}", True
         if self.exclude_modules and isinstance(owner, self.exclude_modules):
             return False, f"exclude_modules ({type(owner).__name__})", True
@@ -264,11 +262,15 @@ class DecayRules:
         for prefix, keywords in hook_keywords.items():
             if name.startswith(prefix):
                 for kw in keywords:
-                    if kw in name:
+                    if kw in name[len(prefix) :]:  # relative to the module that declared it
                         return False, f"no_weight_decay_keywords() {kw!r}", False
         leaf = name.rsplit(".", 1)[-1]
-        if leaf.endswith("bias") and not self.decay_bias:
-            return False, "bias", False
+        if _BIAS.search(leaf):
+            if not self.decay_bias:
+                return False, "bias", False
+            if not is_norm_module(owner):
+                return True, "bias (decay_bias=True)", False
+            # A normalization layer's bias with decay_bias=True: decay_norm decides below.
         if is_norm_module(owner):
             if not self.decay_norm:
                 return False, f"normalization layer ({type(owner).__name__})", False
@@ -280,8 +282,8 @@ class DecayRules:
         if isinstance(owner, _MATRIX_TYPES) and "weight" in leaf:
             # Decided by type and name, so flattened or sharded storage cannot change the answer.
             return True, f"weight of {type(owner).__name__}", False
-        if len(logical_shape(param, flat_shapes)) <= 1 and not self.decay_vectors:
-            return False, "ndim <= 1", False
+        if len(logical_shape(param, flat_shapes)) <= 1:
+            return self.decay_vectors, "ndim <= 1 (decay_vectors=True)" if self.decay_vectors else "ndim <= 1", False
         return True, "default (ndim >= 2)", False
 
 
@@ -315,8 +317,8 @@ def _model_hooks(module: nn.Module) -> tuple[dict[str, str], dict[str, list[str]
     keywords: dict[str, list[str]] = {}
     param_names = [clean_param_name(n) for n, _ in module.named_parameters(remove_duplicate=False)]
     for mod_name, mod in module.named_modules():
-        prefix = clean_param_name(mod_name)
-        prefix = f"{prefix}." if prefix else ""
+        # Clean as the prefix of a parameter name, so a wrapper's own `module` component goes too.
+        prefix = clean_param_name(f"{mod_name}.x")[:-1] if mod_name else ""
         where = f" of {prefix[:-1]}" if prefix else ""
         hook = getattr(mod, "no_weight_decay", None)
         if callable(hook):

@@ -1,0 +1,225 @@
+"""Norm kernels for lists of tensors: grouped ``torch._foreach_norm``, on-device combination, shard reduction.
+
+Everything here is framework-free and never moves a value to the host: results stay on the device as
+one tensor per call, so a caller can gather all the scalars of a logging step and copy them once.
+
+Norms are handled as *partials*, values that can be combined across tensors and across shards with
+one reduction and finalized afterwards:
+
+============  ======================  =================  ==============
+``norm_type``  partial of a tensor     combine / reduce   finalize
+============  ======================  =================  ==============
+1              ``sum |x|``             sum                identity
+2              ``sum x**2``            sum                ``sqrt``
+inf            ``max |x|``             max                identity
+============  ======================  =================  ==============
+
+So the norm of a module (or of a sharded parameter) is the finalized combination of the partials of
+its tensors (or of its local shards).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+__all__ = [
+    "all_reduce_partials",
+    "clone_tensors",
+    "combine_partials",
+    "contributes_to_sum",
+    "finalize_partials",
+    "grouped_norms",
+    "is_sharded",
+    "local_tensor",
+    "parse_norm_type",
+    "partials",
+    "reduce_op",
+    "sub_tensors",
+    "wide_dtype",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def parse_norm_type(value: Any, argument: str = "norm_type") -> float:
+    """Return ``1.0``, ``2.0`` or ``math.inf`` for the accepted spellings, else raise naming ``argument``.
+
+    Raises:
+        ValueError: If ``value`` is not one of ``1``, ``2``, ``inf`` (float) or ``"inf"``.
+    """
+    if isinstance(value, str) and value.lower() == "inf":
+        return math.inf
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and float(value) in (1.0, 2.0, math.inf):
+        return float(value)
+    raise ValueError(f"`{argument}` must be one of 1, 2, float('inf') or 'inf', got {value!r}")
+
+
+def reduce_op(norm_type: float) -> str:
+    """``"sum"`` for the partials of p=1 and p=2, ``"max"`` for p=inf."""
+    return "max" if math.isinf(norm_type) else "sum"
+
+
+def wide_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype scalars are accumulated and stacked in: float64, except where a backend lacks it (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def grouped_norms(
+    tensors: Sequence[Tensor],
+    ord: float,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Per-tensor vector norms, one ``torch._foreach_norm`` per (device, dtype) group.
+
+    Low-precision inputs (fp16 / bf16) are accumulated in ``dtype`` by the kernel itself (``dtype=`` of
+    ``_foreach_norm``), so no upcast copy of the tensors is made. ``ord=0`` counts non-zero entries.
+    Empty tensors (a rank's empty shard) have norm 0.
+
+    Args:
+        tensors: Plain (local) tensors; no DTensor (``_foreach_norm`` rejects a list mixing them).
+        ord: 0, 1, 2 or ``inf``.
+        dtype: Accumulation and result dtype. Inputs wider than it are reduced in their own dtype.
+        device: Device of the result; default the device of the first tensor.
+
+    Returns:
+        A 1-D tensor of ``len(tensors)`` norms, in input order, on ``device``.
+    """
+    if device is None:
+        device = tensors[0].device if len(tensors) else torch.device("cpu")
+    zero = torch.zeros((), dtype=dtype, device=device)
+    out: list[Tensor] = [zero] * len(tensors)
+    nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    if nonempty:
+        grouped = _group_tensors_by_device_and_dtype([[tensors[i] for i in nonempty]], with_indices=True)
+        for (_, group_dtype), ([group], indices) in grouped.items():
+            # ``_foreach_norm`` refuses a narrowing ``dtype`` (float64 params with a float32 request).
+            kernel_dtype = dtype if _widens(group_dtype, dtype) else None
+            norms = torch._foreach_norm(group, ord, dtype=kernel_dtype)
+            for j, n in zip(indices, norms, strict=True):
+                out[nonempty[j]] = n.to(device=device, dtype=dtype, non_blocking=True)
+    if not out:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.stack(out)
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    return src == dst or torch.finfo(dst).bits > torch.finfo(src).bits or src in _LOW_PRECISION
+
+
+def partials(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Per-tensor partials (see the module docstring): ``sum |x|``, ``sum x**2`` or ``max |x|``."""
+    norms = grouped_norms(tensors, norm_type, dtype=dtype, device=device)
+    return norms.square() if norm_type == 2 else norms
+
+
+def finalize_partials(values: Tensor, norm_type: float) -> Tensor:
+    """Turn (combined, reduced) partials into norms: ``sqrt`` for p=2, identity otherwise."""
+    return values.sqrt() if norm_type == 2 else values
+
+
+def combine_partials(values: Tensor, index: Tensor, size: int, norm_type: float) -> Tensor:
+    """Combine per-tensor partials into ``size`` buckets on the device, without a Python loop.
+
+    ``values[i]`` goes to bucket ``index[i]``: summed for p=1/2 (``index_add_``), maxed for p=inf
+    (``scatter_reduce_`` with ``amax``; partials are >= 0, so a zero start is neutral). NaN propagates.
+
+    Args:
+        values: 1-D partials.
+        index: 1-D ``long`` bucket indices, same length and device as ``values``.
+        size: Number of buckets.
+        norm_type: 1, 2 or inf.
+    """
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    if reduce_op(norm_type) == "sum":
+        return out.index_add_(0, index, values)
+    return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
+
+
+def clone_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` with one foreach kernel per (device, dtype) group (a snapshot)."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    for [group], indices in grouped.values():
+        # ``_foreach_mul`` allocates its outputs; multiplying by 1 is exact (and keeps -0.0).
+        for j, c in zip(indices, torch._foreach_mul(group, 1.0), strict=True):
+            out[j] = c
+    return out  # type: ignore[return-value]
+
+
+def sub_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """``a[i] - b[i]`` for every ``i``, one foreach kernel per (device, dtype) group."""
+    out: list[Tensor | None] = [None] * len(a)
+    grouped = _group_tensors_by_device_and_dtype([list(a), list(b)], with_indices=True)
+    for [ga, gb], indices in grouped.values():
+        for j, d in zip(indices, torch._foreach_sub(ga, gb), strict=True):
+            out[j] = d
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- DTensor / shards
+def _dtensor_types() -> tuple[type, type] | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor, Shard
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor with at least one ``Shard`` placement (FSDP2, tensor parallel)."""
+    types = _dtensor_types()
+    if types is None or not isinstance(tensor, types[0]):
+        return False
+    return any(isinstance(p, types[1]) for p in tensor.placements)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (``to_local()``), the tensor itself otherwise."""
+    types = _dtensor_types()
+    if types is not None and isinstance(tensor, types[0]):
+        return tensor.to_local()
+    return tensor
+
+
+def contributes_to_sum(tensor: Tensor) -> bool:
+    """Whether this rank's partials of ``tensor`` enter a world-wide SUM reduction.
+
+    A sharded DTensor contributes from every rank along its ``Shard`` mesh dimensions but only from
+    coordinate 0 along the others (``Replicate``), so replicas are counted once. A plain tensor is
+    taken as replicated on every rank (DDP) and contributes from global rank 0 only.
+    """
+    types = _dtensor_types()
+    if types is not None and isinstance(tensor, types[0]):
+        coordinate = tensor.device_mesh.get_coordinate()
+        if coordinate is None:  # this rank is not in the mesh
+            return False
+        return all(isinstance(p, types[1]) or c == 0 for p, c in zip(tensor.placements, coordinate, strict=True))
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_reduce_partials(sums: Tensor | None, maxes: Tensor | None, group: Any = None) -> None:
+    """Reduce stacked partials in place across ranks: one ``all_reduce`` per non-empty vector.
+
+    Every rank of ``group`` must call it with vectors of the same length. Sum partials of replicated
+    tensors must already be zeroed on all but one replica (see :func:`contributes_to_sum`).
+    """
+    dist = torch.distributed
+    if sums is not None and sums.numel():
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    if maxes is not None and maxes.numel():
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
