@@ -120,9 +120,9 @@ def test_mixin_logs_plan_summary_once(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_mixin_without_optimizer_is_a_clear_error() -> None:
-    with pytest.raises(AttributeError, match="self.optimizer"):
+    with pytest.raises(AttributeError, match=r"self\.optimizer"):
         Net().configure_optimizers()
-    with pytest.raises(TypeError, match="self.optimizer"):
+    with pytest.raises(TypeError, match=r"self\.optimizer"):
         Net(optimizer=3).configure_optimizers()
 
 
