@@ -4,6 +4,7 @@ from lightning_decay.cli import DecayLightningCLI
 from lightning_decay.decay import WeightDecay
 from lightning_decay.groups import decay_param_groups
 from lightning_decay.mixin import DecayGroupsMixin
+from lightning_decay.monitor import WeightNormMonitor
 from lightning_decay.names import clean_param_name
 from lightning_decay.penalty import WeightPenalty
 from lightning_decay.plan import DecayPlan, ParamDecision
@@ -16,6 +17,7 @@ __all__ = [
     "DecayRules",
     "ParamDecision",
     "WeightDecay",
+    "WeightNormMonitor",
     "WeightPenalty",
     "clean_param_name",
     "decay_param_groups",

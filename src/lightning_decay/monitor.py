@@ -113,7 +113,10 @@ class WeightNormMonitor(Callback):
       and ``w_after``, ``arccos`` of their cosine similarity clamped to ``[-1, 1]``, computed in float64.
       For weights followed by a normalization layer the loss is scale invariant, so this angle *is* the
       effective learning rate; under weight decay it settles at an equilibrium, about
-      ``sqrt(2 * lr * weight_decay)`` for plain SGD (Kosson et al., "Rotational equilibrium");
+      ``sqrt(2 * lr * weight_decay)`` for plain SGD (Kosson et al., "Rotational equilibrium"). The cosine
+      comes from ``||w_before||``, ``||w_after||`` and ``||Δw||`` (foreach norms that add up across
+      shards, no per-tensor dot product); ``Δw`` is exact in the weights' dtype unless an entry changes
+      by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``;
     - ``sparsity/{name}`` (``log_sparsity=True``): the fraction of entries exactly equal to zero;
     - TensorBoard histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through
       ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.

@@ -1,0 +1,512 @@
+"""``WeightNormMonitor`` in real ``Trainer.fit`` runs, checked against norms recomputed independently."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_decay import DecayRules
+from lightning_decay.monitor import WeightNormMonitor
+
+INF = math.inf
+
+
+# ----------------------------------------------------------------------------- models and helpers
+class Net(pl.LightningModule):
+    def __init__(self, lr: float = 0.05, weight_decay: float = 0.01, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 1))
+        self.lr, self.weight_decay = lr, weight_decay
+        self.grad_norms: dict[int, dict[str, float]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x.to(self.dtype)).float(), y)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning's own utility, in the module's hook: after the callback's hook, before clipping.
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.grad_norms[step] = {k: float(v) for k, v in grad_norm(self, norm_type=2).items()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = DecayRules().classify(self).param_groups(weight_decay=self.weight_decay)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+
+
+def _loader(n: int = 64, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True).sin()), batch_size=batch_size)
+
+
+def _fit(tmp_path: Path, model: pl.LightningModule, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    kwargs.setdefault("logger", CSVLogger(tmp_path, name="csv"))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        callbacks=callbacks,
+        **kwargs,
+    )
+    trainer.fit(model, _loader())
+    return trainer
+
+
+def _read_csv(logger: CSVLogger) -> dict[int, dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            step = int(row.pop("step"))
+            rows.setdefault(step, {}).update({k: float(v) for k, v in row.items() if v != ""})
+    return rows
+
+
+def _read_tb(logger: TensorBoardLogger) -> EventAccumulator:
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def _tb_scalars(acc: EventAccumulator, prefix: str) -> dict[int, dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    for tag in acc.Tags()["scalars"]:
+        if tag.startswith(prefix):
+            for event in acc.Scalars(tag):
+                rows.setdefault(event.step, {})[tag] = event.value
+    return rows
+
+
+def _norm(t: torch.Tensor, p: float = 2) -> float:
+    return torch.linalg.vector_norm(t.detach().double(), p).item()
+
+
+def _expected_weight_norms(state: dict[str, torch.Tensor], model: nn.Module, p: float = 2) -> dict[str, float]:
+    plan = DecayRules().classify(model)
+    want = {f"weight_norm/{name}": _norm(state[name], p) for name in (d.name for d in plan)}
+    for key, names in (("total", [d.name for d in plan]), ("decay_total", plan.decay_names),
+                       ("no_decay_total", plan.no_decay_names)):
+        want[f"weight_norm/{key}"] = _norm(torch.cat([state[n].reshape(-1) for n in names]), p)
+    return want
+
+
+def _assert_close(got: dict[str, float], want: dict[str, float], rtol: float = 1e-5) -> None:
+    assert set(want) <= set(got), sorted(set(want) - set(got))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=rtol, abs=1e-7), key
+
+
+class Snapshots(Callback):
+    """Weights before (batch start) and after (batch end) each batch, keyed by the monitor's step label."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _state(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.before[trainer.fit_loop.epoch_loop._batches_that_stepped] = self._state(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.after[trainer.fit_loop.epoch_loop._batches_that_stepped] = self._state(pl_module)
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("norm_type", [2, 1, "inf"])
+def test_tensorboard_values_match_checkpoints_of_the_same_step(tmp_path: Path, norm_type: Any) -> None:
+    p = INF if norm_type == "inf" else float(norm_type)
+    model = Net()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = _fit(tmp_path, model, [WeightNormMonitor(norm_type=norm_type), ckpt], logger=logger,
+                   max_steps=9, log_every_n_steps=3)
+    logged = _tb_scalars(_read_tb(logger), "weight_norm/")
+    # Label s holds the weights after the step that makes global_step s + 1.
+    assert sorted(logged) == [2, 5, 8]
+    assert trainer.global_step == 9
+    for step, values in logged.items():
+        state = torch.load(tmp_path / "ckpt" / f"step={step + 1}.ckpt", weights_only=False)["state_dict"]
+        want = _expected_weight_norms(state, model, p)
+        assert set(values) == set(want)
+        _assert_close(values, want)
+
+
+def test_csv_and_tensorboard_together_with_logging_interval(tmp_path: Path) -> None:
+    model = Net()
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = _fit(tmp_path, model, [WeightNormMonitor(logging_interval=4)], logger=loggers,
+                   max_steps=8, log_every_n_steps=50)
+    from_csv = {s: {k: v for k, v in row.items() if k.startswith("weight_norm/")}
+                for s, row in _read_csv(loggers[0]).items()}
+    from_csv = {s: row for s, row in from_csv.items() if row}
+    from_tb = _tb_scalars(_read_tb(loggers[1]), "weight_norm/")
+    assert sorted(from_csv) == sorted(from_tb) == [3, 7]  # every 4 optimizer steps, not every 50
+    for step in (3, 7):
+        _assert_close(from_tb[step], from_csv[step])
+    # The last label holds the final weights.
+    _assert_close(from_csv[7], _expected_weight_norms(dict(model.named_parameters()), model))
+    assert trainer.global_step == 8
+    # Nothing went to the progress bar or to callback_metrics.
+    assert not any(k.startswith("weight_norm") for k in trainer.callback_metrics)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_grad_norms_equal_lightning_grad_norm_before_clipping(tmp_path: Path, accumulate: int) -> None:
+    model = Net()
+    logger = CSVLogger(tmp_path, name="csv")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = _fit(tmp_path, model, [WeightNormMonitor(log_grad_norm=True), ckpt], logger=logger, max_steps=6,
+                   log_every_n_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=1e-3)
+    rows = _read_csv(logger)
+    logged_steps = sorted(s for s, row in rows.items() if "grad_norm/total" in row)
+    assert logged_steps == [1, 3, 5]
+    assert trainer.global_step == 6
+    for step in logged_steps:
+        ref = model.grad_norms[step]
+        got = rows[step]
+        want = {k.replace("grad_2.0_norm/", "grad_norm/"): v for k, v in ref.items() if "/" in k}
+        want["grad_norm/total"] = ref["grad_2.0_norm_total"]
+        # Clipping to 1e-3 happens after the hooks: the logged norms are well above it.
+        assert want["grad_norm/total"] > 1e-2
+        _assert_close(got, want, rtol=1e-4)  # Lightning's grad_norm rounds through float32
+        # Weight norms of the same label still match the checkpoint of global_step = label + 1.
+        state = torch.load(tmp_path / "ckpt" / f"step={step + 1}.ckpt", weights_only=False)["state_dict"]
+        _assert_close(got, _expected_weight_norms(state, model))
+
+
+def test_update_ratio_and_angular_update_against_snapshots(tmp_path: Path) -> None:
+    model = Net(lr=0.1, weight_decay=0.1)
+    snaps = Snapshots()
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = WeightNormMonitor(log_update_ratio=True, log_angular_update=True)
+    _fit(tmp_path, model, [snaps, monitor], logger=logger, max_steps=6, log_every_n_steps=3)
+    rows = _read_csv(logger)
+    logged = sorted(s for s, row in rows.items() if any(k.startswith("update_ratio/") for k in row))
+    assert logged == [2, 5]
+    for step in logged:
+        for name, before in snaps.before[step].items():
+            a, b = before.double().reshape(-1), snaps.after[step][name].double().reshape(-1)
+            ratio = (b - a).norm() / a.norm()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=0).clamp(-1, 1)
+            assert ratio > 0
+            assert rows[step][f"update_ratio/{name}"] == pytest.approx(ratio.item(), rel=1e-6)
+            # The monitor derives the angle from ||a||, ||b|| and ||b - a||, where b - a is rounded to
+            # float32 (exact when no entry changes by more than 2x): cos is off by at most
+            # eps * ||b - a||^2 / (2 ||a|| ||b||), hence the angle by the square root of twice that.
+            cos_error = torch.finfo(torch.float32).eps * (b - a).square().sum() / (2 * a.norm() * b.norm())
+            tol = math.sqrt(2 * cos_error.item())
+            assert rows[step][f"angular_update/{name}"] == pytest.approx(torch.arccos(cos).item(), rel=1e-6, abs=tol)
+
+
+def test_sparsity_counts_exact_zeros(tmp_path: Path) -> None:
+    model = Net(weight_decay=0.0)
+    with torch.no_grad():
+        model.net[0].weight[::2] = 0.0
+        model.net[3].bias.zero_()
+    mask = (model.net[0].weight != 0).float()
+    # Keep the zeros exact: zero their gradient (SGD without decay leaves them at 0).
+    model.net[0].weight.register_hook(lambda g: g * mask)
+    logger = CSVLogger(tmp_path, name="csv")
+    _fit(tmp_path, model, [WeightNormMonitor(log_sparsity=True)], logger=logger, max_steps=4, log_every_n_steps=4)
+    row = _read_csv(logger)[3]
+    for name, param in model.named_parameters():
+        assert row[f"sparsity/{name}"] == pytest.approx((param == 0).double().mean().item(), abs=1e-12)
+    assert row["sparsity/net.0.weight"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_norms_accumulate_in_fp32(tmp_path: Path, precision: str) -> None:
+    model = Net()
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _fit(tmp_path, model, [WeightNormMonitor(log_grad_norm=True)], logger=logger, max_steps=4,
+                   log_every_n_steps=4, precision=precision)
+    assert trainer.global_step == 4
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == ({torch.bfloat16} if precision == "bf16-true" else {torch.float32})
+    row = _read_csv(logger)[3]
+    # Reference: upcast to float32 first, then reduce.
+    want = {f"weight_norm/{n}": torch.linalg.vector_norm(p.detach().float()).item()
+            for n, p in model.named_parameters()}
+    _assert_close(row, want, rtol=1e-5)
+    grads = model.grad_norms[3]
+    assert row["grad_norm/total"] == pytest.approx(grads["grad_2.0_norm_total"], rel=1e-2)
+
+
+class Tied(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        idx = (x.abs() * 3).long().clamp(0, 9)[:, 0]
+        return nn.functional.cross_entropy(self.head(self.frozen(self.emb(idx))), idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+@pytest.mark.parametrize("include_frozen", [False, True])
+def test_tied_weights_once_and_frozen_params(tmp_path: Path, include_frozen: bool) -> None:
+    model = Tied()
+    logger = CSVLogger(tmp_path, name="csv")
+    _fit(tmp_path, model, [WeightNormMonitor(include_frozen=include_frozen, log_grad_norm=True)], logger=logger,
+         max_steps=2, log_every_n_steps=2)
+    row = _read_csv(logger)[1]
+    weights = {k for k in row if k.startswith("weight_norm/") and not k.endswith("total")}
+    expected = {"weight_norm/emb.weight", "weight_norm/unused"}
+    if include_frozen:
+        expected |= {"weight_norm/frozen.weight", "weight_norm/frozen.bias"}
+    assert weights == expected
+    assert row["weight_norm/emb.weight"] == pytest.approx(_norm(model.emb.weight), rel=1e-6)
+    # Grad norms: the tied weight once, no frozen or unused (gradient-less) parameter.
+    assert {k for k in row if k.startswith("grad_norm/")} == {"grad_norm/emb.weight", "grad_norm/total"}
+    params = [model.emb.weight, model.unused]
+    if include_frozen:
+        params += [model.frozen.weight, model.frozen.bias]
+    total = _norm(torch.cat([p.detach().reshape(-1) for p in params]))
+    assert row["weight_norm/total"] == pytest.approx(total, rel=1e-6)
+
+
+class PoisonAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.unused[1] = float("nan")
+
+
+def test_nan_weight_is_logged_and_warned_once(tmp_path: Path) -> None:
+    model = Tied()
+    logger = CSVLogger(tmp_path, name="csv")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(tmp_path, model, [PoisonAtStep(1), WeightNormMonitor()], logger=logger, max_steps=8,
+                       log_every_n_steps=2)
+    assert trainer.global_step == 8  # training went on
+    rows = _read_csv(logger)
+    assert math.isfinite(rows[1]["weight_norm/unused"]) is False
+    assert all(math.isnan(rows[s]["weight_norm/unused"]) for s in (1, 3, 5, 7))
+    assert math.isnan(rows[7]["weight_norm/total"]) and math.isfinite(rows[7]["weight_norm/emb.weight"])
+    messages = [str(w.message) for w in caught if "WeightNormMonitor" in str(w.message)]
+    assert len(messages) == 1 and "'unused'" in messages[0]
+
+
+def test_module_and_block_granularity(tmp_path: Path) -> None:
+    model = Net()
+    logger = CSVLogger(tmp_path, name="csv")
+    blocks = {"first": r"^net\.0\.", "norm_and_head": r"^net\.(1|3)\.weight$"}
+    monitors = [
+        WeightNormMonitor(granularity="module", log_sparsity=True, log_update_ratio=True),
+        WeightNormMonitor(blocks=blocks, group_separator="."),
+    ]
+    _fit(tmp_path, model, monitors, logger=logger, max_steps=4, log_every_n_steps=4)
+    row = _read_csv(logger)[3]
+    params = dict(model.named_parameters())
+
+    def norm_of(names: list[str]) -> float:
+        return _norm(torch.cat([params[n].detach().reshape(-1) for n in names]))
+
+    modules = {"net.0": ["net.0.weight", "net.0.bias"], "net.1": ["net.1.weight", "net.1.bias"],
+               "net.3": ["net.3.weight", "net.3.bias"]}
+    assert {k for k in row if k.startswith("weight_norm/") and not k.endswith("total")} == {
+        f"weight_norm/{m}" for m in modules
+    }
+    for module, names in modules.items():
+        assert row[f"weight_norm/{module}"] == pytest.approx(norm_of(names), rel=1e-6)
+        assert row[f"sparsity/{module}"] == 0.0
+        assert row[f"update_ratio/{module}"] > 0
+    # Blocks: first match wins, unmatched parameters (net.1.bias, net.3.bias) only in the totals.
+    assert {k for k in row if k.startswith("weight_norm.")} == {
+        "weight_norm.first", "weight_norm.norm_and_head", "weight_norm.total", "weight_norm.decay_total",
+        "weight_norm.no_decay_total",
+    }
+    assert row["weight_norm.first"] == pytest.approx(norm_of(modules["net.0"]), rel=1e-6)
+    assert row["weight_norm.norm_and_head"] == pytest.approx(norm_of(["net.1.weight", "net.3.weight"]), rel=1e-6)
+    assert row["weight_norm.total"] == pytest.approx(row["weight_norm/total"], rel=1e-12)
+
+
+class TwoOptimizers(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Linear(4, 4)
+        self.disc = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_g, opt_d = self.optimizers()
+        loss_d = nn.functional.mse_loss(self.disc(self.gen(x).detach()), y)
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = self.disc(self.gen(x)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.gen.parameters(), lr=0.1), torch.optim.SGD(self.disc.parameters(), lr=0.1)]
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
+    model = TwoOptimizers()
+    snaps = Snapshots()
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = WeightNormMonitor(log_grad_norm=True, log_update_ratio=True)
+    trainer = _fit(tmp_path, model, [snaps, monitor], logger=logger, max_steps=8, log_every_n_steps=2)
+    assert trainer.global_step == 8  # two optimizer steps per batch, four batches
+    rows = _read_csv(logger)
+    logged = sorted(s for s, row in rows.items() if "weight_norm/total" in row)
+    assert logged == [1, 3]  # labels count batches
+    for step in logged:
+        for name, before in snaps.before[step].items():
+            after = snaps.after[step][name]
+            assert rows[step][f"weight_norm/{name}"] == pytest.approx(_norm(after), rel=1e-6)
+            ratio = _norm(after - before) / _norm(before)
+            assert rows[step][f"update_ratio/{name}"] == pytest.approx(ratio, rel=1e-6)
+            assert f"grad_norm/{name}" in rows[step]
+
+
+def test_histograms_go_to_tensorboard_only_when_asked(tmp_path: Path) -> None:
+    model = Net()
+    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
+    _fit(tmp_path, model, [WeightNormMonitor(log_histograms=True)], logger=loggers, max_steps=4,
+         log_every_n_steps=4)
+    acc = _read_tb(loggers[0])
+    assert set(acc.Tags()["histograms"]) == {f"weight_hist/{n}" for n, _ in model.named_parameters()}
+    for name, param in model.named_parameters():
+        [event] = acc.Histograms(f"weight_hist/{name}")
+        assert event.step == 3
+        assert event.histogram_value.num == param.numel()
+        assert event.histogram_value.sum == pytest.approx(param.detach().sum().item(), rel=1e-4, abs=1e-5)
+    # Off by default.
+    logger = TensorBoardLogger(tmp_path, name="tb_default")
+    _fit(tmp_path, Net(), [WeightNormMonitor()], logger=logger, max_steps=2, log_every_n_steps=2)
+    assert _read_tb(logger).Tags()["histograms"] == []
+
+
+class CountCalls(Callback):
+    """Counts ``torch._foreach_norm`` calls and host copies per batch, read after the monitor's hooks."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, monitor: WeightNormMonitor) -> None:
+        self.norm_calls = 0
+        self.host_copies = 0
+        self.per_batch: dict[int, tuple[int, int]] = {}
+        real_norm, real_tolist, real_item = torch._foreach_norm, torch.Tensor.tolist, torch.Tensor.item
+
+        def norm(*args: Any, **kwargs: Any) -> Any:
+            self.norm_calls += 1
+            return real_norm(*args, **kwargs)
+
+        def tolist(t: torch.Tensor) -> Any:
+            self.host_copies += 1
+            return real_tolist(t)
+
+        def item(t: torch.Tensor) -> Any:
+            self.host_copies += 1
+            return real_item(t)
+
+        monkeypatch.setattr(torch, "_foreach_norm", norm)
+        # Count host copies only inside the monitor's hooks (Lightning itself may copy elsewhere).
+        for hook in ("on_before_optimizer_step", "on_train_batch_end"):
+            original = getattr(monitor, hook)
+
+            def wrapped(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                with monkeypatch.context() as m:
+                    m.setattr(torch.Tensor, "tolist", tolist)
+                    m.setattr(torch.Tensor, "item", item)
+                    return _original(*args, **kwargs)
+
+            monkeypatch.setattr(monitor, hook, wrapped)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.norm_calls = self.host_copies = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.per_batch[trainer.fit_loop.epoch_loop._batches_that_stepped] = (self.norm_calls, self.host_copies)
+
+
+class MixedDtypes(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(4, 1).double()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x) + self.extra(x.double()).float(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, foreach=False)
+
+
+def test_one_foreach_norm_per_group_and_one_host_copy_per_logging_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monitor = WeightNormMonitor()
+    counter = CountCalls(monkeypatch, monitor)
+    _fit(tmp_path, MixedDtypes(), [monitor, counter], max_steps=8, log_every_n_steps=4)
+    # float32 and float64 parameters: two groups, one ``_foreach_norm`` each, one ``.tolist()``.
+    assert counter.per_batch == {s: ((2, 1) if s in (3, 7) else (0, 0)) for s in range(8)}
+
+    monitor = WeightNormMonitor(log_grad_norm=True, log_update_ratio=True, log_sparsity=True)
+    counter = CountCalls(monkeypatch, monitor)
+    _fit(tmp_path, MixedDtypes(), [monitor, counter], max_steps=4, log_every_n_steps=4)
+    # Per group: weights, grads, sparsity, and |w_before|, |w_after|, |Δw|; still one host copy.
+    assert counter.per_batch == {0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (12, 1)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"norm_type": 3}, ValueError, "norm_type"),
+        ({"norm_type": "l2"}, ValueError, "norm_type"),
+        ({"granularity": "layer"}, ValueError, "granularity"),
+        ({"blocks": {"a": "("}}, ValueError, "blocks"),
+        ({"blocks": {"total": "a"}}, ValueError, "reserved"),
+        ({"blocks": {}}, ValueError, "blocks"),
+        ({"blocks": {"a": "x"}, "granularity": "module"}, ValueError, "blocks"),
+        ({"logging_interval": 0}, ValueError, "logging_interval"),
+        ({"logging_interval": 2.5}, ValueError, "logging_interval"),
+        ({"logging_interval": True}, ValueError, "logging_interval"),
+        ({"log_grad_norm": 1}, TypeError, "log_grad_norm"),
+        ({"rules": "default"}, TypeError, "rules"),
+        ({"group_separator": ""}, ValueError, "group_separator"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        WeightNormMonitor(**kwargs)
+
+
+def test_no_logger_is_a_misconfiguration(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match="no logger"):
+        _fit(tmp_path, Net(), [WeightNormMonitor()], logger=False, max_steps=1)

@@ -1,0 +1,162 @@
+"""The framework-free norm kernels of ``lightning_decay.norms`` against ``torch.linalg.vector_norm``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_decay import norms as K
+
+INF = math.inf
+
+
+def _tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(3, 4, generator=g),
+        torch.randn(5, generator=g).to(torch.bfloat16),
+        torch.randn(2, 2, generator=g).double(),
+        torch.zeros(0),
+        torch.randn(7, generator=g).half(),
+    ]
+
+
+@pytest.mark.parametrize("ord", [0, 1, 2, INF])
+def test_grouped_norms_match_vector_norm_in_input_order(ord: float) -> None:
+    tensors = _tensors()
+    got = K.grouped_norms(tensors, ord, dtype=torch.float64)
+    want = torch.stack([torch.linalg.vector_norm(t.double(), ord) if t.numel() else torch.zeros((), dtype=torch.float64)
+                        for t in tensors])
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_low_precision_is_accumulated_in_float32() -> None:
+    # 4097 is not a bf16 number (spacing 32 there): a bf16 result cannot hold it, an fp32 one does.
+    ones = torch.ones(4097, dtype=torch.bfloat16)
+    assert K.grouped_norms([ones], 1, dtype=torch.float32).item() == 4097.0
+    assert torch._foreach_norm([ones], 1)[0].item() != 4097.0  # what the default would have given
+
+
+def test_one_foreach_norm_per_device_dtype_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = torch._foreach_norm
+
+    def counting(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    K.grouped_norms(_tensors(), 2)
+    # float32 (the empty tensor is left out), bfloat16, float64, float16
+    assert sorted(calls) == [1, 1, 1, 1]
+    calls.clear()
+    K.grouped_norms([torch.randn(3), torch.randn(4), torch.randn(2, 2)], 2)
+    assert calls == [3]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF])
+def test_partials_combine_into_bucket_norms(norm_type: float) -> None:
+    tensors = [torch.randn(4), torch.randn(3, 3), torch.randn(2), torch.randn(5)]
+    index = torch.tensor([1, 0, 1, 1])
+    parts = K.partials(tensors, norm_type)
+    got = K.finalize_partials(K.combine_partials(parts, index, 2, norm_type), norm_type)
+    want = torch.stack([
+        torch.linalg.vector_norm(tensors[1], norm_type),
+        torch.linalg.vector_norm(torch.cat([tensors[0], tensors[2], tensors[3]]), norm_type),
+    ])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF])
+def test_combine_propagates_nan(norm_type: float) -> None:
+    parts = K.partials([torch.tensor([1.0, float("nan")]), torch.ones(2)], norm_type)
+    out = K.combine_partials(parts, torch.tensor([0, 0]), 1, norm_type)
+    assert torch.isnan(out).all()
+
+
+def test_sharded_partials_equal_the_global_norm() -> None:
+    # What the all_reduce does across ranks, done by hand: partials of the shards add up (max for inf).
+    full = torch.randn(10, 3)
+    shards = list(full.chunk(3))
+    for norm_type in (1.0, 2.0, INF):
+        parts = K.partials(shards, norm_type)
+        reduced = parts.max() if K.reduce_op(norm_type) == "max" else parts.sum()
+        torch.testing.assert_close(K.finalize_partials(reduced, norm_type), torch.linalg.vector_norm(full, norm_type))
+
+
+def test_clone_and_sub_tensors() -> None:
+    tensors = _tensors()[:3]
+    copies = K.clone_tensors(tensors)
+    for t, c in zip(tensors, copies, strict=True):
+        assert c.dtype == t.dtype and torch.equal(c, t) and c.data_ptr() != t.data_ptr()
+    diffs = K.sub_tensors(tensors, copies)
+    assert all(d.abs().max() == 0 for d in diffs)
+
+
+def test_plain_tensors_are_not_sharded() -> None:
+    t = torch.randn(3)
+    assert not K.is_sharded(t)
+    assert K.local_tensor(t) is t
+    assert K.contributes_to_sum(t)  # no process group: this is the only copy
+
+
+@pytest.mark.parametrize("value", [1, 2, 1.0, 2.0, INF, "inf", "INF"])
+def test_parse_norm_type_accepts(value: object) -> None:
+    assert K.parse_norm_type(value) in (1.0, 2.0, INF)
+
+
+@pytest.mark.parametrize("value", [0, 3, -1, True, "2", None, 1.5])
+def test_parse_norm_type_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="norm_type"):
+        K.parse_norm_type(value)
+
+
+def _sharded_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+        full = {n: p.detach().clone() for n, p in model.named_parameters()}
+        fully_shard(model)
+        params = list(model.parameters())
+        assert all(K.is_sharded(p) for p in params)
+        out = {}
+        for norm_type in (1.0, 2.0, INF):
+            parts = K.partials([K.local_tensor(p) for p in params], norm_type, dtype=torch.float64)
+            mask = torch.tensor([K.contributes_to_sum(p) for p in params])
+            if K.reduce_op(norm_type) == "sum":
+                parts = torch.where(mask, parts, torch.zeros_like(parts))  # replicas count once
+                K.all_reduce_partials(parts, None)
+            else:
+                K.all_reduce_partials(None, parts)
+            out[norm_type] = K.finalize_partials(parts, norm_type).tolist()
+        want = {t: [torch.linalg.vector_norm(full[n].double(), t).item() for n, _ in model.named_parameters()]
+                for t in (1.0, 2.0, INF)}
+        torch.save((out, want), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_fsdp2_shards_reduce_to_the_global_norm(tmp_path: Any) -> None:
+    """Two gloo ranks, ``fully_shard`` on CPU: local partials + one all_reduce = the unsharded norm."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children inherit the imports, which keeps this test at a few seconds.
+    mp.start_processes(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        out, want = torch.load(tmp_path / f"rank{rank}.pt")
+        for norm_type, values in out.items():
+            assert values == pytest.approx(want[norm_type], rel=1e-9)
