@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_decay import kernels
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import check_coefficient
@@ -265,6 +266,21 @@ class RegularizerCallback(Callback):
             return None
         values = list(per_device.values())
         return values[0] if len(values) == 1 else torch.stack([v.to(values[0].device) for v in values]).sum()
+
+    def _check_finite(self) -> None:
+        """Warn once per parameter whose weights turned non-finite (one host copy; call on logging steps)."""
+        local_parts: list[Tensor] = []
+        sharded_parts: list[Tensor] = []
+        names: list[str] = []
+        sharded_names: list[str] = []
+        for _, b in self._all_buckets():
+            if b.sharded:
+                sharded_parts += kernels.sum_abs(b.weights())
+                sharded_names += b.names
+            else:
+                local_parts += kernels.sum_abs(b.weights())
+                names += b.names
+        self._warn_nonfinite(names + sharded_names, to_host(local_parts, sharded_parts))
 
     def _warn_nonfinite(self, names: list[str], values: list[float]) -> None:
         for name, v in zip(names, values, strict=True):

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
-from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient
+from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import ScheduleLike, as_schedule
 
@@ -177,6 +177,13 @@ class WeightDecay(RegularizerCallback):
                 shrink = coeff
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             kernels.decay_(b.weights(), factor)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Decay multiplies NaN/Inf weights along silently; say so once, on logging steps only.
+        if self._per_optimizer and should_log(trainer):
+            self._check_finite()
 
     def state_dict(self) -> dict[str, Any]:
         taken = [[i, g, wd, dec] for (i, g), (wd, dec) in self._taken_over.items()]

@@ -1,0 +1,890 @@
+#!/usr/bin/env python
+"""Benchmarks of lightning-decay's callbacks, as ratios against the alternatives, in one process.
+
+    python benchmarks/run.py                                  # CPU (+ CUDA when present), small models
+    python benchmarks/run.py --device cuda --size large       # GPU sizes
+    python benchmarks/run.py --out docs/benchmarks.md         # also write the markdown table
+
+Measured (medians of paired ratios over interleaved repetitions, after a warm-up):
+
+1. step time (forward, backward, optimizer step) of each regularization against the optimizer's own
+   ``weight_decay`` and against the naive ``for p in model.parameters(): reg = reg + torch.norm(p, 2)``;
+2. a ``WeightNormMonitor`` logging step against a bare ``torch._foreach_norm`` and against Lightning's
+   per-parameter ``grad_norm`` recipe applied to weights, and its cost amortized over ``log_every_n_steps``;
+3. the wall time of a real ``Trainer.fit`` with ``WeightDecay`` + ``WeightPenalty`` + ``WeightNormMonitor``
+   against the same fit without them;
+4. the memory the callbacks hold (state) and allocate while they run (peak), against the parameters' bytes.
+
+See ``benchmarks/README.md`` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups
+from lightning_decay.rules import DecayRules
+
+try:
+    from lightning_decay.monitor import WeightNormMonitor
+except ImportError:  # pragma: no cover - the monitor is optional for this script
+    WeightNormMonitor = None  # type: ignore[assignment,misc]
+
+
+def _load_models() -> Any:
+    # Imported by path under a private name, so ``benchmarks/`` needs no package and no sys.path entry.
+    name = "_lightning_decay_bench_models"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("models.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+M = _load_models()
+
+MODELS = ("mlp", "gpt")
+LR = 1e-3
+WD = 0.05  # decoupled decay (AdamW, WeightDecay)
+L2 = 1e-4  # coupled L2 (Adam/SGD weight_decay, WeightPenalty(l2))
+L1 = 1e-5  # WeightPenalty(l1, proximal)
+LOG_EVERY = 50  # Lightning's default log_every_n_steps
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per-size repetition counts: ``steps`` per timed sample, ``fit_steps`` per ``Trainer.fit``."""
+
+    warmup: int
+    steps: int
+    calls: int
+    repeats: int
+    fit_steps: int
+    fit_warmup: int
+    fit_repeats: int
+
+
+BUDGETS = {
+    "tiny": Budget(warmup=1, steps=2, calls=2, repeats=2, fit_steps=6, fit_warmup=2, fit_repeats=1),
+    "small": Budget(warmup=5, steps=15, calls=20, repeats=7, fit_steps=200, fit_warmup=20, fit_repeats=4),
+    "large": Budget(warmup=5, steps=20, calls=20, repeats=9, fit_steps=300, fit_warmup=20, fit_repeats=4),
+}
+
+
+# ----------------------------------------------------------------------------------------- plumbing
+class MemoryLogger(Logger):
+    """A logger that only counts the metrics it is given: the callbacks' logging path without file I/O."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = 0
+
+    @property
+    def name(self) -> str:
+        return "bench"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics += len(metrics)
+
+
+class BenchModule(pl.LightningModule):
+    def __init__(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> None:
+        super().__init__()
+        self.model = model
+        self._make_optimizer = make_optimizer
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return M.loss_fn(self.model, batch)
+
+    def configure_optimizers(self) -> Optimizer:
+        return self._make_optimizer(self)
+
+
+class RepeatBatch:
+    """A data loader yielding the same (on-device) batch ``n`` times: no collation or copy in the timings."""
+
+    def __init__(self, batch: tuple[Tensor, Tensor], n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return iter([self.batch] * self.n)
+
+
+def make_trainer(device: torch.device, callbacks: Sequence[Callback] = (), max_steps: int = 1) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        max_steps=max_steps,
+        logger=MemoryLogger(),
+        callbacks=list(callbacks),
+        log_every_n_steps=LOG_EVERY,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def optimizer_factory(kind: str, weight_decay: float) -> Callable[[nn.Module], Optimizer]:
+    """Decay / no-decay groups (``weight_decay`` on the decay group only), foreach implementation."""
+
+    def make(module: nn.Module) -> Optimizer:
+        groups = decay_param_groups(module, weight_decay=weight_decay)
+        if kind == "adam":
+            return torch.optim.Adam(groups, lr=LR, foreach=True)
+        if kind == "adamw":
+            return torch.optim.AdamW(groups, lr=LR, foreach=True)
+        if kind == "sgd":
+            return torch.optim.SGD(groups, lr=LR, momentum=0.9, foreach=True)
+        raise ValueError(kind)
+
+    return make
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def naive_penalty(model: nn.Module) -> Tensor:
+    """What people write (and what the docs warn about: unsquared, biases and norms included)."""
+    reg = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        reg = reg + torch.norm(p, 2)
+    return reg
+
+
+@dataclass
+class Runner:
+    """A model copy, its optimizer and callbacks, set up through their real hooks on a real ``Trainer``."""
+
+    module: BenchModule
+    optimizer: Optimizer
+    callbacks: list[Callback]
+    trainer: pl.Trainer
+    batch: tuple[Tensor, Tensor]
+    naive: bool = False
+
+    def step(self) -> None:
+        """One training step in Lightning's order: zero_grad, forward, backward, callbacks'
+        ``on_before_optimizer_step``, ``optimizer.step()`` (which runs the callbacks' step hooks),
+        callbacks' ``on_train_batch_end``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = M.loss_fn(self.module.model, self.batch)
+        if self.naive:
+            loss = loss + L2 * naive_penalty(self.module.model)
+        loss.backward()
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self.trainer, self.module, self.optimizer)
+        self.optimizer.step()
+        for cb in self.callbacks:  # a non-logging step: only the callbacks' "is this a logging step?" check
+            cb.on_train_batch_end(self.trainer, self.module, None, self.batch, 0)
+
+
+def make_runner(
+    base: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    device: torch.device,
+    make_optimizer: Callable[[nn.Module], Optimizer],
+    callbacks: Sequence[Callback] = (),
+    naive: bool = False,
+) -> Runner:
+    module = BenchModule(copy.deepcopy(base), make_optimizer)
+    optimizer = make_optimizer(module)
+    trainer = make_trainer(device, callbacks)
+    trainer.strategy.optimizers = [optimizer]
+    trainer.training = True  # the fit loop is the active loop: `should_update_logs` counts its steps
+    for cb in callbacks:
+        cb.setup(trainer, module, "fit")
+        cb.on_fit_start(trainer, module)
+    return Runner(module, optimizer, list(callbacks), trainer, batch, naive)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], calls: int, repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``repeats`` samples of ``calls`` calls, the functions interleaved
+    (order reversed every repetition, ABC CBA ..., so linear drift hits all alike), GC off while timing."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for key in list(fns) if r % 2 == 0 else list(reversed(fns)):
+                fn = fns[key]
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync(device)
+                samples[key].append((time.perf_counter() - t0) / calls)
+    finally:
+        gc.enable()
+    return samples
+
+
+def paired_ratios(samples: dict[str, list[float]], a: str, b: str) -> list[float]:
+    """``time(a) / time(b)`` of each repetition (both measured in it)."""
+    return [x / y for x, y in zip(samples[a], samples[b], strict=True)]
+
+
+def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repetitions of ``time(a) / time(b)`` measured in the same repetition."""
+    return statistics.median(paired_ratios(samples, a, b))
+
+
+def spread(samples: dict[str, list[float]], a: str, b: str, fmt: str = "{:.2f}") -> str:
+    """The range of the paired ratios, shown next to their median so noise is visible."""
+    ratios = paired_ratios(samples, a, b)
+    return f"[{fmt.format(min(ratios))}, {fmt.format(max(ratios))}]"
+
+
+# -------------------------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    key: str
+    what: str
+    value: str
+    target: str
+    ok: bool | None  # None: information only, or skipped
+
+    @property
+    def result(self) -> str:
+        return "info" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, what: str, value: str, target: str = "", ok: bool | None = None) -> None:
+        self.rows.append(Row(key, what, value, target or "-", ok))
+        print(f"  {key:<28} {what:<62} {value:<34} {target or '-':<16} {self.rows[-1].result}", flush=True)
+
+
+def _x(ratio: float) -> str:
+    return f"{ratio:.3f}x"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+# ---------------------------------------------------------------------------------- 1. step time
+STEP_VARIANTS: dict[str, tuple[str, str, float, Callable[[], list[Callback]], bool]] = {
+    # key: (description, optimizer, its weight_decay, callbacks, naive loop)
+    "none": ("no regularization (Adam)", "adam", 0.0, list, False),
+    "adamw": ("AdamW(weight_decay) on decay groups", "adamw", WD, list, False),
+    "weight_decay": ("Adam + WeightDecay", "adam", 0.0, lambda: [WeightDecay(WD)], False),
+    "adam_l2": ("Adam(weight_decay) on decay groups (coupled L2)", "adam", L2, list, False),
+    "penalty_l2_adam": ("Adam + WeightPenalty(l2)", "adam", 0.0, lambda: [WeightPenalty(l2=L2)], False),
+    "sgd_l2": ("SGD(weight_decay) on decay groups", "sgd", L2, list, False),
+    "penalty_l2_sgd": ("SGD + WeightPenalty(l2)", "sgd", 0.0, lambda: [WeightPenalty(l2=L2)], False),
+    "penalty_l1_prox": (
+        "Adam + WeightPenalty(l1, proximal)",
+        "adam",
+        0.0,
+        lambda: [WeightPenalty(l1=L1, l1_mode="proximal")],
+        False,
+    ),
+    "naive": ("Adam + naive `reg += torch.norm(p, 2)` loop", "adam", 0.0, list, True),
+}
+
+
+def bench_step(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> float:
+    base, batch = M.build(name, size, device)
+    runners = {
+        key: make_runner(base, batch, device, optimizer_factory(opt, wd), cbs(), naive)
+        for key, (_, opt, wd, cbs, naive) in STEP_VARIANTS.items()
+    }
+    s = interleaved({k: r.step for k, r in runners.items()}, budget.steps, budget.repeats, budget.warmup, device)
+    t_none = statistics.median(s["none"])
+    n_tensors = sum(1 for _ in base.parameters())
+    report.add(f"1.base/{tag}", f"step time, no regularization ({n_tensors} tensors)", f"{t_none * 1e3:.3f} ms")
+    checks = [
+        ("1.adamw", "AdamW(wd) / no regularization", "adamw", "none", None),
+        ("1.wd", "Adam + WeightDecay / AdamW(wd)", "weight_decay", "adamw", ("<=", 1.05)),
+        ("1.l2adam", "Adam + WeightPenalty(l2) / Adam(weight_decay=l2)", "penalty_l2_adam", "adam_l2", ("<=", 1.05)),
+        ("1.l2sgd", "SGD + WeightPenalty(l2) / SGD(weight_decay=l2)", "penalty_l2_sgd", "sgd_l2", ("<=", 1.05)),
+        ("1.l1prox", "Adam + WeightPenalty(l1, proximal) / no regularization", "penalty_l1_prox", "none", None),
+        ("1.naive_wd", "naive loop / Adam + WeightDecay", "naive", "weight_decay", (">=", 1.8)),
+        ("1.naive_l2", "naive loop / Adam + WeightPenalty(l2)", "naive", "penalty_l2_adam", (">=", 1.8)),
+    ]
+    for key, what, a, b, target in checks:
+        ratio = paired_ratio(s, a, b)
+        value = f"{_x(ratio)} {spread(s, a, b)}"
+        if target is None:
+            report.add(f"{key}/{tag}", what, value)
+        else:
+            op, bound = target
+            ok = ratio <= bound if op == "<=" else ratio >= bound
+            report.add(f"{key}/{tag}", what, value, f"{op} {bound}x", ok)
+    # The regularizations' own cost (median step time minus that without regularization): information.
+    extra = {k: (statistics.median(s[k]) - t_none) * 1e6 for k in ("naive", "weight_decay", "penalty_l2_adam")}
+    report.add(
+        f"1.extra/{tag}",
+        "added per step: naive loop, WeightDecay, WeightPenalty(l2)",
+        f"{extra['naive']:+.0f}, {extra['weight_decay']:+.0f}, {extra['penalty_l2_adam']:+.0f} us",
+    )
+    return t_none
+
+
+# ----------------------------------------------------------------------------------- 2. monitor
+def lightning_style_weight_norms(module: nn.Module, norm_type: float = 2.0) -> dict[str, float]:
+    """``lightning.pytorch.utilities.grad_norm`` applied to weights, then ``.item()`` as a logger does."""
+    norms = {f"weight_{norm_type}_norm/{n}": p.data.norm(norm_type) for n, p in module.named_parameters()}
+    norms["weight_norm_total"] = torch.tensor(list(norms.values())).norm(norm_type)
+    return {k: v.item() for k, v in norms.items()}
+
+
+def bare_foreach_norms(params: list[Tensor]) -> list[float]:
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(params, 2)).tolist()
+
+
+def bench_monitor(
+    report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget, t_step: float
+) -> None:
+    keys = ("2.bare", "2.lightning", "2.amortized")
+    if WeightNormMonitor is None:
+        for key in keys:
+            report.add(f"{key}/{tag}", "WeightNormMonitor", "skipped: lightning_decay.monitor not importable")
+        return
+    base, batch = M.build(name, size, device)
+    logging_monitor = WeightNormMonitor(logging_interval=1)  # every call is a logging step
+    idle_monitor = WeightNormMonitor()  # Trainer's log_every_n_steps=50; the step timed here is not logged
+    runner = make_runner(base, batch, device, optimizer_factory("adam", 0.0))
+    runner.step()  # gradients and optimizer state exist, as during training
+    trainer, module, opt = runner.trainer, runner.module, runner.optimizer
+    for mon in (logging_monitor, idle_monitor):
+        mon.setup(trainer, module, "fit")
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+
+    def hooks(mon: Any) -> Callable[[], None]:
+        def call() -> None:
+            progress.increment_ready()  # a new batch, as the fit loop would count it
+            mon.on_before_optimizer_step(trainer, module, opt)
+            mon.on_train_batch_end(trainer, module, None, batch, 0)
+
+        return call
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    fns = {
+        "monitor": hooks(logging_monitor),
+        "bare": lambda: bare_foreach_norms(params),
+        "lightning": lambda: lightning_style_weight_norms(module),
+        "idle": hooks(idle_monitor),
+    }
+    s = interleaved(fns, budget.calls, budget.repeats, budget.warmup, device)
+    logged = trainer.loggers[0].metrics  # type: ignore[attr-defined]
+    if not logged:
+        raise RuntimeError("WeightNormMonitor logged nothing: the benchmark does not measure a logging step")
+    t_log = statistics.median(s["monitor"])
+    ratio = paired_ratio(s, "monitor", "bare")
+    report.add(
+        f"2.bare/{tag}",
+        f"monitor logging step / bare _foreach_norm + 1 copy ({len(params)} tensors)",
+        f"{_x(ratio)} {spread(s, 'monitor', 'bare')} ({t_log * 1e6:.0f} us)",
+        "<= 1.2x",
+        ratio <= 1.2,
+    )
+    speedup = paired_ratio(s, "lightning", "monitor")
+    bound = 10.0 if device.type == "cuda" else 1.0
+    op = ">=" if device.type == "cuda" else ">"
+    report.add(
+        f"2.lightning/{tag}",
+        "grad_norm-style per-parameter norms + .item() / monitor",
+        f"{_x(speedup)} {spread(s, 'lightning', 'monitor')}",
+        f"{op} {bound:g}x",
+        speedup >= bound if device.type == "cuda" else speedup > bound,
+    )
+    t_idle = statistics.median(s["idle"])
+    amortized = (t_log + (LOG_EVERY - 1) * t_idle) / LOG_EVERY / t_step
+    report.add(
+        f"2.amortized/{tag}",
+        f"monitor cost at log_every_n_steps={LOG_EVERY} / step time",
+        f"{amortized * 100:.3f} % (idle hook {t_idle * 1e6:.1f} us)",
+        "< 1 %",
+        amortized < 0.01,
+    )
+
+
+# ------------------------------------------------------------------------------ 3. Trainer.fit
+class FitTimer(Callback):
+    """Wall time from the start of batch ``warmup`` to the end of training."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.t0 = self.t1 = 0.0
+        self.running = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.warmup:
+            sync(self.device)
+            self.t0 = time.perf_counter()
+            self.running = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sync(self.device)
+        self.t1 = time.perf_counter()
+        self.running = False
+
+
+class HookTimer(Callback):
+    """Host time spent inside other callbacks' hooks and in the optimizer step hooks they registered, while
+    ``timer`` runs: the callbacks' own share of a fit, free of the run-to-run drift of wall-time differences.
+    (On CUDA it is the launch cost only: kernels run asynchronously.) Put it after the callbacks it times."""
+
+    def __init__(self, timer: FitTimer, callbacks: Sequence[Callback]) -> None:
+        self.timer = timer
+        self.seconds = 0.0
+        names = [n for n in dir(Callback) if n.startswith("on_") or n in ("setup", "teardown")]
+        for cb in callbacks:
+            for name in names:
+                if getattr(type(cb), name, None) is not getattr(Callback, name):
+                    setattr(cb, name, self._timed(getattr(cb, name)))
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.timer.running:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for opt in trainer.optimizers:
+            for hooks in (opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks):
+                for key, fn in list(hooks.items()):
+                    hooks[key] = self._timed(fn)
+
+
+def fit_callbacks() -> list[Callback]:
+    cbs: list[Callback] = [WeightDecay(WD), WeightPenalty(l1=L1, l1_mode="proximal")]
+    if WeightNormMonitor is not None:
+        cbs.append(WeightNormMonitor())
+    return cbs
+
+
+def bench_fit(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> None:
+    base, batch = M.build(name, size, device)
+    steps = budget.fit_steps
+
+    shares: list[float] = []
+
+    def fit(with_callbacks: bool) -> float:
+        module = BenchModule(copy.deepcopy(base), optimizer_factory("adam", 0.0))
+        timer = FitTimer(budget.fit_warmup, device)
+        cbs = fit_callbacks() if with_callbacks else []
+        hook_timer = HookTimer(timer, cbs)
+        trainer = make_trainer(device, [*cbs, hook_timer, timer], max_steps=steps)
+        gc.collect()
+        trainer.fit(module, train_dataloaders=RepeatBatch(batch, steps))
+        if trainer.global_step != steps:
+            raise RuntimeError(f"fit ran {trainer.global_step} steps, expected {steps}")
+        if with_callbacks:
+            shares.append(hook_timer.seconds / (timer.t1 - timer.t0))
+        return (timer.t1 - timer.t0) / (steps - budget.fit_warmup)
+
+    times: dict[str, list[float]] = {"none": [], "all": []}
+    if budget.fit_repeats > 1:
+        fit(True)  # warm-up: first-use costs (imports, allocator) out of the timed fits
+    for r in range(budget.fit_repeats):
+        for key in ("none", "all") if r % 2 == 0 else ("all", "none"):
+            times[key].append(fit(key == "all"))
+    ratio = paired_ratio(times, "all", "none")
+    lo, hi = ((min(r) - 1) * 100, (max(r) - 1) * 100) if (r := paired_ratios(times, "all", "none")) else (0.0, 0.0)
+    names = "WeightDecay + WeightPenalty(l1, proximal)" + (" + WeightNormMonitor" if WeightNormMonitor else "")
+    report.add(
+        f"3.fit/{tag}",
+        f"Trainer.fit {steps} steps, {names} / none",
+        f"{(ratio - 1) * 100:+.2f} % [{lo:+.1f}, {hi:+.1f}] ({statistics.median(times['none']) * 1e3:.2f} ms/step)",
+        "< 5 %",
+        ratio < 1.05,
+    )
+    share = statistics.median(shares[1:] if len(shares) > 1 else shares)  # the warm-up fit left out
+    report.add(
+        f"3.self/{tag}",
+        "time inside the callbacks' hooks (incl. their optimizer step hooks) / fit time, same fits",
+        f"{share * 100:.2f} %" + (" (host time)" if device.type == "cuda" else ""),
+        "< 5 %",
+        share < 0.05,
+    )
+
+
+# ------------------------------------------------------------------------------------- 4. memory
+def storage_bytes(tensors: Iterable[Tensor]) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def held_bytes(obj: Any, exclude: set[int]) -> int:
+    """Bytes of the tensors reachable from ``obj``'s state, shared storages once, ``exclude`` (the
+    parameters and gradients) left out. Modules, optimizers and the Trainer are references, not state."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, Tensor):
+            st = o.untyped_storage()
+            if st.data_ptr() not in exclude:
+                storages[st.data_ptr()] = st.nbytes()
+        elif isinstance(o, (nn.Module, Optimizer, pl.Trainer, type, str, bytes, int, float, bool)):
+            continue
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and not callable(o):
+            stack.extend(vars(o).values())
+    return sum(storages.values())
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak of the bytes allocated while ``fn`` runs, above what was allocated when it started."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(events: Iterable[Any]) -> Iterable[Any]:
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    allocs = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation]
+    current = peak = 0
+    for e in sorted(allocs, key=lambda e: e.start_time_ns):
+        if e.extra_fields.device.type == "cpu":
+            current += e.extra_fields.alloc_size
+            peak = max(peak, current)
+    return peak
+
+
+def _callback_hooks(runner: Runner) -> Callable[[], None]:
+    """Everything the runner's callbacks do around one optimizer step (a logging step), without the step."""
+    trainer, module, opt, cbs = runner.trainer, runner.module, runner.optimizer, runner.callbacks
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+
+    def hooks() -> None:
+        progress.increment_ready()
+        for cb in cbs:
+            cb.on_before_optimizer_step(trainer, module, opt)
+        for hook in [*opt._optimizer_step_pre_hooks.values(), *opt._optimizer_step_post_hooks.values()]:
+            hook(opt, (), {})
+        for cb in cbs:
+            cb.on_train_batch_end(trainer, module, None, runner.batch, 0)
+
+    return hooks
+
+
+def bench_memory(report: Report, tag: str, name: str, size: str, device: torch.device) -> None:
+    base, batch = M.build(name, size, device)
+    plan = DecayRules().classify(base)
+    p_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    d_bytes = sum(d.param.numel() * d.param.element_size() for d in plan if d.decay)
+    report.add(f"4.params/{tag}", "parameter bytes (all / decayed)", f"{_mb(p_bytes)} / {_mb(d_bytes)}")
+    n_tensors = sum(1 for _ in base.parameters())
+    none = 0.05 * p_bytes + 64 * n_tensors  # no copy: 5 % of the parameters, plus per-tensor metadata
+    cases: list[tuple[str, str, Callable[[], list[Callback]], float, float]] = [
+        # key, description, callbacks, state bound, peak bound
+        ("4.wd", "WeightDecay", lambda: [WeightDecay(WD)], none, none),
+        ("4.l2", "WeightPenalty(l2)", lambda: [WeightPenalty(l2=L2)], none, none),
+        ("4.l2sp", "WeightPenalty(l2, reference='initial') (L2-SP)",
+         lambda: [WeightPenalty(l2=L2, reference="initial")], d_bytes + none, none),
+        ("4.l1prox", "WeightPenalty(l1, proximal)", lambda: [WeightPenalty(l1=L1, l1_mode="proximal")], none, none),
+    ]  # fmt: skip
+    if WeightNormMonitor is not None:
+        cases += [
+            ("4.monitor", "WeightNormMonitor (logging step)", lambda: [WeightNormMonitor(logging_interval=1)], none,
+             none),
+            ("4.ratio", "WeightNormMonitor(log_update_ratio) (logging step)",
+             lambda: [WeightNormMonitor(logging_interval=1, log_update_ratio=True)], none, p_bytes + none),
+        ]  # fmt: skip
+    else:
+        for key in ("4.monitor", "4.ratio"):
+            report.add(f"{key}/{tag}", "WeightNormMonitor", "skipped: lightning_decay.monitor not importable")
+    for key, what, make, state_bound, peak_bound in cases:
+        runner = make_runner(base, batch, device, optimizer_factory("adam", 0.0), make())
+        runner.step()
+        runner.trainer.fit_loop.epoch_loop._batches_that_stepped = LOG_EVERY - 1  # a logging step for all
+        hooks = _callback_hooks(runner)
+        hooks()  # warm: lazily built layouts are state, not a per-step cost
+        params = list(runner.module.parameters())
+        exclude = set(storage_bytes(params)) | set(storage_bytes(p.grad for p in params if p.grad is not None))
+        state = sum(held_bytes(cb, exclude) for cb in runner.callbacks)
+        peak = peak_bytes(hooks, device)
+        ok = state <= state_bound and peak <= peak_bound
+        report.add(
+            f"{key}/{tag}",
+            f"{what}: state / peak while its hooks run",
+            f"{state / p_bytes:.2f}x / {peak / p_bytes:.2f}x params",
+            f"<= {state_bound / p_bytes:.2f}x / {peak_bound / p_bytes:.2f}x",
+            ok,
+        )
+
+
+# ---------------------------------------------------------------------------------------- driver
+def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> list[str]:
+    """Keys of every row a run over ``devices`` and ``models`` writes (for the smoke test)."""
+    per_model = [
+        "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.naive_wd", "1.naive_l2", "1.extra",
+        "2.bare", "2.lightning", "2.amortized", "3.fit", "3.self",
+        "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
+    ]  # fmt: skip
+    return [f"{k}/{d}/{m}" for d in devices for m in models for k in per_model]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(devices: Sequence[str]) -> str:
+    parts = [
+        f"torch {torch.__version__}",
+        f"lightning {pl.__version__}",
+        f"Python {platform.python_version()}",
+        f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
+    ]
+    if "cuda" in devices:
+        parts.append(f"GPU: {torch.cuda.get_device_name(0)}")
+    return "; ".join(parts)
+
+
+METHOD = """\
+**Method.** One process, one model copy per variant, the same fixed batch. Each number is the median over
+{repeats} repetitions of a paired ratio (the two variants timed in the same repetition), followed by
+[min, max] of those ratios; the variants are
+interleaved and their order reversed every repetition (ABC CBA ...), after {warmup} warm-up calls each,
+with Python's GC off while timing (and `torch.cuda.synchronize()` around each sample on CUDA).
+
+1. *Step time*: forward, backward and `optimizer.step()` ({steps} steps per sample), every optimizer with
+   `foreach=True` over the `decay`/`no_decay` groups of `decay_param_groups`. The callbacks run through
+   their real code: built with a real `Trainer` object (not fitted), their `setup` and `on_fit_start`
+   hooks called, then per step `on_before_optimizer_step`, `optimizer.step()` (which runs the step
+   hooks they registered) and `on_train_batch_end` (not a logging step) -- the calls Lightning makes,
+   without the fit loop's own overhead in the ratio. Baselines: the optimizer's own `weight_decay` with
+   the same semantics (AdamW for `WeightDecay`, coupled `Adam`/`SGD(weight_decay)` for
+   `WeightPenalty(l2)`) and the naive loop `for p in model.parameters(): reg = reg + torch.norm(p, 2)`
+   added to the loss.
+2. *Monitor*: a logging step of `WeightNormMonitor()` (its `on_before_optimizer_step` and
+   `on_train_batch_end` hooks, `logging_interval=1`, metrics handed to an in-memory logger) against
+   `torch.stack(torch._foreach_norm(params, 2)).tolist()` and against Lightning's `grad_norm` recipe on
+   weights (`p.data.norm(2)` per parameter, a total, `.item()` per value). Amortized cost = (logging
+   step + {every_minus_one} non-logging hook calls) / {every} / the step time of row 1.base.
+3. *Fit*: real `Trainer.fit` of {fit_steps} steps (timed from step {fit_warmup} to the end; in-memory logger,
+   no progress bar or checkpointing, `log_every_n_steps={every}`), with all three callbacks against none,
+   {fit_repeats} interleaved pairs after one warm-up fit. Row 3.self, from the same fits: the host time spent
+   inside the three callbacks' hooks and the optimizer step hooks they register, over the fit's wall time
+   (a share, so free of the drift between runs that makes the wall-time difference noisy).
+4. *Memory*, as multiples of the parameters' bytes: *state* is the bytes of the tensors the callbacks
+   hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
+   allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
+   except L2-SP's reference (persistent) and the update-ratio snapshot (logging steps only).
+"""
+
+
+def render(report: Report, args: argparse.Namespace, devices: Sequence[str], budget: Budget) -> str:
+    peak_method = (
+        "`torch.cuda.max_memory_allocated`"
+        if devices == ["cuda"]
+        else "CPU: allocation events of `torch.profiler(profile_memory=True)`; CUDA: `torch.cuda.max_memory_allocated`"
+    )
+    command = shlex.join(["python", "benchmarks/run.py", *args.argv])
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Written by `python benchmarks/run.py --out docs/benchmarks.md`; do not edit by hand. -->",
+        "",
+        f"Command: `{command.strip()}` (size `{args.size}`, devices {', '.join(devices)}).",
+        "",
+        f"Environment: {environment(devices)}.",
+        "",
+        METHOD.format(
+            repeats=budget.repeats,
+            warmup=budget.warmup,
+            steps=budget.steps,
+            every=LOG_EVERY,
+            every_minus_one=LOG_EVERY - 1,
+            fit_steps=budget.fit_steps,
+            fit_warmup=budget.fit_warmup,
+            fit_repeats=budget.fit_repeats,
+            peak_method=peak_method,
+        ),
+    ]
+    if args.note:
+        lines += [f"**Note.** {args.note}", ""]
+    lines += [
+        "| key | measurement | value | target | result |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| `{r.key}` | {r.what} | {r.value} | {r.target} | {r.result} |" for r in report.rows]
+    passed = sum(r.ok is True for r in report.rows)
+    missed = [r.key for r in report.rows if r.ok is False]
+    lines += ["", f"{passed} targets met, {len(missed)} missed" + (f": {', '.join(missed)}." if missed else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA when present"
+    )
+    parser.add_argument("--size", choices=tuple(BUDGETS), default="small")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: mlp,gpt")
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (default per size)")
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--note", default="", help="a sentence shown above the table (e.g. machine load)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's default, one per core)"
+    )
+    parser.add_argument("--only", default="1,2,3,4", help="comma-separated subset of the measurements 1,2,3,4")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else [args.device]
+    devices = ["cpu"] if devices == ["auto"] else devices
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {MODELS}")
+    only = {s.strip() for s in args.only.split(",")}
+    budget = BUDGETS[args.size]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.repeats is not None:
+        budget = Budget(**{**budget.__dict__, "repeats": args.repeats})
+
+    report = Report()
+    t_start = time.perf_counter()
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _run_all(report, args, devices, models, only, budget)
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+    print(f"== done in {time.perf_counter() - t_start:.1f} s", flush=True)
+    text = render(report, args, devices, budget)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return report
+
+
+def _run_all(
+    report: Report,
+    args: argparse.Namespace,
+    devices: Sequence[str],
+    models: Sequence[str],
+    only: set[str],
+    budget: Budget,
+) -> None:
+    for dev in devices:
+        device = torch.device(dev)
+        for name in models:
+            tag = f"{dev}/{name}"
+            print(f"== {tag} ({args.size})", flush=True)
+            t0 = time.perf_counter()
+            t_step = bench_step(report, tag, name, args.size, device, budget) if "1" in only else float("nan")
+            t1 = time.perf_counter()
+            if "2" in only:
+                if t_step != t_step:  # no row 1: time a plain step for the amortized cost
+                    t_step = _plain_step_time(name, args.size, device, budget)
+                bench_monitor(report, tag, name, args.size, device, budget, t_step)
+            t2 = time.perf_counter()
+            if "3" in only:
+                bench_fit(report, tag, name, args.size, device, budget)
+            t3 = time.perf_counter()
+            if "4" in only:
+                bench_memory(report, tag, name, args.size, device)
+            t4 = time.perf_counter()
+            gc.collect()  # model copies of this model's runners, before the next model's
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"   ({tag}: 1: {t1 - t0:.1f} s, 2: {t2 - t1:.1f} s, 3: {t3 - t2:.1f} s, 4: {t4 - t3:.1f} s)")
+
+
+def _plain_step_time(name: str, size: str, device: torch.device, budget: Budget) -> float:
+    base, batch = M.build(name, size, device)
+    runner = make_runner(base, batch, device, optimizer_factory("adam", 0.0))
+    s = interleaved({"none": runner.step}, budget.steps, budget.repeats, budget.warmup, device)
+    return statistics.median(s["none"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The foreach kernels against per-tensor reference loops, and the shape of the per-step hot path."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_decay import WeightDecay, WeightPenalty, kernels
+from tests.test_penalty import Lit, fit
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tensors(dtype: torch.dtype, seed: int = 0, zeros: bool = True) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (2, 3, 2), ()]
+    out = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    if zeros:
+        out[0][0, 0] = 0.0  # sign(0) == 0
+    return out
+
+
+def clones(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in ts]
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """float32: round-off only; bfloat16: one rounding of a float32 reference (8 mantissa bits)."""
+    return {"rtol": 1e-2, "atol": 4e-3} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-6}
+
+
+def assert_lists_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_add_l2_gradient(dtype: torch.dtype, with_refs: bool) -> None:
+    w, g = tensors(dtype, 0), tensors(dtype, 1)
+    refs = tensors(dtype, 2) if with_refs else None
+    got = clones(g)
+    kernels.add_l2_gradient_(got, w, 0.3, refs)
+    want = []  # per tensor, in float32
+    for i, (gi, wi) in enumerate(zip(g, w, strict=True)):
+        ref = refs[i].float() if refs else torch.zeros(())
+        want.append((gi.float() + 0.3 * (wi.float() - ref)).to(dtype))
+    for x, y in zip(got, want, strict=True):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, y, **tol(dtype))
+    # a 0-dim tensor coefficient (the AMP scale) gives the same values as the float
+    got_t = clones(g)
+    kernels.add_l2_gradient_(got_t, w, torch.tensor(0.3, dtype=torch.float32), refs)
+    for x, y in zip(got_t, want, strict=True):
+        torch.testing.assert_close(x, y, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_l1_subgradient(dtype: torch.dtype) -> None:
+    w, g = tensors(dtype, 0), tensors(dtype, 1)
+    got = clones(g)
+    kernels.add_l1_subgradient_(got, w, 0.25)
+    want = [gi.add(torch.sign(wi), alpha=0.25) for gi, wi in zip(g, w, strict=True)]
+    assert_lists_equal(got, want)
+    assert got[0][0, 0] == g[0][0, 0]  # subgradient 0 at w == 0
+    got_t = clones(g)
+    kernels.add_l1_subgradient_(got_t, w, torch.tensor(0.25))
+    for x, y in zip(got_t, want, strict=True):
+        torch.testing.assert_close(x, y, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 0.4, 10.0])
+def test_soft_threshold(dtype: torch.dtype, threshold: float) -> None:
+    w = tensors(dtype, 0)
+    got = clones(w)
+    kernels.soft_threshold_(got, threshold)
+    want = [torch.sign(t) * torch.clamp(t.abs() - threshold, min=0) for t in w]
+    assert_lists_equal(got, want)
+    if threshold == 10.0:
+        assert all((t == 0).all() for t in got)
+    if threshold == 0.0:
+        assert_lists_equal(got, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decay(dtype: torch.dtype) -> None:
+    w = tensors(dtype, 0)
+    got = clones(w)
+    kernels.decay_(got, 0.9)
+    for x, t in zip(got, w, strict=True):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, (t.float() * 0.9).to(dtype), **tol(dtype))
+    got_t = clones(w)
+    kernels.decay_(got_t, torch.tensor(1.0))  # the factor of a step the GradScaler skips
+    assert_lists_equal(got_t, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_squared_distances(dtype: torch.dtype, with_refs: bool) -> None:
+    w = tensors(dtype, 0)
+    refs = tensors(dtype, 2) if with_refs else None
+    got = kernels.squared_distances(w, refs)
+    for i, (value, t) in enumerate(zip(got, w, strict=True)):
+        diff = (t - refs[i]) if refs else t
+        assert value.dtype == torch.float32 and value.dim() == 0
+        torch.testing.assert_close(value, diff.float().pow(2).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_abs(dtype: torch.dtype) -> None:
+    w = tensors(dtype, 0)
+    got = kernels.sum_abs(w)
+    for value, t in zip(got, w, strict=True):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, t.float().abs().sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_lists_are_no_ops() -> None:
+    kernels.add_l2_gradient_([], [], 0.1)
+    kernels.add_l2_gradient_([], [], 0.1, [])
+    kernels.add_l1_subgradient_([], [], 0.1)
+    kernels.soft_threshold_([], 0.1)
+    kernels.decay_([], 0.5)
+    assert kernels.squared_distances([]) == []
+    assert kernels.sum_abs([]) == []
+
+
+def test_kernels_do_not_record_autograd() -> None:
+    w = [torch.randn(3, requires_grad=True)]
+    g = [torch.zeros(3)]
+    kernels.add_l2_gradient_(g, w, 0.5)
+    assert g[0].grad_fn is None
+    assert kernels.squared_distances(w)[0].grad_fn is None
+
+
+# ------------------------------------------------------------------------------ hot-path shape
+FOREACH = [name for name in dir(torch) if name.startswith("_foreach_")]
+
+
+@contextmanager
+def count_foreach_calls(counts: Counter[str]) -> Iterator[None]:
+    originals = {name: getattr(torch, name) for name in FOREACH}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if counting[0]:
+                counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(torch, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
+counting = [False]
+
+
+class CountDuringSteps(Callback):
+    """Counts only inside training batches (the optimizer step and the callbacks' hooks)."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        counting[0] = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        counting[0] = False
+
+
+def foreach_calls(hidden_layers: int, make_callback: Callable[[], Callback], **trainer_kwargs: Any) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    module = Lit(lambda m: torch.optim.SGD(m.parameters(), lr=0.01, foreach=False), hidden_layers=hidden_layers)
+    with count_foreach_calls(counts):
+        fit(module, [make_callback(), CountDuringSteps()], **trainer_kwargs)
+    counting[0] = False
+    return counts
+
+
+@pytest.mark.parametrize(
+    "make_callback",
+    [
+        lambda: WeightPenalty(l1=0.01, l2=0.01),
+        lambda: WeightPenalty(l1=0.01, l1_mode="proximal"),
+        lambda: WeightPenalty(l2=0.01, reference="initial"),
+        lambda: WeightDecay(0.01),
+    ],
+    ids=["l1+l2", "proximal", "l2sp", "decay"],
+)
+def test_foreach_calls_per_step_do_not_grow_with_parameter_count(make_callback: Callable[[], Callback]) -> None:
+    small = foreach_calls(3, make_callback)
+    large = foreach_calls(30, make_callback)
+    assert sum(small.values()) > 0, "the callback runs foreach kernels"
+    assert small == large
+
+
+def test_logging_costs_a_constant_number_of_kernels(tmp_path: Any) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    def make() -> Callback:
+        return WeightPenalty(l1=0.01, l2=0.01)
+
+    small = foreach_calls(3, make, logger=CSVLogger(tmp_path / "a"), log_every_n_steps=1)
+    large = foreach_calls(30, make, logger=CSVLogger(tmp_path / "b"), log_every_n_steps=1)
+    assert small["_foreach_norm"] > 0
+    assert small == large
