@@ -197,11 +197,6 @@ def test_l2_penalty_and_weight_decay_on_disjoint_params_are_allowed() -> None:
 
 
 # ----------------------------------------------------------------------------------- semantics
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: WeightDecay decays every decayed parameter of the optimizer, also those without a gradient "
-    "(frozen, or unused this step); torch's AdamW skips parameters whose .grad is None",
-)
 def test_frozen_param_held_by_optimizer_is_not_decayed_like_adamw() -> None:
     lam = 0.1
 

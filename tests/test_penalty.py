@@ -458,12 +458,6 @@ def test_l1_penalty_alongside_adamw_default_weight_decay_is_allowed() -> None:
     assert_runs_equal(got, want, exact=False, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: WeightPenalty.state_key only holds l1, l2 and l1_mode (not rules, reference, l2_head), so two "
-    "instances that differ only there get the same key and the Trainer refuses them",
-)
 def test_two_penalties_with_disjoint_rules_and_same_coefficients() -> None:
     l2 = 0.1
     first, last = DecayRules(exclude=["net.3.*"]), DecayRules(exclude=["net.0.*"])

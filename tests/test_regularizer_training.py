@@ -94,16 +94,20 @@ def test_weight_decay_with_clipping_is_bitwise_adamw_with_clipping() -> None:
     assert_runs_equal(got, want, exact=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: WeightDecay() taking over SGD's coupled weight_decay adds wd*w to the gradient in "
-    "on_before_optimizer_step, which Lightning runs BEFORE gradient clipping; torch's SGD adds it inside "
-    "step(), after clipping (decay.py docstring promises 'added after clipping')",
-)
-def test_take_over_of_coupled_sgd_decay_with_clipping_matches_sgd() -> None:
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "16-mixed"])
+def test_take_over_of_coupled_sgd_decay_with_clipping_matches_sgd(amp: bool) -> None:
+    """torch's SGD adds ``wd * w`` inside ``step``, after Lightning clipped: the take-over must too.
+
+    Without AMP Lightning runs the closure (and the clipping) inside ``step``; with a GradScaler it runs
+    it before ``step``. Both paths are checked against SGD's own weight_decay on the same groups.
+    """
     lam, clip = 0.5, 0.05
-    got = run(Lit(sgd(weight_decay=lam)), [WeightDecay()], gradient_clip_val=clip)
-    want = run(Lit(sgd_groups(lam)), gradient_clip_val=clip)
+
+    def precision() -> dict[str, Any]:  # a fresh GradScaler per run
+        return {"max_epochs": 2, "plugins": [fp16_plugin(2.0**19)]} if amp else {}
+
+    got = run(Lit(sgd(weight_decay=lam)), [WeightDecay()], gradient_clip_val=clip, **precision())
+    want = run(Lit(sgd_groups(lam)), gradient_clip_val=clip, **precision())
     assert_runs_equal(got, want, exact=False, rtol=1e-6, atol=1e-8)
 
 

@@ -100,6 +100,7 @@ class RegularizerCallback(Callback):
         self._scaler: Any = None
         self._pl_module: nn.Module | None = None
         self._warned_nonfinite: set[str] = set()
+        self._state_key: str | None = None
 
     # ------------------------------------------------------------- subclass API
     def _regularizes(self, decision: ParamDecision) -> bool:
@@ -118,6 +119,18 @@ class RegularizerCallback(Callback):
 
     def _register_optimizer_hooks(self, index: int, optimizer: Optimizer) -> list[RemovableHandle]:
         return []
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        """What tells two instances apart in a checkpoint (with ``rules``, added here)."""
+        return {}
+
+    @property
+    def state_key(self) -> str:
+        # Computed once: Lightning asks for it in every hook call, and two instances that differ only
+        # in `rules` (or a reference) must not share a key.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(**self._state_key_fields(), rules=repr(self.rules))
+        return self._state_key
 
     # -------------------------------------------------------------- lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -37,15 +37,17 @@ def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
 class WeightDecay(RegularizerCallback):
     r"""Decoupled weight decay (Loshchilov & Hutter) for any optimizer: ``w <- w - lr * wd * w``.
 
-    Applied to the ``"decay"`` weights of the :class:`~lightning_decay.DecayRules` plan just before each
-    optimizer step that really runs (an ``Optimizer.register_step_pre_hook``, which does not run when
-    the AMP ``GradScaler`` skips a step), with each param group's current learning rate. ``Adam`` with
+    Applied to the ``"decay"`` weights of the [`DecayRules`][lightning_decay.DecayRules] plan just before
+    each optimizer step that really runs (in ``on_before_optimizer_step``, after the gradients are
+    computed; masked on a step the AMP ``GradScaler`` skips), with each param group's current learning
+    rate. Parameters without a gradient that step are left alone, as AdamW leaves them. ``Adam`` with
     ``WeightDecay(wd)`` is torch's ``AdamW(weight_decay=wd)`` with the same decay / no-decay split.
 
     Modes:
-        ``"lr"``: ``w *= 1 - lr * wd`` (AdamW). ``"lr_ratio"``: ``w *= 1 - (lr / lr0) * wd`` with ``lr0``
-        the group's initial learning rate (composer's ``DecoupledAdamW``): ``wd`` is then the decay per
-        step at the peak learning rate. ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
+        - ``"lr"``: ``w *= 1 - lr * wd`` (AdamW).
+        - ``"lr_ratio"``: ``w *= 1 - (lr / lr0) * wd`` with ``lr0`` the group's initial learning rate
+          (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the peak learning rate.
+        - ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
 
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
@@ -59,7 +61,7 @@ class WeightDecay(RegularizerCallback):
         weight_decay: The decay coefficient (number, schedule or ``step -> float``), or ``None`` to take
             over each optimizer group's ``weight_decay``.
         mode: ``"lr"``, ``"lr_ratio"`` or ``"constant"`` (ignored when taking over).
-        rules: Which parameters are decayed; default :class:`~lightning_decay.DecayRules`.
+        rules: Which parameters are decayed; default [`DecayRules`][lightning_decay.DecayRules].
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
@@ -67,11 +69,13 @@ class WeightDecay(RegularizerCallback):
         MisconfigurationException: At fit start, on double decay (the optimizer's own ``weight_decay`` on
             the same weights, or another regularizer callback), or under DeepSpeed.
 
-    Example::
+    Examples:
+        ```python
+        from lightning.pytorch import Trainer
+        from lightning_decay import WeightDecay
 
-        >>> import torch
-        >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[WeightDecay(0.05)])  # with torch.optim.Adam(..., weight_decay=0)
+        trainer = Trainer(callbacks=[WeightDecay(0.05)])  # with torch.optim.Adam(..., weight_decay=0)
+        ```
     """
 
     def __init__(
@@ -92,9 +96,8 @@ class WeightDecay(RegularizerCallback):
     def takes_over(self) -> bool:
         return self._weight_decay is None
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(weight_decay=repr(self._weight_decay), mode=self.mode)
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"weight_decay": repr(self._weight_decay), "mode": self.mode}
 
     # ------------------------------------------------------------ base hooks
     def _decays_like_weight_decay(self) -> bool:
@@ -124,17 +127,38 @@ class WeightDecay(RegularizerCallback):
             )
 
     def _register_optimizer_hooks(self, index: int, optimizer: Optimizer) -> list[RemovableHandle]:
-        def before_fused_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-            # Only fused optimizers under a GradScaler: the scaler decides inside `step`, where it sets
-            # `found_inf`; their closure has run already (Lightning's AMP plugin runs it before `step`).
+        def before_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if self._unscaled_in_step(opt):
-                self._apply(index, opt)
+                # A fused optimizer under a GradScaler decides inside `step` (it sets `found_inf`); its
+                # closure has run already (Lightning's AMP plugin runs it before `step`).
+                self._apply_decoupled(index, opt)
+                self._apply_coupled(index, opt)
+                return None
+            if not self._has_coupled(index):
+                return None
+            # `args` starts with the optimizer itself: `step(self, closure=None)`.
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                # The closure ran before `step` (AMP plugins): the gradients are unscaled and clipped.
+                self._apply_coupled(index, opt)
+                return None
+
+            # Lightning runs the closure (backward, unscale, clipping) inside `step`: add the L2 term
+            # when it returns, after clipping and before the update, where torch's own SGD/Adam add it.
+            def closure_then_l2() -> Any:
+                loss = closure()
+                self._apply_coupled(index, opt)
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_l2}
+            return (args[0], closure_then_l2, *args[2:]), kwargs
 
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
             if self._step_ran(opt):
                 self._steps[index] += 1
 
-        return [optimizer.register_step_pre_hook(before_fused_step), optimizer.register_step_post_hook(after_step)]
+        return [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
 
     # --------------------------------------------------------------- steps
     def on_before_optimizer_step(
@@ -144,39 +168,44 @@ class WeightDecay(RegularizerCallback):
         # Lightning runs the closure inside `optimizer.step`, after the pre-hooks.
         index = self._index_of(optimizer)
         if index is not None and not self._unscaled_in_step(optimizer):
-            self._apply(index, optimizer)
+            self._apply_decoupled(index, optimizer)
 
-    def _apply(self, index: int, optimizer: Optimizer) -> None:
+    def _coefficient(self, index: int, group_index: int) -> tuple[float, bool]:
+        """(coefficient, decoupled) for one param group of optimizer ``index`` this step."""
+        if self._weight_decay is None:
+            return self._taken_over.get((index, group_index), (0.0, True))
+        return coefficient(self._weight_decay, self._steps[index], "weight_decay"), True
+
+    def _has_coupled(self, index: int) -> bool:
+        return any(i == index and not decoupled for (i, _), (_, decoupled) in self._taken_over.items())
+
+    def _apply_decoupled(self, index: int, optimizer: Optimizer) -> None:
         skip = self._found_inf(optimizer)  # decay nothing on a step the GradScaler will skip
-        wd = None
-        if self._weight_decay is not None:
-            wd = coefficient(self._weight_decay, self._steps[index], "weight_decay")
         for b in self._buckets(index):
+            coeff, decoupled = self._coefficient(index, b.group_index)
+            if not coeff or not decoupled:
+                continue
             group = optimizer.param_groups[b.group_index]
-            decoupled = True
-            if wd is None:
-                coeff, decoupled = self._taken_over.get((index, b.group_index), (0.0, True))
-            else:
-                coeff = wd
-            if not coeff:
-                continue
-            if not decoupled:
-                # The optimizer's own (coupled) semantics: an L2 term in the gradient, like a loss term.
-                weights, grads, _ = b.with_grads()
-                scale = self._grad_scale(optimizer) if self._unscaled_in_step(optimizer) else None
-                if scale is None:
-                    scale = getattr(optimizer, "grad_scale", None)
-                kernels.add_l2_gradient_(grads, weights, coeff if scale is None else scale * coeff)
-                continue
             lr = group["lr"]
-            if wd is None or self.mode == "lr":
+            if self._weight_decay is None or self.mode == "lr":
                 shrink = lr * coeff
             elif self.mode == "lr_ratio":
                 shrink = lr / group.setdefault("initial_lr", lr) * coeff
             else:
                 shrink = coeff
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
-            kernels.decay_(b.weights(), factor)
+            # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
+            kernels.decay_(b.with_grads()[0], factor)
+
+    def _apply_coupled(self, index: int, optimizer: Optimizer) -> None:
+        """The optimizer's own (coupled) semantics, taken over: an L2 term ``wd * w`` in the gradient."""
+        scale = self._grad_scale(optimizer) if self._unscaled_in_step(optimizer) else None
+        for b in self._buckets(index):
+            coeff, decoupled = self._coefficient(index, b.group_index)
+            if not coeff or decoupled:
+                continue
+            weights, grads, _ = b.with_grads()
+            kernels.add_l2_gradient_(grads, weights, coeff if scale is None else scale * coeff)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
