@@ -30,16 +30,23 @@ def _run(cli_class: type[LightningCLI], model: type, tmp_path: Path, yaml: str, 
     )
 
 
-def _reference_adamw(weight_decay: float, lr: float, epochs: int = 2) -> torch.nn.Module:
-    """The same training written by hand: AdamW on decay / no-decay groups."""
+def _reference(
+    optimizer: type[torch.optim.Optimizer], weight_decay: float, lr: float, epochs: int = 2
+) -> torch.nn.Module:
+    """The same training written by hand: ``optimizer`` on decay / no-decay groups."""
     net = build_net()
-    opt = torch.optim.AdamW(decay_param_groups(net, weight_decay), lr=lr)
+    opt = optimizer(decay_param_groups(net, weight_decay), lr=lr)
     for _ in range(epochs):
         for x, y in RegressionData().train_dataloader():
             opt.zero_grad()
             torch.nn.functional.mse_loss(net(x), y).backward()
             opt.step()
     return net
+
+
+def _assert_same_weights(cli: LightningCLI, reference: torch.nn.Module) -> None:
+    for (name, a), b in zip(cli.model.net.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def _groups(cli: LightningCLI) -> dict[str, float]:
@@ -104,70 +111,25 @@ def test_decay_cli_weights_equal_hand_written_adamw_groups(tmp_path: Path) -> No
         "--optimizer.weight_decay",
         "0.05",
     )
-    ref = _reference_adamw(0.05, 0.05)
-    for (name, a), b in zip(cli.model.net.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    _assert_same_weights(cli, _reference(torch.optim.AdamW, 0.05, 0.05))
 
 
-def test_weight_decay_callback_in_yaml_takes_over_automatic_optimizer(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "lr"),
+    [(torch.optim.AdamW, 0.05), (torch.optim.SGD, 0.1)],
+    ids=["adamw-decoupled", "sgd-coupled-l2"],
+)
+def test_weight_decay_callback_in_yaml_takes_over_automatic_optimizer(
+    optimizer: type[torch.optim.Optimizer], lr: float, tmp_path: Path
+) -> None:
+    """Plain ``LightningCLI``: the callback alone turns ``--optimizer.weight_decay`` into grouped decay."""
     yaml = """
   callbacks:
     - class_path: lightning_decay.WeightDecay
 """
-    config = tmp_path / "config.yaml"
-    config.write_text(TRAINER.format(root=tmp_path) + yaml)
-    cli = LightningCLI(
-        PlainModel,
-        RegressionData,
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            "--optimizer",
-            "AdamW",
-            "--optimizer.lr",
-            "0.05",
-            "--optimizer.weight_decay",
-            "0.05",
-        ],
-        save_config_kwargs={"overwrite": True},
-    )
-    # The optimizer no longer decays (the callback took it over) and the weights match AdamW on groups.
+    args = ["--optimizer", optimizer.__name__, "--optimizer.lr", str(lr), "--optimizer.weight_decay", "0.05"]
+    cli = _run(LightningCLI, PlainModel, tmp_path, yaml, *args)
+    # The optimizer no longer decays (the callback took it over, with the optimizer's own semantics:
+    # decoupled for AdamW, an L2 gradient term for SGD) and the weights match it on decay groups.
     assert [g["weight_decay"] for g in cli.trainer.optimizers[0].param_groups] == [0.0]
-    ref = _reference_adamw(0.05, 0.05)
-    for (name, a), b in zip(cli.model.net.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-
-
-def test_weight_decay_callback_takes_over_sgd_as_coupled_l2(tmp_path: Path) -> None:
-    yaml = """
-  callbacks:
-    - class_path: lightning_decay.WeightDecay
-"""
-    config = tmp_path / "config.yaml"
-    config.write_text(TRAINER.format(root=tmp_path) + yaml)
-    cli = LightningCLI(
-        PlainModel,
-        RegressionData,
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            "--optimizer",
-            "SGD",
-            "--optimizer.lr",
-            "0.1",
-            "--optimizer.weight_decay",
-            "0.05",
-        ],
-        save_config_kwargs={"overwrite": True},
-    )
-    net = build_net()
-    opt = torch.optim.SGD(decay_param_groups(net, 0.05), lr=0.1)
-    for _ in range(2):
-        for x, y in RegressionData().train_dataloader():
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(net(x), y).backward()
-            opt.step()
-    for (name, a), b in zip(cli.model.net.named_parameters(), net.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    _assert_same_weights(cli, _reference(optimizer, 0.05, lr))
