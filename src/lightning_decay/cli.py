@@ -2,7 +2,7 @@
 
 Plain ``LightningCLI`` instantiates the automatic optimizer with ``model.parameters()``, one flat group
 in which biases and normalization weights decay too (Lightning issue #20743). This subclass hands the
-optimizer the groups of :class:`~lightning_decay.DecayRules` instead, before the automatic
+optimizer the groups of [`DecayRules`][lightning_decay.DecayRules] instead, before the automatic
 ``--lr_scheduler`` is built on it, so the scheduler drives every group.
 """
 
@@ -22,7 +22,7 @@ class DecayLightningCLI(LightningCLI):
 
     The optimizer's ``weight_decay`` (its own default or the value given on the command line) applies
     to the ``"decay"`` group; the ``"no_decay"`` group gets ``weight_decay=0.0``. The rules come from
-    ``model.decay_rules`` when the model defines it (as :class:`~lightning_decay.DecayGroupsMixin`
+    ``model.decay_rules`` when the model defines it (as [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin]
     models do), else from ``decay_rules`` given here, else the defaults.
 
     Args:
@@ -30,13 +30,18 @@ class DecayLightningCLI(LightningCLI):
         decay_rules: Classification policy for models without a ``decay_rules`` attribute.
         **kwargs: Passed to ``LightningCLI``.
 
-    Example::
-
+    Examples:
+        ```python
         # main.py
-        DecayLightningCLI(MyModel, MyDataModule)
+        from lightning_decay import DecayLightningCLI
 
-        # python main.py fit --optimizer AdamW --optimizer.lr 1e-3 --optimizer.weight_decay 0.05 \\
-        #     --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 100
+        DecayLightningCLI(MyModel, MyDataModule)
+        ```
+
+        ```bash
+        python main.py fit --optimizer AdamW --optimizer.lr 1e-3 --optimizer.weight_decay 0.05 \\
+            --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 100
+        ```
     """
 
     def __init__(self, *args: Any, decay_rules: DecayRules | None = None, **kwargs: Any) -> None:

@@ -26,16 +26,19 @@ def decay_param_groups(
     Args:
         module: The model.
         weight_decay: Decay of the decay group; ``None`` keeps the optimizer's default.
-        rules: The classification policy; default :class:`~lightning_decay.DecayRules`.
-        overrides: Glob pattern -> extra group options, see :meth:`~lightning_decay.DecayPlan.param_groups`.
+        rules: The classification policy; default [`DecayRules`][lightning_decay.DecayRules].
+        overrides: Glob pattern -> extra group options, see
+            [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
         **group_kwargs: Options for every group.
 
-    Example::
+    Examples:
+        ```python
+        import torch
+        from lightning_decay import decay_param_groups
 
-        >>> import torch
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
-        >>> opt = torch.optim.AdamW(decay_param_groups(model, weight_decay=0.05), lr=1e-3)
-        >>> [g["name"] for g in opt.param_groups]
-        ['decay', 'no_decay']
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        opt = torch.optim.AdamW(decay_param_groups(model, weight_decay=0.05), lr=1e-3)
+        [g["name"] for g in opt.param_groups]  # ['decay', 'no_decay']
+        ```
     """
     return (rules or DecayRules()).classify(module).param_groups(weight_decay, overrides, **group_kwargs)

@@ -21,21 +21,27 @@ SchedulerFactory = Callable[[Optimizer], Any]
 class DecayGroupsMixin:
     """Give a ``LightningModule`` decay / no-decay parameter groups and a ready ``configure_optimizers``.
 
-    Inherit it before ``LightningModule``. The default :meth:`configure_optimizers` builds the optimizer
+    Inherit it before ``LightningModule``. The default
+    [`configure_optimizers`][lightning_decay.DecayGroupsMixin.configure_optimizers] builds the optimizer
     from ``self.optimizer`` -- an ``OptimizerCallable`` injected by ``LightningCLI``, an optimizer class,
-    or any callable taking parameter groups -- called with :meth:`decay_param_groups` and the optional
+    or any callable taking parameter groups -- called with
+    [`decay_param_groups`][lightning_decay.DecayGroupsMixin.decay_param_groups] and the optional
     ``self.optimizer_kwargs``. ``self.lr_scheduler`` (an ``LRSchedulerCallable`` or scheduler class,
     optional) is called with the optimizer, and ``self.lr_scheduler_config`` (for instance
     ``{"interval": "step"}``) completes Lightning's scheduler dict.
 
-    Class attributes to override:
-        decay_rules: The :class:`~lightning_decay.DecayRules`; default rules when ``None``.
-        decay_overrides: Per-pattern group options, see :meth:`~lightning_decay.DecayPlan.param_groups`.
+    Attributes:
+        decay_rules: Class attribute to override: the [`DecayRules`][lightning_decay.DecayRules]; default
+            rules when ``None``.
+        decay_overrides: Class attribute to override: per-pattern group options, see
+            [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
 
-    Example::
-
+    Examples:
+        ```python
+        import torch
         from lightning.pytorch import LightningModule
         from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+        from lightning_decay import DecayGroupsMixin
 
         class Model(DecayGroupsMixin, LightningModule):
             def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -43,9 +49,10 @@ class DecayGroupsMixin:
                 super().__init__()
                 self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
                 self.net = torch.nn.Linear(32, 2)
+        ```
 
-    With ``model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 1e-3, weight_decay: 0.05}}``
-    in a LightningCLI config, weights decay at 0.05 while biases and norms get ``weight_decay=0.0``.
+        With ``model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 1e-3, weight_decay: 0.05}}``
+        in a LightningCLI config, weights decay at 0.05 while biases and norms get ``weight_decay=0.0``.
     """
 
     decay_rules: DecayRules | None = None

@@ -25,10 +25,12 @@ def clean_param_name(name: str) -> str:
     Returns:
         The name the unwrapped model would use.
 
-    Example::
+    Examples:
+        ```python
+        from lightning_decay import clean_param_name
 
-        >>> clean_param_name("module._orig_mod.blocks.0._fsdp_wrapped_module.attn.weight")
-        'blocks.0.attn.weight'
+        clean_param_name("module._orig_mod.blocks.0._fsdp_wrapped_module.attn.weight")  # 'blocks.0.attn.weight'
+        ```
     """
     parts = name.split(".") if name else []
     start = 0

@@ -1,6 +1,6 @@
 """The result of classifying a model: which parameters decay, which do not, and why.
 
-A :class:`DecayPlan` is produced by :meth:`lightning_decay.DecayRules.classify` and is pure data: it
+A `DecayPlan` is produced by [`DecayRules.classify`][lightning_decay.DecayRules.classify] and is pure data: it
 holds references to the parameters, never copies, and knows nothing about Lightning.
 """
 
@@ -34,6 +34,8 @@ class ParamDecision:
         shape: The logical (unsharded, unflattened) shape when known, else ``param.shape``.
         module_type: The class name of the module that owns the parameter.
         aliases: Further names of a tied parameter, empty when it has only one.
+        numel: The number of entries of ``shape`` (property).
+        group: ``"decay"`` or ``"no_decay"`` (property).
     """
 
     name: str
@@ -66,20 +68,28 @@ def validate_weight_decay(value: float | None, argument: str = "weight_decay") -
 class DecayPlan:
     """The decay / no-decay decision for every trainable parameter of a model.
 
-    Build one with :meth:`lightning_decay.DecayRules.classify`. Iterating yields
-    :class:`ParamDecision` objects in registration order; every trainable parameter appears exactly
-    once, tied parameters under their first name.
+    Build one with [`DecayRules.classify`][lightning_decay.DecayRules.classify]. Iterating yields
+    [`ParamDecision`][lightning_decay.ParamDecision] objects in registration order; every trainable
+    parameter appears exactly once, tied parameters under their first name. ``plan[name]`` looks a
+    decision up by name or tied alias.
 
-    Example::
+    Attributes:
+        decisions: Every [`ParamDecision`][lightning_decay.ParamDecision], in registration order.
+        frozen: Names of parameters left out because ``requires_grad=False``.
+        decay: The decisions of the decay group (property; ``no_decay`` for the other group).
+        decay_names: Their names (property; ``no_decay_names`` for the other group).
+        decay_params: Their parameters (property; ``no_decay_params`` for the other group).
 
-        >>> from torch import nn
-        >>> from lightning_decay import DecayRules
-        >>> plan = DecayRules().classify(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
-        >>> plan.decay_names, plan.no_decay_names
-        (['0.weight'], ['0.bias', '1.weight', '1.bias'])
-        >>> groups = plan.param_groups(weight_decay=0.05)
-        >>> [(g["name"], g["weight_decay"]) for g in groups]
-        [('decay', 0.05), ('no_decay', 0.0)]
+    Examples:
+        ```python
+        from torch import nn
+        from lightning_decay import DecayRules
+
+        plan = DecayRules().classify(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+        plan.decay_names, plan.no_decay_names  # (['0.weight'], ['0.bias', '1.weight', '1.bias'])
+        groups = plan.param_groups(weight_decay=0.05)
+        [(g["name"], g["weight_decay"]) for g in groups]  # [('decay', 0.05), ('no_decay', 0.0)]
+        ```
     """
 
     def __init__(self, decisions: Sequence[ParamDecision], frozen: Sequence[str] = ()) -> None:

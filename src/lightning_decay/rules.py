@@ -87,6 +87,22 @@ def logical_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None
 class DecayRules:
     """The policy deciding which parameters get weight decay and L1/L2 penalties.
 
+    Precedence, first match wins:
+
+    1. ``predicate(name, param, module)`` returning ``True`` or ``False``;
+    2. ``include`` glob patterns (decay);
+    3. ``exclude`` glob patterns (no decay);
+    4. ``exclude_modules`` types (no decay);
+    5. model hooks: ``no_weight_decay()`` names and ``no_weight_decay_keywords()`` substrings (no decay);
+    6. built-in rules: bias, normalization layer (by type, or a class name such as ``LlamaRMSNorm``),
+       embedding (only when ``decay_embeddings=False``), matrix weight of a known layer (decay),
+       ``ndim <= 1`` (no decay);
+    7. otherwise decay.
+
+    A tied parameter is judged under each of its names. When the names disagree, an explicit decision
+    of levels 1-4 wins; if none or conflicting ones were made, *no decay* wins. The plan's explanation
+    shows both names.
+
     Args:
         exclude: Glob patterns on (cleaned) parameter names that are never decayed.
         include: Glob patterns on parameter names that are always decayed; beats ``exclude``.
@@ -103,13 +119,15 @@ class DecayRules:
         ValueError: On an unknown option, naming it and the allowed ones.
         TypeError: If an option has the wrong type.
 
-    Example::
+    Examples:
+        ```python
+        from torch import nn
+        from lightning_decay import DecayRules
 
-        >>> from torch import nn
-        >>> rules = DecayRules(exclude=["head.*"], decay_embeddings=False)
-        >>> model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 2)})
-        >>> print(rules.classify(model).explain("emb.weight"))
-        emb.weight: no_decay (embedding (decay_embeddings=False))
+        rules = DecayRules(exclude=["head.*"], decay_embeddings=False)
+        model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 2)})
+        rules.classify(model).explain("emb.weight")  # 'emb.weight: no_decay (embedding (decay_embeddings=False))'
+        ```
     """
 
     _OPTIONS = (
@@ -181,10 +199,12 @@ class DecayRules:
                 so that parameters unfrozen later are already known). Default ``False``.
 
         Returns:
-            A :class:`~lightning_decay.DecayPlan`.
+            A [`DecayPlan`][lightning_decay.DecayPlan].
 
         Raises:
             ValueError: If ``module`` has no trainable parameter, or the predicate raises.
+            TypeError: If ``module`` is not a ``torch.nn.Module``, or the predicate returns something other
+                than ``True``, ``False`` or ``None``.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")

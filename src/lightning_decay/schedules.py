@@ -118,7 +118,9 @@ def check_coefficient(value: float, argument: str, step: int | None = None) -> f
 
 
 def as_schedule(value: ScheduleLike, argument: str) -> Schedule:
-    """Turn a constant or a callable into a :class:`Schedule`; constants are validated at once.
+    """Turn a constant or a callable into a [`Schedule`][lightning_decay.schedules.Schedule].
+
+    Constants are validated at once, callables at each step by the callbacks.
 
     Raises:
         ValueError: If ``value`` is a negative or non-finite constant, naming ``argument``.
