@@ -113,12 +113,6 @@ def assert_norms_of_final_weights(rows: list[dict[str, str]], weights: dict[str,
     assert W.metric_rows(rows, "weight_norm/total")[last] == pytest.approx(total, rel=1e-6)
 
 
-def plan_without_fsdp_class_names(plan: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    # fully_shard swaps a module's class for a dynamic subclass named "FSDP" + name: decisions are the same,
-    # only the reason's class name shows it ("weight of FSDPLinear").
-    return [(n, d, s, r.replace("FSDPLinear", "Linear")) for n, d, s, r in plan]
-
-
 # -------------------------------------------------------------------------------------------- DDP
 def test_ddp_matches_single_process_and_every_rank_agrees(single: Path, ddp: Path) -> None:
     ref = W.load_result(single, "single", 0)
@@ -186,8 +180,9 @@ def test_fsdp2_classifies_like_the_unwrapped_model(single: Path, fsdp2: Path) ->
         assert run["strategy"] == "ModelParallelStrategy"
         assert run["record"]["param_types"] == ["DTensor"]
         assert ref["record"]["param_types"] == ["Parameter"]
-        # Same names, decisions and (global) shapes; the mixin builds the same groups.
-        assert plan_without_fsdp_class_names(run["record"]["plan"]) == ref["record"]["plan"]
+        # Same names, decisions, (global) shapes and reasons: "weight of Linear", not of fully_shard's
+        # dynamic subclass FSDPLinear. The mixin builds the same groups.
+        assert run["record"]["plan"] == ref["record"]["plan"]
         assert run["record"]["groups"] == ref["record"]["groups"]
 
 
@@ -220,12 +215,6 @@ def test_fsdp2_monitor_global_norms_with_one_all_reduce(single: Path, fsdp2: Pat
         assert [a - b for a, b in zip(after, before, strict=True)] == [1] * STEPS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeightPenalty's L2-SP reference does not survive an FSDP2 resume: ModelParallelStrategy restores "
-    "callbacks after on_fit_start, so the buckets keep the references taken from the fresh model, and the "
-    "checkpoint holds rank 0's local shards only (penalty.py state_dict/load_state_dict)",
-)
 def test_fsdp2_resume_from_epoch_checkpoint(fsdp2: Path) -> None:
     uninterrupted = results(fsdp2, "fsdp2")[0]
     resumed = results(fsdp2, "fsdp2_resume")
@@ -243,21 +232,10 @@ def test_hsdp_replicated_dtensors_train_like_unsharded(single: Path, fsdp2: Path
         assert_metrics_match(metrics(fsdp2, "hsdp"), metrics(single, "single"), monitor_keys(metrics(single, "single")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeightPenalty.penalty_values sums every DTensor's partial over all ranks (_regularizer.to_host), so "
-    "parameters replicated across ranks (HSDP's Replicate placement) are counted once per replica",
-)
 def test_hsdp_penalty_logged_values(single: Path, fsdp2: Path) -> None:
     assert_metrics_match(metrics(fsdp2, "hsdp"), metrics(single, "single"), list(PENALTY_KEYS))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeightPenalty._ref_for decides whether to shard a full reference by comparing it with the local "
-    "shard's shape, so a rank whose shard has the full shape skips the collective distribute_tensor the "
-    "other ranks enter (penalty.py _ref_for)",
-)
 def test_fsdp2_full_reference_on_uneven_shards(fsdp2: Path) -> None:
     for rank in range(W.WORLD):
         run = torch.load(fsdp2 / f"module_ref_rank{rank}.pt", weights_only=False)

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay.norms import contributes_to_sum
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import check_coefficient
@@ -53,9 +54,15 @@ class Bucket:
     tag: Any = None
     locals: list[Tensor] = field(default_factory=list)
     refs: list[Tensor] | None = None
+    # Sharded buckets: per parameter, whether this rank's partial sums enter a cross-rank sum. False on
+    # all replicas but one of a parameter replicated over a mesh dimension (HSDP), so it counts once.
+    counted: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.locals = [local(p) for p in self.params]
+        if self.sharded and self.params:
+            flags = [contributes_to_sum(p) for p in self.params]
+            self.counted = torch.tensor(flags, dtype=torch.bool, device=self.locals[0].device)
 
     def weights(self) -> list[Tensor]:
         # FSDP2 may hand out fresh local views between steps; plain parameters never change.
@@ -316,11 +323,15 @@ def _few(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def to_host(local_parts: list[Tensor], sharded_parts: list[Tensor]) -> list[float]:
+def to_host(
+    local_parts: list[Tensor], sharded_parts: list[Tensor], sharded_counted: list[Tensor] | None = None
+) -> list[float]:
     """0-dim values to Python floats: one copy per device; sharded parts summed across ranks first.
 
     Sharded parts are per-shard sums (of squares or absolute values), so one all-reduce of their stack
-    gives the global values; every rank must call this with the same layout.
+    gives the global values; every rank must call this with the same layout. ``sharded_counted``
+    (``Bucket.counted`` vectors, concatenated in the order of ``sharded_parts``) zeroes the parts of
+    replicas that must not count again; without it every rank's part is added.
     """
     pieces: list[Tensor] = []
     by_device: dict[torch.device, list[Tensor]] = {}
@@ -330,6 +341,9 @@ def to_host(local_parts: list[Tensor], sharded_parts: list[Tensor]) -> list[floa
     pieces += [torch.stack(ts).cpu() for ts in by_device.values()]
     if sharded_parts:
         sharded = torch.stack(sharded_parts)
+        if sharded_counted:
+            # `where`, not a product: NaN * 0 is NaN, and skipped replicas must add exactly nothing.
+            sharded = torch.where(torch.cat(sharded_counted), sharded, 0.0)
         torch.distributed.all_reduce(sharded)
         pieces.append(sharded.cpu())
     values = torch.cat(pieces).tolist() if pieces else []

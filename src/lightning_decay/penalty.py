@@ -37,34 +37,37 @@ class WeightPenalty(RegularizerCallback):
     ``on_before_optimizer_step``: once per real optimizer step (so gradient accumulation is handled),
     after DDP has averaged and AMP has unscaled the gradients, and before gradient clipping -- exactly
     where the gradient of a loss term would be. The penalty is the *squared* L2 norm, as in the
-    regularized cost :math:`C = C_0 + \frac{\lambda}{2}\sum w^2`, not the unsquared ``torch.norm(p, 2)``.
+    regularized cost ``C = C_0 + λ/2 * sum w^2``, not the unsquared ``torch.norm(p, 2)``.
     With plain ``SGD`` this is torch's ``SGD(weight_decay=l2)``; with Adam it is L2 regularization,
-    not AdamW's decoupled decay (use :class:`~lightning_decay.WeightDecay` for that).
+    not AdamW's decoupled decay (use [`WeightDecay`][lightning_decay.WeightDecay] for that).
 
-    Which tensors: the ``"decay"`` ones of the :class:`~lightning_decay.DecayRules` plan (by default not
+    Which tensors: the ``"decay"`` ones of the [`DecayRules`][lightning_decay.DecayRules] plan (by default not
     biases, normalization parameters or other 1-D tensors); each is regularized once, by the optimizer
     that owns it.
 
     L1 modes:
-        ``"subgradient"`` adds ``l1 * sign(w)`` to the gradient: exact for any optimizer, but weights
-        oscillate around zero and are never exactly zero. ``"proximal"`` soft-thresholds after each
-        optimizer step, ``w <- sign(w) * max(|w| - lr * l1, 0)``, which gives exact zeros (sparse
-        weights); it is the proximal-gradient method for SGD and a good heuristic for adaptive optimizers.
+        - ``"subgradient"`` adds ``l1 * sign(w)`` to the gradient: exact for any optimizer, but weights
+          oscillate around zero and are never exactly zero.
+        - ``"proximal"`` soft-thresholds after each optimizer step, ``w <- sign(w) * max(|w| - lr * l1, 0)``,
+          which gives exact zeros (sparse weights); it is the proximal-gradient method for SGD and a good
+          heuristic for adaptive optimizers.
 
     L2-SP (Li et al., 2018): with ``reference``, the L2 term pulls toward reference weights ``w0``
     instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights at fit start (the
     pretrained backbone when fine-tuning); a mapping of parameter names to tensors, or a module whose
     ``state_dict`` has the model's names, gives them explicitly. Parameters without a reference (a new
     head) get ``l2_head / 2 * ||w||^2``. The reference costs one extra copy of each referenced
-    parameter on its device, in its dtype (a local shard under FSDP2), and is saved in checkpoints.
+    parameter on its device, in its dtype (a local shard under FSDP2), and is saved in checkpoints
+    (whole: under FSDP2 gathered to the host of every rank when saving, and sharded again on resume).
 
     Args:
-        l1: L1 coefficient, a number, a :mod:`~lightning_decay.schedules` schedule or ``step -> float``.
+        l1: L1 coefficient, a number, a [`schedules`][lightning_decay.schedules] schedule or
+            ``step -> float``.
         l2: L2 (or L2-SP) coefficient, same forms.
         l1_mode: ``"subgradient"`` or ``"proximal"``.
         reference: ``None``, ``"initial"``, a ``{name: tensor}`` mapping or an ``nn.Module`` (L2-SP).
         l2_head: L2 coefficient toward zero for decayed parameters without a reference; default ``l2``.
-        rules: Which parameters are regularized; default :class:`~lightning_decay.DecayRules`.
+        rules: Which parameters are regularized; default [`DecayRules`][lightning_decay.DecayRules].
         log_penalty: Log ``penalty/l1`` and ``penalty/l2`` (the current penalty values) on logging steps.
 
     Raises:
@@ -73,10 +76,13 @@ class WeightPenalty(RegularizerCallback):
         MisconfigurationException: At fit start, if an optimizer's own ``weight_decay`` would decay the
             same parameters (double decay), or under DeepSpeed.
 
-    Example::
+    Examples:
+        ```python
+        from lightning.pytorch import Trainer
+        from lightning_decay import WeightPenalty
 
-        >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[WeightPenalty(l2=1e-4)])
+        trainer = Trainer(callbacks=[WeightPenalty(l2=1e-4)])
+        ```
     """
 
     def __init__(
@@ -103,12 +109,21 @@ class WeightPenalty(RegularizerCallback):
             )
         self._reference = reference
         self.log_penalty = log_penalty
-        # name -> reference tensor (local shard, on the parameter's device) for L2-SP.
+        # name -> reference for L2-SP, on the parameter's device. For a DTensor parameter a DTensor with its
+        # layout around this rank's shard, so that ``state_dict`` can gather the full tensor; a full tensor
+        # (from a checkpoint or the user) until the buckets cut this rank's shard out of it.
         self._refs: dict[str, Tensor] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(l1=repr(self._l1), l2=repr(self._l2), mode=self.l1_mode)
+    def _state_key_fields(self) -> dict[str, Any]:
+        ref = self._reference
+        reference = ref if ref is None or isinstance(ref, str) else type(ref).__name__
+        return {
+            "l1": repr(self._l1),
+            "l2": repr(self._l2),
+            "mode": self.l1_mode,
+            "reference": reference,
+            "l2_head": repr(self._l2_head),
+        }
 
     # ------------------------------------------------------------ base hooks
     def _uses(self, schedule: Any) -> bool:
@@ -148,7 +163,8 @@ class WeightPenalty(RegularizerCallback):
     def _collect_references(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         plan = self.rules.classify(pl_module, include_frozen=True)
         if self._reference == "initial":
-            return {d.name: local(d.param).detach().clone() for d in plan if d.decay}
+            # A DTensor parameter's clone is a DTensor too: this rank's shard, with the layout to gather it.
+            return {d.name: d.param.detach().clone() for d in plan if d.decay}
         source = self._reference.state_dict() if isinstance(self._reference, nn.Module) else self._reference
         given = {clean_param_name(k): v for k, v in dict(source).items()}  # type: ignore[union-attr]
         refs: dict[str, Tensor] = {}
@@ -160,30 +176,66 @@ class WeightPenalty(RegularizerCallback):
                 raise ValueError(
                     f"`reference[{d.name!r}]` has shape {tuple(ref.shape)}, the parameter {tuple(d.param.shape)}"
                 )
-            refs[d.name] = self._ref_for(d.name, d.param, ref)
+            self._ref_for(d.name, d.param, ref)
+            refs[d.name] = self._refs[d.name]  # as stored: a sharded parameter's keeps its layout
         if not refs:
             raise ValueError("`reference` names none of the regularized parameters of the model")
         return refs
 
     def _ref_for(self, name: str, param: nn.Parameter, ref: Tensor | None = None) -> Tensor:
+        """This rank's part of ``param``'s reference (``self._refs[name]`` by default), stored back in ``_refs``.
+
+        A plain ``ref`` of a DTensor parameter is the full tensor: the parameter's global shape, whatever
+        the shape of this rank's shard (uneven shards: one rank's may be the whole tensor, another's empty).
+        """
         ref = self._refs[name] if ref is None else ref
         target = local(param)
-        if is_dtensor(param) and not is_dtensor(ref) and ref.shape != target.shape:
+        if is_dtensor(ref):
+            if is_dtensor(param) and tuple(ref.placements) != tuple(param.placements):
+                ref = ref.redistribute(param.device_mesh, param.placements)  # every rank: same layouts
+            ref = ref.to_local()
+        elif is_dtensor(param):
+            if tuple(ref.shape) != tuple(param.shape):
+                shapes = f"{tuple(ref.shape)}, the (full) parameter {tuple(param.shape)}"
+                raise ValueError(f"The reference of {name!r} has shape {shapes}")
             from torch.distributed.tensor import distribute_tensor
 
-            ref = distribute_tensor(ref.to(target.device), param.device_mesh, param.placements).to_local()
-        elif is_dtensor(ref):
-            ref = ref.to_local()
+            # Every rank holds the full tensor, so each cuts its own shard out of it (`src_data_rank=None`):
+            # no collective, which ranks whose shards differ in shape could not enter alike. A clone, so
+            # the full tensor is not kept alive by a view of it.
+            full = ref.detach().to(target.device)
+            ref = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local().clone()
         ref = ref.detach().to(device=target.device, dtype=target.dtype)
-        self._refs[name] = ref
+        self._refs[name] = self._with_layout(ref, param)
         return ref
 
+    @staticmethod
+    def _with_layout(shard: Tensor, param: nn.Parameter) -> Tensor:
+        """``shard`` as a DTensor laid out like ``param`` (no communication), or itself for a plain parameter."""
+        if not is_dtensor(param):
+            return shard
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            shard, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "refs": dict(self._refs)}
+        # Sharded references are saved whole: ModelParallelStrategy writes callback states from rank 0 only
+        # (its shards alone would be wrong for the other ranks), and a full tensor restores under any layout.
+        # `full_tensor` is a collective: Lightning collects callback states on every rank before saving,
+        # and every rank holds the same references in the same order. On the host, like Lightning's
+        # offloaded model state, so gathering a large model does not need room for it on the device.
+        refs = {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in self._refs.items()}
+        return {**super().state_dict(), "refs": refs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._refs = dict(state_dict.get("refs", {}))
+        # Strategies that restore callbacks after `on_fit_start` (ModelParallelStrategy) find the buckets
+        # built with the fresh model's references: rebuild them with the checkpoint's (tags included).
+        for index, entry in enumerate(self._per_optimizer):
+            self._rebuild(index, entry)
 
     # --------------------------------------------------------------- steps
     def on_before_optimizer_step(
@@ -222,11 +274,13 @@ class WeightPenalty(RegularizerCallback):
     def penalty_values(self) -> dict[str, float]:
         """The current ``penalty/l1`` and ``penalty/l2`` values, with one device-to-host copy.
 
-        Under FSDP2 the per-shard sums are added across ranks with one all-reduce (every rank must call).
+        Under FSDP2 the per-shard sums are added across ranks with one all-reduce (every rank must call),
+        a replicated parameter's (HSDP) from one replica only.
         """
         use_l1, use_l2 = self._uses(self._l1), self._decays_like_weight_decay()
         local_parts: list[Tensor] = []
         sharded_parts: list[Tensor] = []
+        sharded_counted: list[Tensor] = []
         names: list[str] = []
         sharded_names: list[str] = []
         coeffs: list[tuple[str, float]] = []
@@ -248,7 +302,9 @@ class WeightPenalty(RegularizerCallback):
                 parts += kernels.sum_abs(weights)
                 nm += b.names
                 cf += [("penalty/l1", c1)] * len(weights)
-        host = to_host(local_parts, sharded_parts)
+            if b.counted is not None:  # a sharded bucket, once per kind of part it added above
+                sharded_counted += [b.counted] * (use_l1 + use_l2)
+        host = to_host(local_parts, sharded_parts, sharded_counted)
         self._warn_nonfinite(names + sharded_names, host)
         out = {k: 0.0 for k in (["penalty/l1"] if use_l1 else []) + (["penalty/l2"] if use_l2 else [])}
         for (key, c), v in zip(coeffs + sharded_coeffs, host, strict=True):

@@ -70,6 +70,19 @@ def is_norm_module(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
 
 
+# FSDP2's `fully_shard` and composable `replicate` swap a module's class for a dynamic subclass
+# `FSDP<Name>(FSDPModule, <Name>)` (`Replicate<Name>`): reasons name `<Name>`, the same sharded or not.
+_WRAPPER_PREFIXES = ("FSDP", "Replicate")
+
+
+def _class_name(module: nn.Module) -> str:
+    cls = type(module)
+    for base in cls.__bases__:
+        if any(cls.__name__ == prefix + base.__name__ for prefix in _WRAPPER_PREFIXES):
+            return base.__name__
+    return cls.__name__
+
+
 def logical_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None = None) -> tuple[int, ...]:
     """The shape the user created, not the shard or flat view a strategy holds.
 
@@ -276,7 +289,7 @@ class DecayRules:
             if fnmatch.fnmatchcase(name, pattern):
                 return False, f"exclude pattern {pattern!r}", True
         if self.exclude_modules and isinstance(owner, self.exclude_modules):
-            return False, f"exclude_modules ({type(owner).__name__})", True
+            return False, f"exclude_modules ({_class_name(owner)})", True
         if name in hook_names:
             return False, hook_names[name], False
         for prefix, keywords in hook_keywords.items():
@@ -293,15 +306,15 @@ class DecayRules:
             # A normalization layer's bias with decay_bias=True: decay_norm decides below.
         if is_norm_module(owner):
             if not self.decay_norm:
-                return False, f"normalization layer ({type(owner).__name__})", False
-            return True, f"normalization layer ({type(owner).__name__}, decay_norm=True)", False
+                return False, f"normalization layer ({_class_name(owner)})", False
+            return True, f"normalization layer ({_class_name(owner)}, decay_norm=True)", False
         if isinstance(owner, _EMBEDDING_TYPES):
             if not self.decay_embeddings:
                 return False, "embedding (decay_embeddings=False)", False
-            return True, f"embedding ({type(owner).__name__})", False
+            return True, f"embedding ({_class_name(owner)})", False
         if isinstance(owner, _MATRIX_TYPES) and "weight" in leaf:
             # Decided by type and name, so flattened or sharded storage cannot change the answer.
-            return True, f"weight of {type(owner).__name__}", False
+            return True, f"weight of {_class_name(owner)}", False
         if len(logical_shape(param, flat_shapes)) <= 1:
             return self.decay_vectors, "ndim <= 1 (decay_vectors=True)" if self.decay_vectors else "ndim <= 1", False
         return True, "default (ndim >= 2)", False
