@@ -137,18 +137,24 @@ def test_ddp_matches_single_process_and_every_rank_agrees(single: Path, ddp: Pat
         assert [g["weight_decay"] for g in run["groups"]] == [0.0] * len(run["groups"])
 
 
+def assert_monitor_like_single(
+    rows: list[dict[str, str]], ref_rows: list[dict[str, str]], final_weights: dict[str, torch.Tensor]
+) -> None:
+    """The monitor logged the same keys as one process, once per step, with its values."""
+    keys = monitor_keys(ref_rows)
+    assert set(monitor_keys(rows)) == set(keys)
+    assert_metrics_match(rows, ref_rows, keys)
+    assert_norms_of_final_weights(rows, final_weights)
+
+
 def test_ddp_penalty_logged_values(single: Path, ddp: Path) -> None:
     assert_metrics_match(metrics(ddp, "ddp"), metrics(single, "single"), list(PENALTY_KEYS))
 
 
 @needs_monitor
 def test_ddp_monitor_logs_once_from_rank_zero(single: Path, ddp: Path) -> None:
-    rows, ref_rows = metrics(ddp, "ddp"), metrics(single, "single")
-    keys = monitor_keys(ref_rows)
-    assert set(monitor_keys(rows)) == set(keys)
-    assert_metrics_match(rows, ref_rows, keys)  # once per step, the single process's values
     runs = results(ddp, "ddp")
-    assert_norms_of_final_weights(rows, runs[0]["weights"])
+    assert_monitor_like_single(metrics(ddp, "ddp"), metrics(single, "single"), runs[0]["weights"])
     for run in runs:  # replicated parameters: nothing to reduce, no collective
         assert run["marks"]["before"] == run["marks"]["after"]
         assert len(run["marks"]["after"]) == STEPS
@@ -203,13 +209,10 @@ def test_fsdp2_penalty_logged_values(single: Path, fsdp2: Path) -> None:
 
 @needs_monitor
 def test_fsdp2_monitor_global_norms_with_one_all_reduce(single: Path, fsdp2: Path) -> None:
-    rows, ref_rows = metrics(fsdp2, "fsdp2"), metrics(single, "single")
-    keys = monitor_keys(ref_rows)
-    assert set(monitor_keys(rows)) == set(keys)
+    runs = results(fsdp2, "fsdp2")
     # Norms of the full parameters (one rank holds empty shards of `gate`), not of the local shards.
-    assert_metrics_match(rows, ref_rows, keys)
-    assert_norms_of_final_weights(rows, results(fsdp2, "fsdp2")[0]["weights"])
-    for run in results(fsdp2, "fsdp2"):
+    assert_monitor_like_single(metrics(fsdp2, "fsdp2"), metrics(single, "single"), runs[0]["weights"])
+    for run in runs:
         before, after = run["marks"]["before"], run["marks"]["after"]
         assert len(after) == STEPS
         assert [a - b for a, b in zip(after, before, strict=True)] == [1] * STEPS

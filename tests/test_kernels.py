@@ -91,6 +91,29 @@ def test_soft_threshold(dtype: torch.dtype, threshold: float) -> None:
         assert_lists_equal(got, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_soft_threshold_is_bitwise_the_explicit_formula(dtype: torch.dtype) -> None:
+    """``w - clamp(w, -t, t)`` against ``sign(w) * max(|w| - t, 0)`` on many values and thresholds,
+    including exact zeros, values at +-t, +-inf and NaN; a 0-dim tensor threshold gives the same."""
+    g = torch.Generator().manual_seed(0)
+    for t in (0.0, 1e-3, 0.1234567, 0.4, 3.0):
+        w = [(torch.randn(4000, generator=g) * scale).to(dtype) for scale in (1e-3, 1.0, 10.0)]
+        w[1][:8] = torch.tensor([0.0, -0.0, t, -t, float("inf"), -float("inf"), float("nan"), 2 * t]).to(dtype)
+        want = [torch.sign(x) * torch.clamp(x.abs() - t, min=0) for x in w]
+        for threshold in (t, torch.tensor(t, dtype=torch.float64)):  # the Python float's value
+            got = clones(w)
+            kernels.soft_threshold_(got, threshold)
+            for x, y in zip(got, want, strict=True):
+                assert x.dtype == dtype
+                # equal values (NaN where NaN); only the sign of a zero may differ: -0.0 there, +0.0 here
+                assert torch.equal(torch.isnan(x), torch.isnan(y))
+                assert torch.equal(x.nan_to_num(), y.nan_to_num())
+                assert not torch.signbit(x[x == 0]).any()
+            shrunk = got[1][:8]
+            assert shrunk[:2].eq(0).all() and torch.isinf(shrunk[4:6]).all() and torch.isnan(shrunk[6])
+            assert (got[0] == 0).any() or t == 0.0  # small weights are set to exact zeros
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decay(dtype: torch.dtype) -> None:
     w = tensors(dtype, 0)

@@ -103,8 +103,11 @@ def _norm(t: torch.Tensor, p: float = 2) -> float:
 def _expected_weight_norms(state: dict[str, torch.Tensor], model: nn.Module, p: float = 2) -> dict[str, float]:
     plan = DecayRules().classify(model)
     want = {f"weight_norm/{name}": _norm(state[name], p) for name in (d.name for d in plan)}
-    for key, names in (("total", [d.name for d in plan]), ("decay_total", plan.decay_names),
-                       ("no_decay_total", plan.no_decay_names)):
+    for key, names in (
+        ("total", [d.name for d in plan]),
+        ("decay_total", plan.decay_names),
+        ("no_decay_total", plan.no_decay_names),
+    ):
         want[f"weight_norm/{key}"] = _norm(torch.cat([state[n].reshape(-1) for n in names]), p)
     return want
 
@@ -139,8 +142,9 @@ def test_tensorboard_values_match_checkpoints_of_the_same_step(tmp_path: Path, n
     model = Net()
     logger = TensorBoardLogger(tmp_path, name="tb")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
-    trainer = _fit(tmp_path, model, [WeightNormMonitor(norm_type=norm_type), ckpt], logger=logger,
-                   max_steps=9, log_every_n_steps=3)
+    trainer = _fit(
+        tmp_path, model, [WeightNormMonitor(norm_type=norm_type), ckpt], logger=logger, max_steps=9, log_every_n_steps=3
+    )
     logged = _tb_scalars(_read_tb(logger), "weight_norm/")
     # Label s holds the weights after the step that makes global_step s + 1.
     assert sorted(logged) == [2, 5, 8]
@@ -155,10 +159,12 @@ def test_tensorboard_values_match_checkpoints_of_the_same_step(tmp_path: Path, n
 def test_csv_and_tensorboard_together_with_logging_interval(tmp_path: Path) -> None:
     model = Net()
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
-    trainer = _fit(tmp_path, model, [WeightNormMonitor(logging_interval=4)], logger=loggers,
-                   max_steps=8, log_every_n_steps=50)
-    from_csv = {s: {k: v for k, v in row.items() if k.startswith("weight_norm/")}
-                for s, row in _read_csv(loggers[0]).items()}
+    trainer = _fit(
+        tmp_path, model, [WeightNormMonitor(logging_interval=4)], logger=loggers, max_steps=8, log_every_n_steps=50
+    )
+    from_csv = {
+        s: {k: v for k, v in row.items() if k.startswith("weight_norm/")} for s, row in _read_csv(loggers[0]).items()
+    }
     from_csv = {s: row for s, row in from_csv.items() if row}
     from_tb = _tb_scalars(_read_tb(loggers[1]), "weight_norm/")
     assert sorted(from_csv) == sorted(from_tb) == [3, 7]  # every 4 optimizer steps, not every 50
@@ -176,8 +182,16 @@ def test_grad_norms_equal_lightning_grad_norm_before_clipping(tmp_path: Path, ac
     model = Net()
     logger = CSVLogger(tmp_path, name="csv")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    trainer = _fit(tmp_path, model, [WeightNormMonitor(log_grad_norm=True), ckpt], logger=logger, max_steps=6,
-                   log_every_n_steps=2, accumulate_grad_batches=accumulate, gradient_clip_val=1e-3)
+    trainer = _fit(
+        tmp_path,
+        model,
+        [WeightNormMonitor(log_grad_norm=True), ckpt],
+        logger=logger,
+        max_steps=6,
+        log_every_n_steps=2,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=1e-3,
+    )
     rows = _read_csv(logger)
     logged_steps = sorted(s for s, row in rows.items() if "grad_norm/total" in row)
     assert logged_steps == [1, 3, 5]
@@ -239,15 +253,23 @@ def test_sparsity_counts_exact_zeros(tmp_path: Path) -> None:
 def test_bf16_norms_accumulate_in_fp32(tmp_path: Path, precision: str) -> None:
     model = Net()
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = _fit(tmp_path, model, [WeightNormMonitor(log_grad_norm=True)], logger=logger, max_steps=4,
-                   log_every_n_steps=4, precision=precision)
+    trainer = _fit(
+        tmp_path,
+        model,
+        [WeightNormMonitor(log_grad_norm=True)],
+        logger=logger,
+        max_steps=4,
+        log_every_n_steps=4,
+        precision=precision,
+    )
     assert trainer.global_step == 4
     dtypes = {p.dtype for p in model.parameters()}
     assert dtypes == ({torch.bfloat16} if precision == "bf16-true" else {torch.float32})
     row = _read_csv(logger)[3]
     # Reference: upcast to float32 first, then reduce.
-    want = {f"weight_norm/{n}": torch.linalg.vector_norm(p.detach().float()).item()
-            for n, p in model.named_parameters()}
+    want = {
+        f"weight_norm/{n}": torch.linalg.vector_norm(p.detach().float()).item() for n, p in model.named_parameters()
+    }
     _assert_close(row, want, rtol=1e-5)
     grads = model.grad_norms[3]
     assert row["grad_norm/total"] == pytest.approx(grads["grad_2.0_norm_total"], rel=1e-2)
@@ -276,8 +298,14 @@ class Tied(pl.LightningModule):
 def test_tied_weights_once_and_frozen_params(tmp_path: Path, include_frozen: bool) -> None:
     model = Tied()
     logger = CSVLogger(tmp_path, name="csv")
-    _fit(tmp_path, model, [WeightNormMonitor(include_frozen=include_frozen, log_grad_norm=True)], logger=logger,
-         max_steps=2, log_every_n_steps=2)
+    _fit(
+        tmp_path,
+        model,
+        [WeightNormMonitor(include_frozen=include_frozen, log_grad_norm=True)],
+        logger=logger,
+        max_steps=2,
+        log_every_n_steps=2,
+    )
     row = _read_csv(logger)[1]
     weights = {k for k in row if k.startswith("weight_norm/") and not k.endswith("total")}
     expected = {"weight_norm/emb.weight", "weight_norm/unused"}
@@ -309,8 +337,9 @@ def test_nan_weight_is_logged_and_warned_once(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="csv")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _fit(tmp_path, model, [PoisonAtStep(1), WeightNormMonitor()], logger=logger, max_steps=8,
-                       log_every_n_steps=2)
+        trainer = _fit(
+            tmp_path, model, [PoisonAtStep(1), WeightNormMonitor()], logger=logger, max_steps=8, log_every_n_steps=2
+        )
     assert trainer.global_step == 8  # training went on
     rows = _read_csv(logger)
     assert math.isfinite(rows[1]["weight_norm/unused"]) is False
@@ -335,8 +364,11 @@ def test_module_and_block_granularity(tmp_path: Path) -> None:
     def norm_of(names: list[str]) -> float:
         return _norm(torch.cat([params[n].detach().reshape(-1) for n in names]))
 
-    modules = {"net.0": ["net.0.weight", "net.0.bias"], "net.1": ["net.1.weight", "net.1.bias"],
-               "net.3": ["net.3.weight", "net.3.bias"]}
+    modules = {
+        "net.0": ["net.0.weight", "net.0.bias"],
+        "net.1": ["net.1.weight", "net.1.bias"],
+        "net.3": ["net.3.weight", "net.3.bias"],
+    }
     assert {k for k in row if k.startswith("weight_norm/") and not k.endswith("total")} == {
         f"weight_norm/{m}" for m in modules
     }
@@ -346,7 +378,10 @@ def test_module_and_block_granularity(tmp_path: Path) -> None:
         assert row[f"update_ratio/{module}"] > 0
     # Blocks: first match wins, unmatched parameters (net.1.bias, net.3.bias) only in the totals.
     assert {k for k in row if k.startswith("weight_norm.")} == {
-        "weight_norm.first", "weight_norm.norm_and_head", "weight_norm.total", "weight_norm.decay_total",
+        "weight_norm.first",
+        "weight_norm.norm_and_head",
+        "weight_norm.total",
+        "weight_norm.decay_total",
         "weight_norm.no_decay_total",
     }
     assert row["weight_norm.first"] == pytest.approx(norm_of(modules["net.0"]), rel=1e-6)
@@ -399,8 +434,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
 def test_histograms_go_to_tensorboard_only_when_asked(tmp_path: Path) -> None:
     model = Net()
     loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
-    _fit(tmp_path, model, [WeightNormMonitor(log_histograms=True)], logger=loggers, max_steps=4,
-         log_every_n_steps=4)
+    _fit(tmp_path, model, [WeightNormMonitor(log_histograms=True)], logger=loggers, max_steps=4, log_every_n_steps=4)
     acc = _read_tb(loggers[0])
     assert set(acc.Tags()["histograms"]) == {f"weight_hist/{n}" for n, _ in model.named_parameters()}
     for name, param in model.named_parameters():
@@ -510,3 +544,48 @@ def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], error: type
 def test_no_logger_is_a_misconfiguration(tmp_path: Path) -> None:
     with pytest.raises(MisconfigurationException, match="no logger"):
         _fit(tmp_path, Net(), [WeightNormMonitor()], logger=False, max_steps=1)
+
+
+def test_logging_step_uses_the_layout_lists_and_float32_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain parameters: the (device, dtype) split and metric keys are made once, not per logging step
+    (no ``local_tensor`` per parameter); float32 weights get float32 kernels (float64 ones their own),
+    except for the angle, whose cosine needs float64 sums; the update is subtracted into the snapshot."""
+    from lightning_decay import norms as K
+
+    calls: dict[str, list[Any]] = {"local_tensor": [], "kernel_dtypes": [], "sub": []}
+    real_local, real_norm, real_sub = K.local_tensor, torch._foreach_norm, torch._foreach_sub
+
+    def local_tensor(t: torch.Tensor) -> torch.Tensor:
+        calls["local_tensor"].append(t)
+        return real_local(t)
+
+    def norm(tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        calls["kernel_dtypes"].append((tensors[0].dtype, kwargs.get("dtype")))
+        return real_norm(tensors, *args, **kwargs)
+
+    def sub(*args: Any, **kwargs: Any) -> Any:
+        calls["sub"].append(args)
+        return real_sub(*args, **kwargs)
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step >= 4:  # the layout was built at the first logging step (step 1)
+                monkeypatch.setattr(K, "local_tensor", local_tensor)
+                monkeypatch.setattr(torch, "_foreach_norm", norm)
+                monkeypatch.setattr(torch, "_foreach_sub", sub)
+
+    for angle in (False, True):
+        for values in calls.values():
+            values.clear()
+        monitor = WeightNormMonitor(log_update_ratio=True, log_angular_update=angle)
+        logger = CSVLogger(tmp_path, name=f"csv{angle}")
+        _fit(tmp_path, MixedDtypes(), [Spy(), monitor], logger=logger, max_steps=6, log_every_n_steps=2)
+        monkeypatch.undo()
+        assert calls["local_tensor"] == [] and calls["sub"] == []
+        weights = [(torch.float32, None), (torch.float64, None)]  # step 5: weight norms, one kernel per group
+        snapshot = [(torch.float32, torch.float64 if angle else None), (torch.float64, None)]
+        assert sorted(calls["kernel_dtypes"], key=str) == sorted(weights + snapshot * 3, key=str)
+        row = _read_csv(logger)[5]
+        assert row["update_ratio/net.0.weight"] > 0 and ("angular_update/net.0.weight" in row) == angle

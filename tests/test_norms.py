@@ -28,8 +28,12 @@ def _tensors() -> list[torch.Tensor]:
 def test_grouped_norms_match_vector_norm_in_input_order(ord: float) -> None:
     tensors = _tensors()
     got = K.grouped_norms(tensors, ord, dtype=torch.float64)
-    want = torch.stack([torch.linalg.vector_norm(t.double(), ord) if t.numel() else torch.zeros((), dtype=torch.float64)
-                        for t in tensors])
+    want = torch.stack(
+        [
+            torch.linalg.vector_norm(t.double(), ord) if t.numel() else torch.zeros((), dtype=torch.float64)
+            for t in tensors
+        ]
+    )
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
@@ -64,10 +68,12 @@ def test_partials_combine_into_bucket_norms(norm_type: float) -> None:
     index = torch.tensor([1, 0, 1, 1])
     parts = K.partials(tensors, norm_type)
     got = K.finalize_partials(K.combine_partials(parts, index, 2, norm_type), norm_type)
-    want = torch.stack([
-        torch.linalg.vector_norm(tensors[1], norm_type),
-        torch.linalg.vector_norm(torch.cat([tensors[0], tensors[2], tensors[3]]), norm_type),
-    ])
+    want = torch.stack(
+        [
+            torch.linalg.vector_norm(tensors[1], norm_type),
+            torch.linalg.vector_norm(torch.cat([tensors[0], tensors[2], tensors[3]]), norm_type),
+        ]
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -95,6 +101,45 @@ def test_clone_and_sub_tensors() -> None:
         assert c.dtype == t.dtype and torch.equal(c, t) and c.data_ptr() != t.data_ptr()
     diffs = K.sub_tensors(tensors, copies)
     assert all(d.abs().max() == 0 for d in diffs)
+
+
+def test_sub_tensors_in_place_is_the_negated_difference() -> None:
+    a, b = _tensors()[:3], [t * 1.5 + 0.25 for t in _tensors()[:3]]
+    want = [-d for d in K.sub_tensors(b, a)]  # -(b - a) is exactly a - b in IEEE arithmetic
+    storages = [t.data_ptr() for t in a]
+    K.sub_tensors_(a, b)
+    assert [t.data_ptr() for t in a] == storages  # in place: no new copy
+    for got, w in zip(a, want, strict=True):
+        assert got.dtype == w.dtype and torch.equal(got, w)
+
+
+@pytest.mark.parametrize("ord", [0, 1, 2, INF])
+def test_tensor_groups_built_once_give_grouped_norms(ord: float) -> None:
+    tensors = _tensors()  # four dtypes and an empty tensor: the stacked groups are put back in input order
+    groups = K.TensorGroups(tensors)
+    assert groups.order is not None and len(groups.groups) == 4
+    for _ in range(2):  # reusable
+        torch.testing.assert_close(
+            groups.norms(ord, dtype=torch.float64), K.grouped_norms(tensors, ord, dtype=torch.float64), rtol=0, atol=0
+        )
+    same = K.TensorGroups([torch.randn(3), torch.randn(2, 2)])
+    assert same.order is None  # one group in input order: no reordering at all
+    assert K.TensorGroups([]).norms(2).shape == (0,)
+    assert K.partials(groups, 2.0).shape == (5,)
+
+
+def test_accumulate_float32_keeps_float32_kernels_and_widens_low_precision() -> None:
+    x32 = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    ones = torch.ones(4097, dtype=torch.bfloat16)
+    x64 = x32.double()
+    got = K.grouped_norms([x32, ones, x64], 2, dtype=torch.float64, accumulate=torch.float32)
+    assert got.dtype == torch.float64
+    assert got[0].item() == torch.linalg.vector_norm(x32).item()  # the float32 kernel's value, widened
+    assert got[1].item() == torch.tensor(4097.0).sqrt().item()  # bf16 summed in float32 (in bf16: 4096)
+    assert got[2].item() == torch.linalg.vector_norm(x64).item()  # float64 reduced in its own dtype
+    # The default (``accumulate=dtype``) is a float64 kernel for the float32 tensor: exact to 1e-12.
+    wide = K.grouped_norms([x32], 2, dtype=torch.float64)
+    assert wide.item() == pytest.approx(torch.linalg.vector_norm(x64).item(), rel=1e-12)
 
 
 def test_plain_tensors_are_not_sharded() -> None:
@@ -137,8 +182,10 @@ def _sharded_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
             else:
                 K.all_reduce_partials(None, parts)
             out[norm_type] = K.finalize_partials(parts, norm_type).tolist()
-        want = {t: [torch.linalg.vector_norm(full[n].double(), t).item() for n, _ in model.named_parameters()]
-                for t in (1.0, 2.0, INF)}
+        want = {
+            t: [torch.linalg.vector_norm(full[n].double(), t).item() for n, _ in model.named_parameters()]
+            for t in (1.0, 2.0, INF)
+        }
         torch.save((out, want), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

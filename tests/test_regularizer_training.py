@@ -227,18 +227,19 @@ def test_fp16_amp_fused_adam_l1_subgradient_matches_unfused() -> None:
     assert_runs_equal(fused, unfused, exact=False, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_bf16_weight_decay_is_bitwise_adamw(precision: str) -> None:
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-true"])
+def test_half_precision_weight_decay_is_bitwise_adamw(precision: str) -> None:
+    """No precision lost beyond the optimizer's own: the decay runs in the parameters' dtype, as AdamW's."""
     lam = 0.1
     got = run(Lit(adam()), [WeightDecay(lam)], max_epochs=2, precision=precision)
     want = run(Lit(adamw_groups(lam)), max_epochs=2, precision=precision)
-    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    expected_dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
     assert got[-1]["net.0.weight"].dtype == expected_dtype
     assert_runs_equal(got, want, exact=True)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_bf16_l2_penalty_is_bitwise_sgd_weight_decay(precision: str) -> None:
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-true"])
+def test_half_precision_l2_penalty_is_bitwise_sgd_weight_decay(precision: str) -> None:
     lam = 0.1
     got = run(Lit(sgd()), [WeightPenalty(l2=lam)], max_epochs=2, precision=precision)
     want = run(Lit(sgd_groups(lam)), max_epochs=2, precision=precision)

@@ -1,6 +1,6 @@
 """``WeightNormMonitor``: log what weight decay does to each layer, at the cost of one host copy per log.
 
-The callback is thin glue around :mod:`lightning_decay.norms`: it decides when to measure, keeps the
+The callback is thin glue around `lightning_decay.norms`: it decides when to measure, keeps the
 per-bucket index tensors, and hands the numbers to every logger the way ``LearningRateMonitor`` does.
 """
 
@@ -38,6 +38,14 @@ class _Subset:
     members: Tensor  # positions into the subset that belong to a bucket
     buckets: Tensor  # compact bucket id of each member
     names: list[str]  # compact bucket id -> bucket name
+    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def metric_keys(self, metric: str, sep: str) -> list[str]:
+        """``f"{metric}{sep}{name}"`` for every bucket, built once (not per tensor per logging step)."""
+        cached = self.keys.get((metric, sep))
+        if cached is None:
+            cached = self.keys[(metric, sep)] = [f"{metric}{sep}{name}" for name in self.names]
+        return cached
 
 
 @dataclass
@@ -53,12 +61,32 @@ class _Layout:
     dtype: torch.dtype
     sharded: bool
     contrib: Tensor | None
-    decay_group: Tensor
-    has_group: tuple[bool, bool]
     local_numel: Tensor
     global_numel: Tensor
     signature: tuple[Any, ...]
+    # Decided once: with no DTensor the parameters are their own local tensors, so their (device,
+    # dtype) split is kept and a logging step does no per-tensor Python work for them.
+    weight_groups: K.TensorGroups | None  # None when some parameter is a DTensor
+    opt_params: dict[int, list[Tensor]]  # local tensors of ``opt_indices`` (empty with DTensors)
+    total_mask: Tensor  # (rows, params) bool: all, then the decay / no-decay groups that are not empty
+    total_names: list[str]  # "total", "decay_total", "no_decay_total" for the rows of ``total_mask``
+    zero: Tensor  # a 0-dim ``dtype`` zero on ``device`` (``where`` takes it faster than a Python 0.0)
+    everything: tuple[int, ...]  # every position, the key of the subset of all parameters
     subsets: dict[tuple[int, ...], _Subset] = field(default_factory=dict)
+    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    all_params: _Subset | None = None
+
+    def subset_of_all(self) -> _Subset:
+        """``subset(everything)``, without hashing a tuple of every position at each logging step."""
+        if self.all_params is None:
+            self.all_params = self.subset(self.everything)
+        return self.all_params
+
+    def total_keys(self, metric: str, sep: str) -> list[str]:
+        cached = self.keys.get((metric, sep))
+        if cached is None:
+            cached = self.keys[(metric, sep)] = [f"{metric}{sep}{name}" for name in self.total_names]
+        return cached
 
     def subset(self, positions: tuple[int, ...]) -> _Subset:
         cached = self.subsets.get(positions)
@@ -91,6 +119,7 @@ class _Pending:
     grad_parts: list[Tensor] = field(default_factory=list)
     snap_idx: list[int] = field(default_factory=list)
     snapshots: list[Tensor] = field(default_factory=list)
+    snap_sources: list[Tensor] = field(default_factory=list)  # the local tensors that were copied
 
 
 class WeightNormMonitor(Callback):
@@ -101,7 +130,8 @@ class WeightNormMonitor(Callback):
 
     - ``weight_norm/{name}``: the ``norm_type`` norm of the weights after the optimizer step, plus
       ``weight_norm/total``, ``weight_norm/decay_total`` and ``weight_norm/no_decay_total`` (the two
-      groups of the :class:`~lightning_decay.DecayRules` plan; a total is left out if its group is empty);
+      groups of the [`DecayRules`][lightning_decay.DecayRules] plan; a total is left out if its group is
+      empty);
     - ``grad_norm/{name}`` and ``grad_norm/total`` (``log_grad_norm=True``): gradients as Lightning's
       ``grad_norm`` sees them in ``on_before_optimizer_step``: unscaled by AMP, before clipping. Fused
       optimizers under a ``GradScaler`` still hold scaled gradients there; they are divided by the scale.
@@ -122,7 +152,7 @@ class WeightNormMonitor(Callback):
       ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.
 
     ``/`` above stands for ``group_separator``. Names are the cleaned parameter names
-    (:func:`~lightning_decay.clean_param_name`); a tied parameter is measured once, under its first name.
+    ([`clean_param_name`][lightning_decay.clean_param_name]); a tied parameter is measured once, under its first name.
     Update ratios and angles are always Euclidean; ``norm_type`` applies to weight and gradient norms.
 
     **When and with which step.** A step logs when ``trainer._logger_connector.should_update_logs`` is
@@ -167,8 +197,8 @@ class WeightNormMonitor(Callback):
         blocks: Block name -> regular expression (``re.search`` on the cleaned parameter name; first match
             wins, in mapping order). Parameters matching no block count only in the totals. Exclusive
             with ``granularity="module"``.
-        rules: The :class:`~lightning_decay.DecayRules` that split the decay / no-decay totals; default
-            ``DecayRules()``. Use the same rules as the optimizer's groups.
+        rules: The [`DecayRules`][lightning_decay.DecayRules] that split the decay / no-decay totals;
+            default ``DecayRules()``. Use the same rules as the optimizer's groups.
         logging_interval: Log every this many optimizer steps; ``None`` (default) follows the Trainer's
             ``log_every_n_steps``.
         log_grad_norm: Also log gradient norms.
@@ -184,12 +214,14 @@ class WeightNormMonitor(Callback):
         TypeError: If an argument has the wrong type.
         MisconfigurationException: At ``setup``, if the Trainer has no logger.
 
-    Example::
+    Examples:
+        ```python
+        from lightning.pytorch import Trainer
+        from lightning_decay import WeightNormMonitor
 
-        >>> from lightning.pytorch import Trainer
-        >>> from lightning_decay import WeightNormMonitor
-        >>> monitor = WeightNormMonitor(granularity="module", log_update_ratio=True)
-        >>> trainer = Trainer(callbacks=[monitor], log_every_n_steps=50)  # doctest: +SKIP
+        monitor = WeightNormMonitor(granularity="module", log_update_ratio=True)
+        trainer = Trainer(callbacks=[monitor], log_every_n_steps=50)
+        ```
     """
 
     def __init__(
@@ -279,19 +311,27 @@ class WeightNormMonitor(Callback):
                 self._ensure_layout(trainer, pl_module)
                 self._pending = _Pending(batch=batch, step=loop._batches_that_stepped)
         pending, layout = self._pending, self._layout
-        if pending is None or layout is None:
-            return
+        snapshot = self.log_update_ratio or self.log_angular_update
+        if pending is None or layout is None or not (self.log_grad_norm or snapshot):
+            return  # weight norms alone need nothing before the step
         # A parameter shared by two optimizers is measured with the first one that steps it.
-        positions = [i for i in layout.opt_indices.get(id(optimizer), ()) if i not in pending.seen]
+        all_positions = layout.opt_indices.get(id(optimizer), [])
+        first = not pending.seen  # the usual case: the optimizer's precomputed lists are used as they are
+        positions = all_positions if first else [i for i in all_positions if i not in pending.seen]
         pending.seen.update(positions)
         if not positions:
             return
         with torch.no_grad():
             if self.log_grad_norm:
                 self._gather_grads(trainer, optimizer, layout, pending, positions)
-            if self.log_update_ratio or self.log_angular_update:
+            if snapshot:
+                if layout.weight_groups is None:  # DTensors: their local tensors
+                    sources = [K.local_tensor(layout.params[i]) for i in positions]
+                else:
+                    sources = layout.opt_params[id(optimizer)] if first else [layout.params[i] for i in positions]
                 pending.snap_idx.extend(positions)
-                pending.snapshots.extend(K.clone_tensors([K.local_tensor(layout.params[i]) for i in positions]))
+                pending.snap_sources.extend(sources)
+                pending.snapshots.extend(K.clone_tensors(sources))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -352,6 +392,15 @@ class WeightNormMonitor(Callback):
         if sharded:
             contrib = torch.tensor([K.contributes_to_sum(p) for p in params], dtype=torch.bool, device=device)
         decay_flags = [plan.is_decayed(p) for p in params]
+        # No DTensor at all (sharded or replicated): the parameters are their own local tensors.
+        plain = all(K.local_tensor(p) is p for p in params)
+        rows = [[True] * len(params)]
+        total_names = ["total"]
+        for g, name in enumerate(("decay_total", "no_decay_total")):
+            flags = [f == (g == 0) for f in decay_flags]
+            if any(flags):  # a total is left out if its group is empty
+                rows.append(flags)
+                total_names.append(name)
         return _Layout(
             params=params,
             names=names,
@@ -362,11 +411,15 @@ class WeightNormMonitor(Callback):
             dtype=dtype,
             sharded=sharded,
             contrib=contrib,
-            decay_group=torch.tensor([0 if f else 1 for f in decay_flags], dtype=torch.long, device=device),
-            has_group=(any(decay_flags), not all(decay_flags)),
             local_numel=torch.tensor([K.local_tensor(p).numel() for p in params], dtype=dtype, device=device),
             global_numel=torch.tensor([p.numel() for p in params], dtype=dtype, device=device),
             signature=signature,
+            weight_groups=K.TensorGroups(params, device) if plain else None,
+            opt_params={k: [params[i] for i in v] for k, v in opt_indices.items()} if plain else {},
+            total_mask=torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), len(params)),
+            total_names=total_names,
+            zero=torch.zeros((), dtype=dtype, device=device),
+            everything=tuple(range(len(params))),
         )
 
     def _bucket_name(self, name: str, aliases: tuple[str, ...]) -> str | None:
@@ -391,8 +444,10 @@ class WeightNormMonitor(Callback):
         present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
         if not present:
             return
-        grads = [K.local_tensor(g) for _, g in present]
-        parts = K.partials(grads, self.norm_type, dtype=layout.dtype, device=layout.device)
+        plain = layout.weight_groups is not None
+        grads = [g for _, g in present] if plain else [K.local_tensor(g) for _, g in present]
+        # float32 kernels (fp16/bf16 widened to float32, as Lightning's ``grad_norm``), combined in float64.
+        parts = K.partials(grads, self.norm_type, dtype=layout.dtype, device=layout.device, accumulate=torch.float32)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = getattr(scaler, "_scale", None)
         if scale is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -405,24 +460,41 @@ class WeightNormMonitor(Callback):
 
     def _log_step(self, trainer: pl.Trainer, layout: _Layout, pending: _Pending) -> None:
         p, dev, dtype = self.norm_type, layout.device, layout.dtype
-        weights = [K.local_tensor(t) for t in layout.params]
-        n = len(weights)
+        if layout.weight_groups is not None:  # no DTensor: the (device, dtype) split made at layout time
+            weights, weight_groups = layout.params, layout.weight_groups
+        else:
+            weights = [K.local_tensor(t) for t in layout.params]
+            weight_groups = K.TensorGroups(weights, dev)
 
-        # 1. Local partials, each with the positions of its parameters (for replica masks).
+        # 1. Local partials, each with the positions of its parameters (for replica masks). Weight and
+        #    gradient norms run float32 kernels (fp16/bf16 widened to float32, float32 as it is; float64
+        #    kernels are twice as slow on CPU) and are combined in ``dtype``.
         pieces: dict[str, tuple[Tensor, Tensor | None, str]] = {}
-        pieces["w"] = (K.partials(weights, p, dtype=dtype, device=dev), None, K.reduce_op(p))
+        identity = self.granularity == "param" and self.blocks is None  # the buckets are the parameters
+        w_norms = weight_groups.norms(p, dtype=dtype, accumulate=torch.float32)
+        if layout.sharded or not identity:  # partials to reduce across shards, or to combine into buckets
+            pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
         if pending.grad_parts:
             gsub = layout.subset(tuple(pending.grad_idx))
             pieces["g"] = (torch.cat(pending.grad_parts), gsub.idx, K.reduce_op(p))
         if pending.snapshots:
             usub = layout.subset(tuple(pending.snap_idx))
-            after = [weights[i] for i in pending.snap_idx]
-            delta = K.sub_tensors(after, pending.snapshots)
-            pieces["a2"] = (K.partials(pending.snapshots, 2, dtype=dtype, device=dev), usub.idx, "sum")
-            pieces["b2"] = (K.partials(after, 2, dtype=dtype, device=dev), usub.idx, "sum")
-            pieces["d2"] = (K.partials(delta, 2, dtype=dtype, device=dev), usub.idx, "sum")
+            plain = layout.weight_groups is not None
+            after = pending.snap_sources if plain else [weights[i] for i in pending.snap_idx]
+            # The angle needs the squares accumulated in ``dtype`` (float64): its cosine subtracts nearly
+            # equal squares. The ratio alone does not, and a float64 kernel on CPU makes a float64 copy
+            # of each float32 tensor it reduces.
+            acc = dtype if self.log_angular_update else torch.float32
+            pieces["a2"] = (K.partials(pending.snapshots, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
+            pieces["b2"] = (K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
+            # ``before - after`` in place into the snapshot, no second copy of the weights: it is ``-Δw``
+            # exactly (IEEE subtraction is antisymmetric), so the same norm.
+            K.sub_tensors_(pending.snapshots, after)
+            d2 = K.partials(pending.snapshots, 2, dtype=dtype, device=dev, accumulate=acc)
+            pieces["d2"] = (d2, usub.idx, "sum")
+            pending.snapshots.clear()  # the copy is no longer needed
         if self.log_sparsity:
-            nonzero = K.grouped_norms(weights, 0, dtype=dtype, device=dev)
+            nonzero = weight_groups.norms(0, dtype=dtype)  # counted in ``dtype``: exact in float64
             pieces["zeros"] = (layout.local_numel - nonzero, None, "sum")
 
         # 2. One reduction across shards, only when some parameter is sharded.
@@ -430,35 +502,37 @@ class WeightNormMonitor(Callback):
             pieces = _reduce_pieces(pieces, layout)
         values = {k: v for k, (v, _, _) in pieces.items()}
 
-        # 3. Combine into buckets and finalize, on the device; collect (keys, tensors).
+        # 3. Combine into buckets and finalize, on the device: the tensors, each with its metric keys
+        #    (built once per layout, not per logging step) or ``None`` if only read here.
         sep = self.group_separator
-        keys: list[str] = []
         outs: list[Tensor] = []
+        labels: list[list[str] | None] = []
 
-        def emit(metric: str, names: list[str], tensor: Tensor) -> None:
-            keys.extend(f"{metric}{sep}{name}" for name in names)
-            outs.append(tensor.reshape(-1).to(dtype))
+        def emit(keys: list[str] | None, tensor: Tensor) -> int:
+            if tensor.dtype != dtype or tensor.dim() != 1:  # (attribute reads are cheaper than no-op calls)
+                tensor = tensor.reshape(-1).to(dtype)
+            outs.append(tensor)
+            labels.append(keys)
+            return len(outs) - 1
 
-        w = values["w"]
-        # Per-parameter norms first, for the non-finite report (not logged under these names).
-        outs.append(K.finalize_partials(w, p))
-        grad_per_param: Tensor | None = None
-        if "g" in values:
-            grad_per_param = K.finalize_partials(values["g"], p)
-            outs.append(grad_per_param)
-        wsub = layout.subset(tuple(range(n)))
-        emit("weight_norm", wsub.names, self._bucketed(w, wsub))
-        emit("weight_norm", ["total"], K.finalize_partials(K.combine_partials(w, _zeros_like_idx(w), 1, p), p))
-        groups = K.finalize_partials(K.combine_partials(w, layout.decay_group, 2, p), p)
-        for g, name in enumerate(("decay_total", "no_decay_total")):
-            if layout.has_group[g]:
-                emit("weight_norm", [name], groups[g])
+        wsub = layout.subset_of_all()
+        if layout.sharded:
+            w_norms = K.finalize_partials(values["w"], p)  # of the reduced partials
+        # Per-parameter norms, for the non-finite report; logged as they are when buckets are parameters.
+        w_at = emit(wsub.metric_keys("weight_norm", sep) if identity else None, w_norms)
+        if not identity:
+            emit(wsub.metric_keys("weight_norm", sep), self._bucketed(values["w"], wsub))
+        # total, decay_total, no_decay_total: the norm of the per-parameter norms of each row of the mask
+        emit(layout.total_keys("weight_norm", sep), _row_norms(w_norms, layout.total_mask, p, layout.zero))
 
+        g_at: int | None = None
         if "g" in values:
             g_parts = values["g"]
-            emit("grad_norm", gsub.names, self._bucketed(g_parts, gsub))
-            total = K.combine_partials(g_parts, _zeros_like_idx(g_parts), 1, p)
-            emit("grad_norm", ["total"], K.finalize_partials(total, p))
+            g_keys = gsub.metric_keys("grad_norm", sep)
+            g_at = emit(g_keys if identity else None, K.finalize_partials(g_parts, p))
+            if not identity:
+                emit(g_keys, self._bucketed(g_parts, gsub))
+            emit([f"grad_norm{sep}total"], K.finalize_partials(_combine_all(g_parts, p), p))
 
         if "a2" in values:
             size = len(usub.names)
@@ -466,26 +540,32 @@ class WeightNormMonitor(Callback):
                 K.combine_partials(values[k][usub.members], usub.buckets, size, 2) for k in ("a2", "b2", "d2")
             )
             if self.log_update_ratio:
-                emit("update_ratio", usub.names, d2.sqrt() / a2.sqrt())
+                emit(usub.metric_keys("update_ratio", sep), d2.sqrt() / a2.sqrt())
             if self.log_angular_update:
                 cos = (a2 + b2 - d2) / (2 * (a2 * b2).sqrt())
-                emit("angular_update", usub.names, torch.arccos(cos.clamp(-1.0, 1.0)))
+                emit(usub.metric_keys("angular_update", sep), torch.arccos(cos.clamp(-1.0, 1.0)))
 
         if "zeros" in values:
             zeros = K.combine_partials(values["zeros"][wsub.members], wsub.buckets, len(wsub.names), 1)
             numel = K.combine_partials(layout.global_numel[wsub.members], wsub.buckets, len(wsub.names), 1)
-            emit("sparsity", wsub.names, zeros / numel)
+            emit(wsub.metric_keys("sparsity", sep), zeros / numel)
 
-        # 4. The one device-to-host copy of the step.
+        # 4. The one device-to-host copy of the step, split back by the (host-known) sizes of the tensors.
         host = torch.cat(outs).tolist()
-        w_host, host = host[:n], host[n:]
-        g_host: list[float] = []
-        if grad_per_param is not None:
-            g_host, host = host[: len(pending.grad_idx)], host[len(pending.grad_idx) :]
-        metrics = dict(zip(keys, host, strict=True))
+        chunks: list[list[float]] = []
+        metrics: dict[str, float] = {}
+        start = 0
+        for out, keys in zip(outs, labels, strict=True):
+            chunk = host[start : start + out.numel()]
+            start += len(chunk)
+            chunks.append(chunk)
+            if keys is not None:
+                metrics.update(zip(keys, chunk, strict=True))
 
-        self._report_non_finite("weight", layout.names, w_host, pending.step)
-        if g_host and getattr(trainer.precision_plugin, "scaler", None) is None:
+        if not _all_finite(chunks[w_at]):
+            self._report_non_finite("weight", layout.names, chunks[w_at], pending.step)
+        g_host = chunks[g_at] if g_at is not None else []
+        if g_host and not _all_finite(g_host) and getattr(trainer.precision_plugin, "scaler", None) is None:
             self._report_non_finite("gradient", [layout.names[i] for i in pending.grad_idx], g_host, pending.step)
 
         for logger in trainer.loggers:
@@ -545,11 +625,29 @@ def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[
 
 def _optimizer_signature(trainer: pl.Trainer) -> tuple[Any, ...]:
     # O(param groups), not O(params): enough to notice BaseFinetuning adding a group.
-    return tuple((id(opt), tuple(len(g["params"]) for g in opt.param_groups)) for opt in trainer.optimizers)
+    return tuple([(id(opt), tuple([len(g["params"]) for g in opt.param_groups])) for opt in trainer.optimizers])
 
 
-def _zeros_like_idx(values: Tensor) -> Tensor:
-    return torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+def _combine_all(values: Tensor, norm_type: float) -> Tensor:
+    """All 1-D partials combined into one (a 1-element tensor), on the device; NaN propagates."""
+    if K.reduce_op(norm_type) == "sum" or values.numel() == 0:
+        return values.sum().reshape(1)  # (an empty max is 0: partials are >= 0)
+    return values.amax().reshape(1)
+
+
+def _row_norms(norms: Tensor, mask: Tensor, norm_type: float, zero: Tensor) -> Tensor:
+    """The ``norm_type`` norm of the 1-D ``norms`` selected by each row of a ``(rows, len(norms))`` bool mask:
+    the norm of a set of tensors is the norm of their norms, for p = 1, 2 and inf. One ``where`` and one
+    ``vector_norm``, on the device; NaN and Inf propagate only into the rows holding them."""
+    if norms.numel() == 0:
+        return torch.zeros(mask.shape[0], dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(torch.where(mask, norms, zero), norm_type, dim=1)
+
+
+def _all_finite(values: list[float]) -> bool:
+    """Whether no value is NaN or +-Inf, in one C-level pass (norms are >= 0, so the sum is finite unless
+    one is not, or unless it overflows; then the caller's per-value check decides)."""
+    return math.isfinite(sum(values))
 
 
 def _reduce_pieces(

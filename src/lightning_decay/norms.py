@@ -20,6 +20,7 @@ its tensors (or of its local shards).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
+    "TensorGroups",
     "all_reduce_partials",
     "clone_tensors",
     "combine_partials",
@@ -41,6 +43,7 @@ __all__ = [
     "partials",
     "reduce_op",
     "sub_tensors",
+    "sub_tensors_",
     "wide_dtype",
 ]
 
@@ -70,43 +73,85 @@ def wide_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+class TensorGroups:
+    """A list of tensors split into (device, dtype) groups once, for norms of the same tensors every step.
+
+    Splitting a list costs per-tensor Python work (``numel``, grouping); for a list that does not change
+    (the parameters) it is done here once, and `norms` is then one ``torch._foreach_norm``, one
+    ``torch.stack`` and one ``.to`` per group, plus one ``index_copy_`` when the groups are not already
+    in input order (several dtypes, or empty tensors).
+
+    Args:
+        tensors: Plain (local) tensors; no DTensor (``_foreach_norm`` rejects a list mixing them).
+        device: Device of the results; default the device of the first tensor.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], device: torch.device | str | None = None) -> None:
+        if device is None:
+            device = tensors[0].device if len(tensors) else torch.device("cpu")
+        self.device = torch.device(device)
+        self.size = len(tensors)
+        # Empty tensors (a rank's empty shard) are left out: their norm is 0 (``max`` of nothing fails).
+        nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
+        grouped = (
+            _group_tensors_by_device_and_dtype([[tensors[i] for i in nonempty]], with_indices=True) if nonempty else {}
+        )
+        self.groups: list[tuple[torch.dtype, list[Tensor]]] = []
+        order: list[int] = []
+        for (_, group_dtype), ([group], indices) in grouped.items():
+            self.groups.append((group_dtype, group))
+            order.extend(nonempty[j] for j in indices)
+        self.order: Tensor | None = None  # input position of each stacked norm, when not the identity
+        if order != list(range(self.size)):
+            self.order = torch.tensor(order, dtype=torch.long, device=self.device)
+
+    def norms(self, ord: float, dtype: torch.dtype = torch.float32, accumulate: torch.dtype | None = None) -> Tensor:
+        """Per-tensor vector norms in input order, a 1-D ``dtype`` tensor on the device (see `grouped_norms`)."""
+        accumulate = dtype if accumulate is None else accumulate
+        # A copy to the CPU must not be asynchronous: the host could read it before it lands.
+        non_blocking = self.device.type != "cpu"
+        stacked: list[Tensor] = []
+        for group_dtype, group in self.groups:
+            # ``_foreach_norm`` refuses a narrowing ``dtype`` (float64 params with a float32 request).
+            kernel_dtype = accumulate if group_dtype != accumulate and _widens(group_dtype, accumulate) else None
+            norms = torch.stack(torch._foreach_norm(group, ord, dtype=kernel_dtype))
+            stacked.append(norms.to(device=self.device, dtype=dtype, non_blocking=non_blocking))
+        if self.order is None:
+            return stacked[0] if stacked else torch.zeros(0, dtype=dtype, device=self.device)
+        out = torch.zeros(self.size, dtype=dtype, device=self.device)
+        if stacked:
+            out.index_copy_(0, self.order, stacked[0] if len(stacked) == 1 else torch.cat(stacked))
+        return out
+
+
 def grouped_norms(
     tensors: Sequence[Tensor],
     ord: float,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    accumulate: torch.dtype | None = None,
 ) -> Tensor:
     """Per-tensor vector norms, one ``torch._foreach_norm`` per (device, dtype) group.
 
-    Low-precision inputs (fp16 / bf16) are accumulated in ``dtype`` by the kernel itself (``dtype=`` of
-    ``_foreach_norm``), so no upcast copy of the tensors is made. ``ord=0`` counts non-zero entries.
-    Empty tensors (a rank's empty shard) have norm 0.
+    The kernel accumulates in ``accumulate`` (default ``dtype``) where that widens the input: low-precision
+    inputs (fp16 / bf16) are accumulated by the kernel itself (``dtype=`` of ``_foreach_norm``), so no
+    upcast copy of the tensors is made; inputs at least as wide are reduced in their own dtype. The
+    norms of a group are stacked and converted to ``dtype`` at once. ``accumulate=torch.float32`` with a
+    float64 ``dtype`` keeps float32 kernels for float32 inputs (twice as fast on CPU as float64 ones) and
+    float64 only to combine the results. ``ord=0`` counts non-zero entries. Empty tensors (a rank's empty
+    shard) have norm 0. For the same list every step, build a `TensorGroups` once instead.
 
     Args:
         tensors: Plain (local) tensors; no DTensor (``_foreach_norm`` rejects a list mixing them).
         ord: 0, 1, 2 or ``inf``.
-        dtype: Accumulation and result dtype. Inputs wider than it are reduced in their own dtype.
+        dtype: Result dtype, and accumulation dtype unless ``accumulate`` is given.
         device: Device of the result; default the device of the first tensor.
+        accumulate: The kernels' accumulation dtype; inputs wider than it are reduced in their own dtype.
 
     Returns:
         A 1-D tensor of ``len(tensors)`` norms, in input order, on ``device``.
     """
-    if device is None:
-        device = tensors[0].device if len(tensors) else torch.device("cpu")
-    zero = torch.zeros((), dtype=dtype, device=device)
-    out: list[Tensor] = [zero] * len(tensors)
-    nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
-    if nonempty:
-        grouped = _group_tensors_by_device_and_dtype([[tensors[i] for i in nonempty]], with_indices=True)
-        for (_, group_dtype), ([group], indices) in grouped.items():
-            # ``_foreach_norm`` refuses a narrowing ``dtype`` (float64 params with a float32 request).
-            kernel_dtype = dtype if _widens(group_dtype, dtype) else None
-            norms = torch._foreach_norm(group, ord, dtype=kernel_dtype)
-            for j, n in zip(indices, norms, strict=True):
-                out[nonempty[j]] = n.to(device=device, dtype=dtype, non_blocking=True)
-    if not out:
-        return torch.zeros(0, dtype=dtype, device=device)
-    return torch.stack(out)
+    return TensorGroups(tensors, device).norms(ord, dtype=dtype, accumulate=accumulate)
 
 
 def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -114,13 +159,18 @@ def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
 
 
 def partials(
-    tensors: Sequence[Tensor],
+    tensors: Sequence[Tensor] | TensorGroups,
     norm_type: float,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    accumulate: torch.dtype | None = None,
 ) -> Tensor:
-    """Per-tensor partials (see the module docstring): ``sum |x|``, ``sum x**2`` or ``max |x|``."""
-    norms = grouped_norms(tensors, norm_type, dtype=dtype, device=device)
+    """Per-tensor partials (see the module docstring): ``sum |x|``, ``sum x**2`` or ``max |x|``.
+
+    ``tensors`` may also be a `TensorGroups` built once (``device`` is then its own).
+    """
+    groups = tensors if isinstance(tensors, TensorGroups) else TensorGroups(tensors, device)
+    norms = groups.norms(norm_type, dtype=dtype, accumulate=accumulate)
     return norms.square() if norm_type == 2 else norms
 
 
@@ -168,8 +218,17 @@ def sub_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+def sub_tensors_(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """``a[i] -= b[i]`` in place (no new copy), one foreach kernel per (device, dtype) group."""
+    grouped = _group_tensors_by_device_and_dtype([list(a), list(b)], with_indices=False)
+    for [ga, gb], _ in grouped.values():
+        torch._foreach_sub_(ga, gb)
+
+
 # ----------------------------------------------------------------------------- DTensor / shards
+@functools.cache
 def _dtensor_types() -> tuple[type, type] | None:
+    # Cached: called per tensor, and an ``import`` statement is not free even when already imported.
     if not torch.distributed.is_available():
         return None
     try:
@@ -216,7 +275,7 @@ def all_reduce_partials(sums: Tensor | None, maxes: Tensor | None, group: Any = 
     """Reduce stacked partials in place across ranks: one ``all_reduce`` per non-empty vector.
 
     Every rank of ``group`` must call it with vectors of the same length. Sum partials of replicated
-    tensors must already be zeroed on all but one replica (see :func:`contributes_to_sum`).
+    tensors must already be zeroed on all but one replica (see `contributes_to_sum`).
     """
     dist = torch.distributed
     if sums is not None and sums.numel():
