@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -158,6 +159,99 @@ def test_empty_lists_are_no_ops() -> None:
     assert kernels.sum_abs([]) == []
 
 
+def test_chunk_ranges_cover_the_list_within_the_budget() -> None:
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.empty(int(n)) for n in torch.randint(0, 400, (200,), generator=g)] + [torch.empty(5000)]
+    for budget in (1, 64, 1000, 4000, 10**9, None):
+        ranges = kernels.chunk_ranges(ts, budget)
+        limit = budget or max(kernels.MIN_CHUNK_BYTES, sum(t.numel() * 4 for t in ts) // kernels.CHUNK_FRACTION)
+        assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == len(ts)
+        for a, b in ranges:
+            assert a < b
+            assert sum(t.numel() * 4 for t in ts[a:b]) <= limit or b - a == 1  # a bigger tensor: alone
+        # next-fit: two consecutive chunks hold more than the budget, so their number is bounded
+        assert all(sum(t.numel() * 4 for t in ts[a:c]) > limit for (a, _), (_, c) in pairwise(ranges))
+    assert kernels.chunk_ranges(ts, 1) == [(i, i + 1) for i in range(len(ts))]
+    assert kernels.chunk_ranges(ts, 10**9) == [(0, len(ts))]
+    assert kernels.chunk_ranges([]) == []
+
+
+def chunkings(n: int) -> list[list[tuple[int, int]] | None]:
+    """None (the kernel's own), one chunk, one per tensor, and an uneven split."""
+    return [None, [(0, n)], [(i, i + 1) for i in range(n)], [(0, 1), (1, n)]]
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8))  # NaN and -0.0 too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_chunked_kernels_are_bitwise_the_unchunked_ones(dtype: torch.dtype) -> None:
+    """Each tensor goes through the same kernels in any chunking: the values cannot depend on it."""
+    w, g, refs = tensors(dtype, 0), tensors(dtype, 1), tensors(dtype, 2)
+    w[2][0, 0, 0], w[2][1, 0, 0] = float("nan"), -0.0
+    n = len(w)
+    coeffs: list[kernels.Coeff] = [0.3, torch.tensor(0.3), torch.tensor(2.0**14) * 0.3]  # a float, AMP scales
+    whole = [(0, n)]
+    for chunks in chunkings(n):
+        for coeff in coeffs:
+            for r in (None, refs):
+                want, got = clones(g), clones(g)
+                kernels.add_l2_gradient_(want, w, coeff, r, whole)
+                kernels.add_l2_gradient_(got, w, coeff, r, chunks)
+                assert_bitwise(got, want)
+            want, got = clones(g), clones(g)
+            kernels.add_l1_subgradient_(want, w, coeff, whole)
+            kernels.add_l1_subgradient_(got, w, coeff, chunks)
+            assert_bitwise(got, want)
+        for threshold in (0.0, 0.4, torch.tensor(0.4), 10.0):
+            want, got = clones(w), clones(w)
+            kernels.soft_threshold_(want, threshold, whole)
+            kernels.soft_threshold_(got, threshold, chunks)
+            assert_bitwise(got, want)
+        for r in (None, refs):
+            assert_bitwise(kernels.squared_distances(w, r, chunks), kernels.squared_distances(w, r, whole))
+
+
+def peak_cpu_bytes(fn: Callable[[], None]) -> int:
+    """Most CPU bytes allocated at once while ``fn`` runs (the allocation events of the profiler)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(events: list[Any]) -> Iterator[Any]:
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_time_ns):
+        current += e.extra_fields.alloc_size
+        peak = max(peak, current)
+    return peak
+
+
+def test_kernel_temporaries_are_one_chunk() -> None:
+    """8 tensors of 64 KiB in 4 chunks: the temporaries are one chunk at a time, not a copy of the list."""
+    w, g, refs = ([torch.randn(128, 128) for _ in range(8)] for _ in range(3))
+    chunk = 2 * w[0].numel() * 4
+    chunks = kernels.chunk_ranges(w, chunk)
+    assert chunks == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    for fn in (
+        lambda: kernels.soft_threshold_(w, 0.1, chunks),
+        lambda: kernels.add_l2_gradient_(g, w, 0.1, refs, chunks),
+        lambda: kernels.add_l1_subgradient_(g, w, 0.1, chunks),
+        lambda: kernels.squared_distances(w, refs, chunks),
+    ):
+        assert 0 < peak_cpu_bytes(fn) <= chunk + 4096  # (and the few 0-dim results)
+    assert peak_cpu_bytes(lambda: kernels.add_l2_gradient_(g, w, 0.1)) <= 4096  # plain L2: no temporary
+
+
 def test_kernels_do_not_record_autograd() -> None:
     w = [torch.randn(3, requires_grad=True)]
     g = [torch.zeros(3)]
@@ -228,6 +322,23 @@ def test_foreach_calls_per_step_do_not_grow_with_parameter_count(make_callback: 
     large = foreach_calls(30, make_callback)
     assert sum(small.values()) > 0, "the callback runs foreach kernels"
     assert small == large
+
+
+def test_bucket_with_grads_reuses_its_lists_and_skips_missing_gradients() -> None:
+    from lightning_decay._regularizer import Bucket
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 4, 5)]
+    b = Bucket(0, params, ["a", "b", "c"], sharded=False)
+    assert b.chunks == [(0, 3)] and b.every == [0, 1, 2]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    weights, grads, idx = b.with_grads()
+    assert idx is b.every and weights is b.locals  # the common case builds no new lists but the grads'
+    assert all(g is p.grad for g, p in zip(grads, params, strict=True))
+    params[1].grad = None  # checked on every step
+    weights, grads, idx = b.with_grads()
+    assert idx == [0, 2] and b.every == [0, 1, 2]
+    assert weights[0] is params[0] and weights[1] is params[2] and grads[1] is params[2].grad
 
 
 def test_logging_costs_a_constant_number_of_kernels(tmp_path: Any) -> None:

@@ -290,6 +290,46 @@ def test_l1_subgradient_never_makes_exact_zeros_where_proximal_does() -> None:
     assert zeros(got_sub) == 0
 
 
+class BucketProbe(Callback):
+    """A regularizer's bucket chunks (at the first batch) and its penalty values (at the end of fit)."""
+
+    def __init__(self, callback: WeightPenalty) -> None:
+        self.callback = callback
+        self.chunks: list[list[tuple[int, int]]] = []
+        self.values: dict[str, float] = {}
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if not self.chunks:
+            self.chunks = [b.chunks for _, b in self.callback._all_buckets()]
+
+    def on_train_end(self, *args: Any) -> None:
+        self.values = self.callback.penalty_values()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"l1": 0.05, "l1_mode": "proximal"}, {"l1": 0.01, "l2": 0.05}, {"l2": 0.5, "reference": "initial"}],
+    ids=["proximal", "l1+l2", "l2sp"],
+)
+def test_buckets_cut_in_chunks_give_bitwise_the_same_run(kwargs: dict[str, Any], monkeypatch: Any) -> None:
+    """The kernels' temporaries are bounded by cutting buckets into chunks; the values must not depend on it."""
+    from lightning_decay import kernels
+
+    def go() -> tuple[list[dict[str, Tensor]], BucketProbe]:
+        cb = WeightPenalty(**kwargs)
+        probe = BucketProbe(cb)
+        return run(Lit(sgd(), hidden_layers=3), [cb, probe], max_epochs=2), probe
+
+    whole, whole_probe = go()
+    monkeypatch.setattr(kernels, "MIN_CHUNK_BYTES", 1)  # every tensor alone in its chunk
+    monkeypatch.setattr(kernels, "CHUNK_FRACTION", 2**40)
+    cut, cut_probe = go()
+    assert whole_probe.chunks == [[(0, 4)]]
+    assert cut_probe.chunks == [[(0, 1), (1, 2), (2, 3), (3, 4)]]
+    assert_runs_equal(cut, whole, exact=True)
+    assert cut_probe.values == whole_probe.values and whole_probe.values
+
+
 # ------------------------------------------------------------------------------------------ L2-SP
 def test_l2sp_initial_pulls_toward_fit_start_weights() -> None:
     lam = 0.5
@@ -344,7 +384,8 @@ def test_reference_shape_mismatch_and_unknown_names_raise_at_fit() -> None:
 
 
 # ----------------------------------------------------------------------------------------- logging
-def test_logs_penalty_values_on_logging_steps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-true"])
+def test_logs_penalty_values_on_logging_steps(precision: str, tmp_path: Path) -> None:
     l1, l2 = 0.01, 0.1
 
     class Expected(Callback):
@@ -354,7 +395,7 @@ def test_logs_penalty_values_on_logging_steps(tmp_path: Path) -> None:
             self.values: dict[int, tuple[float, float]] = {}
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-            ws = [w.detach() for w in decayed(pl_module)]
+            ws = [w.detach().double() for w in decayed(pl_module)]
             self.values[trainer.global_step] = (
                 l1 * sum(float(w.abs().sum()) for w in ws),
                 l2 / 2 * sum(float(w.pow(2).sum()) for w in ws),
@@ -362,7 +403,8 @@ def test_logs_penalty_values_on_logging_steps(tmp_path: Path) -> None:
 
     expected = Expected()
     logger = CSVLogger(tmp_path, name="run")
-    fit(Lit(adam()), [WeightPenalty(l1=l1, l2=l2), expected], max_epochs=2, logger=logger, log_every_n_steps=3)
+    callbacks = [WeightPenalty(l1=l1, l2=l2), expected]
+    fit(Lit(adam()), callbacks, max_epochs=2, logger=logger, log_every_n_steps=3, precision=precision)
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("penalty/l2")]
     assert rows, "penalty/l2 was logged"

@@ -57,9 +57,18 @@ class Bucket:
     # Sharded buckets: per parameter, whether this rank's partial sums enter a cross-rank sum. False on
     # all replicas but one of a parameter replicated over a mesh dimension (HSDP), so it counts once.
     counted: Tensor | None = None
+    # Index ranges of the parameters for the chunked kernels (`kernels.chunk_ranges`), which bound their
+    # temporaries to a few percent of the bucket. Computed once, from the local sizes, so a step loops
+    # over a few chunks, never over parameters; ranges, not lists of tensors, because sharded buckets
+    # get fresh local views each step (of the same shapes).
+    chunks: list[tuple[int, int]] = field(init=False, default_factory=list)
+    # `list(range(len(params)))`, the positions `with_grads` returns when every parameter has a gradient.
+    every: list[int] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.locals = [local(p) for p in self.params]
+        self.chunks = kernels.chunk_ranges(self.locals)
+        self.every = list(range(len(self.params)))
         if self.sharded and self.params:
             flags = [contributes_to_sum(p) for p in self.params]
             self.counted = torch.tensor(flags, dtype=torch.bool, device=self.locals[0].device)
@@ -69,16 +78,22 @@ class Bucket:
         return [local(p) for p in self.params] if self.sharded else self.locals
 
     def with_grads(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
-        """(weights, grads, positions) of the parameters that have a gradient this step."""
+        """(weights, grads, positions) of the parameters that have a gradient this step.
+
+        When every parameter has one (``len(positions) == len(params)``), the weights are ``weights()``
+        and the positions ``every``, both shared with the bucket: callers must not modify them.
+        """
         grads = [p.grad for p in self.params]
         weights = self.weights()
         if all(g is not None for g in grads):
-            idx = list(range(len(grads)))
+            idx = self.every  # the common case: no further per-parameter work
         else:
             idx = [i for i, g in enumerate(grads) if g is not None]
             weights = [weights[i] for i in idx]
-        out = [local(grads[i]) for i in idx] if self.sharded else [grads[i] for i in idx]
-        return weights, out, idx  # type: ignore[return-value]
+            grads = [grads[i] for i in idx]
+        if self.sharded:
+            grads = [local(g) for g in grads]  # type: ignore[arg-type]
+        return weights, grads, idx  # type: ignore[return-value]
 
 
 class OptimizerBuckets:

@@ -204,8 +204,9 @@ class WeightDecay(RegularizerCallback):
             coeff, decoupled = self._coefficient(index, b.group_index)
             if not coeff or decoupled:
                 continue
-            weights, grads, _ = b.with_grads()
-            kernels.add_l2_gradient_(grads, weights, coeff if scale is None else scale * coeff)
+            weights, grads, idx = b.with_grads()
+            chunks = b.chunks if len(idx) == len(b.params) else None  # the bucket's ranges index all of it
+            kernels.add_l2_gradient_(grads, weights, coeff if scale is None else scale * coeff, chunks=chunks)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -4,9 +4,17 @@ Every function takes plain (local) tensors, runs ``torch._foreach_*`` kernels, a
 value to the host. They run under ``torch.no_grad()``: optimizer step hooks run outside the
 optimizer's own no-grad region. Coefficients are Python floats or 0-dim tensors on the tensors' device (the AMP
 scale, a ``found_inf`` mask), so nothing here waits for the device.
+
+Kernels that need a temporary (``w - ref``, ``sign(w)``, ``clamp(w, -t, t)``) run over ``chunks``, index
+ranges of the list from [`chunk_ranges`][lightning_decay.kernels.chunk_ranges], so that the temporary is
+a few percent of the list, never a copy of it. Each tensor goes through the same kernels whatever the
+chunking, so the values do not depend on it. Callers that run every step compute the ranges once and
+pass them; without them they are computed on each call (a Python loop over the tensors).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "add_l1_subgradient_",
     "add_l2_gradient_",
+    "chunk_ranges",
     "decay_",
     "soft_threshold_",
     "squared_distances",
@@ -21,38 +30,89 @@ __all__ = [
 ]
 
 Coeff = float | Tensor
+Chunks = Sequence[tuple[int, int]]
+
+# The default chunk budget: 1/32 of the list's bytes bounds the temporaries to ~3 % of it whatever its
+# size, and next-fit packing gives at most 2 * 32 + 1 chunks (two consecutive chunks hold more than the
+# budget together), so the number of kernel launches does not grow with the number of tensors. The
+# 64 KiB floor keeps small lists in few chunks, where the launch overhead would dominate.
+CHUNK_FRACTION = 32
+MIN_CHUNK_BYTES = 64 * 2**10
 
 
-def _scaled(tensors: list[Tensor], coeff: Coeff) -> list[Tensor]:
+def _scaled(tensors: list[Tensor], coeff: Tensor) -> list[Tensor]:
+    # Out of place on purpose: a 0-dim low-precision tensor times a float32 0-dim coefficient promotes
+    # to float32 and is rounded once, when added to its gradient; an in-place product would round twice.
     return torch._foreach_mul(tensors, coeff)
 
 
+def chunk_ranges(tensors: Sequence[Tensor], budget: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` index ranges covering ``tensors``, each of at most ``budget`` bytes.
+
+    A tensor larger than the budget is alone in its range, so the largest temporary of a chunked
+    kernel is ``max(budget, largest tensor)``. Default budget: ``max(64 KiB, total bytes / 32)``.
+    """
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    if budget is None:
+        budget = max(MIN_CHUNK_BYTES, sum(sizes) // CHUNK_FRACTION)
+    ranges: list[tuple[int, int]] = []
+    start = held = 0
+    for i, n in enumerate(sizes):
+        if i > start and held + n > budget:
+            ranges.append((start, i))
+            start, held = i, 0
+        held += n
+    if sizes:
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
 @torch.no_grad()
-def add_l2_gradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff, refs: list[Tensor] | None = None) -> None:
+def add_l2_gradient_(
+    grads: list[Tensor],
+    params: list[Tensor],
+    coeff: Coeff,
+    refs: list[Tensor] | None = None,
+    chunks: Chunks | None = None,
+) -> None:
     """``g += coeff * (w - ref)``, the gradient of ``coeff / 2 * ||w - ref||^2`` (``ref = 0`` if ``None``)."""
     if not grads:
         return
-    diff = params if refs is None else torch._foreach_sub(params, refs)
-    if isinstance(coeff, Tensor):
-        torch._foreach_add_(grads, _scaled(diff, coeff))
-    else:
-        torch._foreach_add_(grads, diff, alpha=coeff)
+    if refs is None and not isinstance(coeff, Tensor):
+        # No temporary, and the same single kernel as torch's SGD(weight_decay): bitwise its gradient.
+        torch._foreach_add_(grads, params, alpha=coeff)
+        return
+    # `w - ref` is formed before scaling, not as `g + c * w - c * ref`: that would round `g + c * w` and
+    # lose the bits of `g` below `ulp(c * w)` (most of a small bf16 gradient), right where L2-SP's term
+    # `c * (w - ref)` is small. The temporary is bounded by chunking instead.
+    for a, b in chunks if chunks is not None else chunk_ranges(params):
+        if refs is None:  # a tensor coefficient (the AMP scale): foreach add takes no tensor `alpha`
+            torch._foreach_add_(grads[a:b], _scaled(params[a:b], coeff))
+            continue
+        diff = torch._foreach_sub(params[a:b], refs[a:b])
+        if isinstance(coeff, Tensor):
+            torch._foreach_add_(grads[a:b], _scaled(diff, coeff))
+        else:
+            torch._foreach_add_(grads[a:b], diff, alpha=coeff)
+        del diff  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
 @torch.no_grad()
-def add_l1_subgradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff) -> None:
+def add_l1_subgradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff, chunks: Chunks | None = None) -> None:
     """``g += coeff * sign(w)``, a subgradient of ``coeff * ||w||_1`` (0 at ``w == 0``)."""
     if not grads:
         return
-    signs = torch._foreach_sign(params)
-    if isinstance(coeff, Tensor):
-        torch._foreach_add_(grads, _scaled(signs, coeff))
-    else:
-        torch._foreach_add_(grads, signs, alpha=coeff)
+    for a, b in chunks if chunks is not None else chunk_ranges(params):
+        signs = torch._foreach_sign(params[a:b])
+        if isinstance(coeff, Tensor):
+            torch._foreach_add_(grads[a:b], _scaled(signs, coeff))
+        else:
+            torch._foreach_add_(grads[a:b], signs, alpha=coeff)
+        del signs  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
 @torch.no_grad()
-def soft_threshold_(params: list[Tensor], threshold: Coeff) -> None:
+def soft_threshold_(params: list[Tensor], threshold: Coeff, chunks: Chunks | None = None) -> None:
     """Proximal step of ``threshold * ||w||_1``: ``w <- sign(w) * max(|w| - threshold, 0)``, in place.
 
     It produces exact zeros, unlike the subgradient, which makes weights oscillate around zero.
@@ -60,18 +120,21 @@ def soft_threshold_(params: list[Tensor], threshold: Coeff) -> None:
     Computed as ``w - clamp(w, -threshold, threshold)``: three passes and one temporary list (instead
     of six passes and two), with the same values as the formula above (shrunk weights are ``+0.0``
     where the formula gives ``-0.0`` for negative ones). A 0-dim tensor ``threshold`` is broadcast on
-    the device, never read on the host.
+    the device, never read on the host. The temporary is one chunk's (``chunks``, see the module).
     """
     if not params:
         return
-    if isinstance(threshold, Tensor):
-        upper, lower = [threshold] * len(params), [torch.neg(threshold)] * len(params)
-        inside = torch._foreach_clamp_max(params, upper)
-        torch._foreach_clamp_min_(inside, lower)
-    else:
-        inside = torch._foreach_clamp_max(params, threshold)
-        torch._foreach_clamp_min_(inside, -threshold)
-    torch._foreach_sub_(params, inside)
+    negated = torch.neg(threshold) if isinstance(threshold, Tensor) else -threshold
+    for a, b in chunks if chunks is not None else chunk_ranges(params):
+        part = params[a:b]
+        if isinstance(threshold, Tensor):
+            inside = torch._foreach_clamp_max(part, [threshold] * len(part))
+            torch._foreach_clamp_min_(inside, [negated] * len(part))
+        else:
+            inside = torch._foreach_clamp_max(part, threshold)
+            torch._foreach_clamp_min_(inside, negated)
+        torch._foreach_sub_(part, inside)
+        del inside  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
 @torch.no_grad()
@@ -87,18 +150,35 @@ def decay_(params: list[Tensor], factor: Coeff) -> None:
 
 
 @torch.no_grad()
-def squared_distances(params: list[Tensor], refs: list[Tensor] | None = None) -> list[Tensor]:
-    """Per-tensor ``||w - ref||_2^2`` in float32 (0-dim tensors on the tensors' device)."""
+def squared_distances(
+    params: list[Tensor], refs: list[Tensor] | None = None, chunks: Chunks | None = None
+) -> list[Tensor]:
+    """Per-tensor ``||w - ref||_2^2`` (0-dim, on the tensors' device), float32; float64 for float64 tensors.
+
+    With ``refs``, ``w - ref`` is formed one chunk at a time (``chunks``, see the module); each tensor's
+    norm is its own reduction, so the values are those of the whole list at once.
+    """
     if not params:
         return []
-    diff = params if refs is None else torch._foreach_sub(params, refs)
-    norms = torch._foreach_norm(diff, 2, dtype=torch.float32)
-    return torch._foreach_mul(norms, norms)
+    if refs is None:
+        norms = list(torch._foreach_norm(params, 2, dtype=_accumulation(params)))
+    else:
+        norms = []
+        for a, b in chunks if chunks is not None else chunk_ranges(params):
+            diff = torch._foreach_sub(params[a:b], refs[a:b])
+            norms += torch._foreach_norm(diff, 2, dtype=_accumulation(params))
+            del diff  # one chunk's temporary alive at a time
+    return list(torch._foreach_mul(norms, norms))
 
 
 @torch.no_grad()
 def sum_abs(params: list[Tensor]) -> list[Tensor]:
-    """Per-tensor ``||w||_1`` in float32."""
+    """Per-tensor ``||w||_1`` in float32, float64 for float64 tensors."""
     if not params:
         return []
-    return list(torch._foreach_norm(params, 1, dtype=torch.float32))
+    return list(torch._foreach_norm(params, 1, dtype=_accumulation(params)))
+
+
+def _accumulation(tensors: list[Tensor]) -> torch.dtype:
+    """float32 for the penalty values, float64 for float64 tensors (``_foreach_norm`` cannot narrow)."""
+    return torch.float64 if tensors[0].dtype == torch.float64 else torch.float32

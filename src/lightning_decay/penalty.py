@@ -149,7 +149,8 @@ class WeightPenalty(RegularizerCallback):
                 if l1:
                     for b in self._buckets(index):
                         lr = opt.param_groups[b.group_index]["lr"]
-                        kernels.soft_threshold_(b.weights(), lr * l1)
+                        # In the bucket's precomputed chunks: the temporary is one chunk, not a copy.
+                        kernels.soft_threshold_(b.weights(), lr * l1, b.chunks)
             self._steps[index] += 1
 
         return [optimizer.register_step_post_hook(after_step)]
@@ -256,11 +257,15 @@ class WeightPenalty(RegularizerCallback):
             weights, grads, idx = b.with_grads()
             if not grads:
                 continue
+            # The bucket's chunks index all its parameters; for the few steps where some have no
+            # gradient, the kernels chunk the subset themselves.
+            full = len(idx) == len(b.params)
+            chunks = b.chunks if full else None
             if c2:
-                refs = b.refs if b.refs is None or len(idx) == len(b.params) else [b.refs[i] for i in idx]
-                kernels.add_l2_gradient_(grads, weights, c2 if scale is None else scale * c2, refs)
+                refs = b.refs if b.refs is None or full else [b.refs[i] for i in idx]
+                kernels.add_l2_gradient_(grads, weights, c2 if scale is None else scale * c2, refs, chunks)
             if l1:
-                kernels.add_l1_subgradient_(grads, weights, l1 if scale is None else scale * l1)
+                kernels.add_l1_subgradient_(grads, weights, l1 if scale is None else scale * l1, chunks)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -294,7 +299,7 @@ class WeightPenalty(RegularizerCallback):
                 parts, nm, cf = local_parts, names, coeffs
             if use_l2:
                 c2 = coefficient(self._l2 if b.tag == "sp" else self._l2_head, step, "l2")
-                parts += kernels.squared_distances(weights, b.refs)
+                parts += kernels.squared_distances(weights, b.refs, b.chunks)
                 nm += b.names
                 cf += [("penalty/l2", c2 / 2)] * len(weights)
             if use_l1:
