@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups
+from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups, kernels
 from lightning_decay.rules import DecayRules
 
 try:
@@ -555,6 +555,23 @@ def bench_fit(report: Report, tag: str, name: str, size: str, device: torch.devi
         "< 5 %",
         share < 0.05,
     )
+    # What the regularization itself costs, with no Lightning or callback code around it: the two passes
+    # over the decayed weights that WeightDecay and the proximal step must make (copies of the weights,
+    # so the model is left alone). The floor under 3.fit and 3.self at this size.
+    weights = [d.param.detach().clone() for d in DecayRules().classify(base) if d.decay]
+    chunks = kernels.chunk_ranges(weights)
+
+    def math_only() -> None:
+        kernels.decay_(weights, 1.0 - 1e-3 * WD)
+        kernels.soft_threshold_(weights, 1e-3 * L1, chunks)
+
+    math_s = statistics.median(interleaved({"math": math_only}, budget.calls, budget.repeats, 3, device)["math"])
+    report.add(
+        f"3.math/{tag}",
+        "the decay and proximal kernels alone (no callback code) / fit step time without callbacks",
+        f"{math_s / statistics.median(times['none']) * 100:.2f} % ({math_s * 1e6:.0f} us)",
+        "-",
+    )
 
 
 # ------------------------------------------------------------------------------------- 4. memory
@@ -686,7 +703,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
     """Keys of every row a run over ``devices`` and ``models`` writes (for the smoke test)."""
     per_model = [
         "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.naive_wd", "1.naive_l2", "1.extra",
-        "2.bare", "2.lightning", "2.amortized", "3.fit", "3.self",
+        "2.bare", "2.lightning", "2.amortized", "3.fit", "3.self", "3.math",
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip
     return [f"{k}/{d}/{m}" for d in devices for m in models for k in per_model]
@@ -739,7 +756,10 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    no progress bar or checkpointing, `log_every_n_steps={every}`), with all three callbacks against none,
    {fit_repeats} interleaved pairs after one warm-up fit. Row 3.self, from the same fits: the host time spent
    inside the three callbacks' hooks and the optimizer step hooks they register, over the fit's wall time
-   (a share, so free of the drift between runs that makes the wall-time difference noisy).
+   (a share, so free of the drift between runs that makes the wall-time difference noisy). Row 3.math:
+   the regularization alone, the decay and proximal kernels on copies of the decayed weights with no
+   Lightning or callback code, over the fit's step time without callbacks: the part of 3.self that any
+   implementation of this regularization pays (the glue is the difference).
 4. *Memory*, as multiples of the parameters' bytes: *state* is the bytes of the tensors the callbacks
    hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
