@@ -5,30 +5,15 @@ No timing is asserted here: the numbers come from ``python benchmarks/run.py`` o
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_run() -> ModuleType:
-    name = "_lightning_decay_bench_run"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_benchmark
 
 
 def test_benchmark_runs_and_writes_every_row(tmp_path: Path) -> None:
-    run = _load_run()
+    run = load_benchmark()
     out = tmp_path / "benchmarks.md"
     threads = torch.get_num_threads()
     try:  # one thread: tiny tensors gain nothing from more, and a busy machine makes OpenMP waits slow

@@ -21,6 +21,9 @@ trainer:
   default_root_dir: {root}
 """
 
+# `--optimizer AdamW` from the command line, lr 0.05 and weight_decay 0.05.
+ADAMW = ("--optimizer", "AdamW", "--optimizer.lr", "0.05", "--optimizer.weight_decay", "0.05")
+
 
 def _run(cli_class: type[LightningCLI], model: type, tmp_path: Path, yaml: str, *args: str) -> LightningCLI:
     config = tmp_path / "config.yaml"
@@ -81,12 +84,7 @@ def test_decay_cli_automatic_optimizer_gives_groups_and_scheduler_drives_all(tmp
         PlainModel,
         tmp_path,
         "",
-        "--optimizer",
-        "AdamW",
-        "--optimizer.lr",
-        "0.05",
-        "--optimizer.weight_decay",
-        "0.05",
+        *ADAMW,
         "--lr_scheduler",
         "StepLR",
         "--lr_scheduler.step_size",
@@ -99,18 +97,7 @@ def test_decay_cli_automatic_optimizer_gives_groups_and_scheduler_drives_all(tmp
 
 
 def test_decay_cli_weights_equal_hand_written_adamw_groups(tmp_path: Path) -> None:
-    cli = _run(
-        DecayLightningCLI,
-        PlainModel,
-        tmp_path,
-        "",
-        "--optimizer",
-        "AdamW",
-        "--optimizer.lr",
-        "0.05",
-        "--optimizer.weight_decay",
-        "0.05",
-    )
+    cli = _run(DecayLightningCLI, PlainModel, tmp_path, "", *ADAMW)
     _assert_same_weights(cli, _reference(torch.optim.AdamW, 0.05, 0.05))
 
 

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_decay import WeightDecay, WeightPenalty, kernels
+from tests.bench import load_benchmark
 from tests.test_penalty import Lit, fit
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -216,24 +217,8 @@ def test_chunked_kernels_are_bitwise_the_unchunked_ones(dtype: torch.dtype) -> N
 
 
 def peak_cpu_bytes(fn: Callable[[], None]) -> int:
-    """Most CPU bytes allocated at once while ``fn`` runs (the allocation events of the profiler)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(events: list[Any]) -> Iterator[Any]:
-        for e in events:
-            yield e
-            yield from walk(e.children)
-
-    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_time_ns):
-        current += e.extra_fields.alloc_size
-        peak = max(peak, current)
-    return peak
+    """Most CPU bytes allocated at once while ``fn`` runs: the benchmarks' own measure (profiler events)."""
+    return int(load_benchmark().peak_bytes(fn, torch.device("cpu")))
 
 
 def test_kernel_temporaries_are_one_chunk() -> None:
