@@ -79,11 +79,11 @@ class Model(pl.LightningModule):
 
 def fit(model: Model, tmp_path: Path, precision: str, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("logger", False)
+    kwargs.setdefault("max_steps", STEPS)
     trainer = pl.Trainer(
         accelerator="cuda",
-        devices=1,
+        devices=1,  # several devices would need the subprocess launcher, which re-runs pytest
         precision=precision,
-        max_steps=STEPS,
         callbacks=callbacks,
         default_root_dir=tmp_path,
         enable_progress_bar=False,
@@ -120,18 +120,7 @@ def test_fsdp1_classifies_flat_wrapped_params_like_unwrapped(tmp_path: Path) -> 
     reference = [(d.name, d.decay, tuple(d.shape)) for d in DecayRules().classify(Model(adamw()))]
     model = Model(adamw(), weight_decay=WD)
     strategy = FSDPStrategy(auto_wrap_policy={nn.Linear}, use_orig_params=True)
-    trainer = pl.Trainer(
-        accelerator="cuda",
-        devices=1,  # several devices would need the subprocess launcher, which re-runs pytest
-        strategy=strategy,
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, loader())
+    fit(model, tmp_path, "32-true", [], strategy=strategy, max_steps=2)
     assert any("_fsdp_wrapped_module." in n for n in model.wrapped_names), model.wrapped_names
     assert model.plan == reference  # cleaned names, same decisions, original (not flat) shapes
 
