@@ -291,8 +291,13 @@ class GAN(pl.LightningModule):
             lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1, momentum=0.9, foreach=False),
             lambda mod: torch.optim.SGD(decay_param_groups(mod, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
         ),
+        (  # the closure Lightning hands `step` in manual optimization gets the L2 term, as SGD would
+            lambda: WeightDecay(),
+            lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2, foreach=False),
+            lambda mod: torch.optim.SGD(decay_param_groups(mod, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
+        ),
     ],
-    ids=["decay", "penalty"],
+    ids=["decay", "penalty", "take-over-coupled"],
 )
 def test_manual_optimization_two_optimizers_each_param_regularized_once(
     callback: Any, plain: Any, reference: Any
