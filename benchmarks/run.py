@@ -774,6 +774,12 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
    except L2-SP's reference (persistent) and the update-ratio snapshot (logging steps only).
+
+**Reading a miss.** The naive-loop ratios (1.naive_*) compare whole steps, so they depend on how much
+of a step is per-tensor overhead: on a CPU the small models are compute-bound and the step dwarfs the
+loop; row 1.extra gives the time each variant adds to a step on its own. The fit rows (3.*) include the
+regularization itself: row 3.math is the share of the fit spent in the decay and proximal kernels,
+passes over the weights that any implementation makes, and 3.self - 3.math is the callbacks' own code.
 """
 
 
