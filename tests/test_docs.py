@@ -11,7 +11,6 @@ so the relative links of ``docs/*.md`` and ``README.md`` are checked here agains
 from __future__ import annotations
 
 import ast
-import importlib.util
 import io
 import os
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.extras import require
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SRC = ROOT / "src" / "lightning_decay"
@@ -32,25 +33,8 @@ PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 DOCS_MODULES = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a missing parent package
-        return False
-
-
 def _require_docs_tools() -> None:
-    missing = [m for m in DOCS_MODULES if not _installed(m)]
-    if not missing:
-        return
-    message = f"docs tools not installed ({', '.join(missing)}): pip install -e '.[test]'"
-    if _in_ci():
-        pytest.fail(f"{message}; CI must build the docs")
-    pytest.skip(message)
+    require(DOCS_MODULES, "the docs build")
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:

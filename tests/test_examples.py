@@ -9,8 +9,9 @@ from types import ModuleType
 
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("jsonargparse")
+from tests.extras import require
+
+require(("sklearn", "matplotlib", "jsonargparse"), "the examples")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
