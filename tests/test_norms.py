@@ -84,6 +84,38 @@ def test_combine_propagates_nan(norm_type: float) -> None:
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF])
+def test_combine_all_partials_is_the_norm_of_every_tensor(norm_type: float) -> None:
+    tensors = [torch.randn(4), torch.randn(3, 3), torch.zeros(0)]
+    got = K.finalize_partials(K.combine_all_partials(K.partials(tensors, norm_type), norm_type), norm_type)
+    want = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in tensors]), norm_type)
+    assert got.shape == (1,)
+    torch.testing.assert_close(got[0], want)
+    empty = K.combine_all_partials(torch.zeros(0), norm_type)  # no tensor: 0, not an error from ``amax``
+    assert empty.tolist() == [0.0]
+    assert torch.isnan(K.combine_all_partials(torch.tensor([1.0, math.nan]), norm_type)).all()
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF])
+def test_masked_norms_are_the_norms_of_the_selected_tensors(norm_type: float) -> None:
+    tensors = [torch.randn(4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64), torch.randn(2).double()]
+    norms = K.grouped_norms(tensors, norm_type, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, True], [False, False, False]])
+    got = K.masked_norms(norms, mask, norm_type)
+    flat = [t.reshape(-1) for t in tensors]
+    want = [
+        torch.linalg.vector_norm(torch.cat([f for f, m in zip(flat, row, strict=True) if m]), norm_type)
+        for row in mask[:2]
+    ]
+    torch.testing.assert_close(got, torch.stack([*want, torch.zeros((), dtype=torch.float64)]))
+    torch.testing.assert_close(K.masked_norms(norms, mask, norm_type, norms.new_zeros(())), got)
+    # A NaN or Inf norm reaches only the rows that select it.
+    bad = torch.tensor([math.inf, 1.0, math.nan], dtype=torch.float64)
+    out = K.masked_norms(bad, torch.tensor([[True, True, False], [False, True, False], [False, True, True]]), norm_type)
+    assert math.isinf(out[0]) and out[1] == 1.0 and math.isnan(out[2])
+    assert K.masked_norms(torch.zeros(0), torch.zeros(2, 0, dtype=torch.bool), norm_type).tolist() == [0.0, 0.0]
+
+
 def test_sharded_partials_equal_the_global_norm() -> None:
     # What the all_reduce does across ranks, done by hand: partials of the shards add up (max for inf).
     full = torch.randn(10, 3)

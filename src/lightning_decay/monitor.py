@@ -1,7 +1,8 @@
 """``WeightNormMonitor``: log what weight decay does to each layer, at the cost of one host copy per log.
 
-The callback is thin glue around `lightning_decay.norms`: it decides when to measure, keeps the
-per-bucket index tensors, and hands the numbers to every logger the way ``LearningRateMonitor`` does.
+The callback is thin glue around `lightning_decay.norms`: it decides when to measure, keeps the layout
+of the parameters (``lightning_decay._monitor_layout``: buckets and index tensors, built once), and hands
+the numbers to every logger the way ``LearningRateMonitor`` does.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,104 +22,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_decay import norms as K
+from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay.rules import DecayRules
 
 __all__ = ["WeightNormMonitor"]
 
 _GRANULARITIES = ("param", "module")
 _TOTALS = ("total", "decay_total", "no_decay_total")
-
-
-@dataclass
-class _Subset:
-    """Index tensors (built once, cached) mapping a list of parameter positions to buckets."""
-
-    idx: Tensor  # positions into the layout's parameters
-    members: Tensor  # positions into the subset that belong to a bucket
-    buckets: Tensor  # compact bucket id of each member
-    names: list[str]  # compact bucket id -> bucket name
-    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-
-    def metric_keys(self, metric: str, sep: str) -> list[str]:
-        """``f"{metric}{sep}{name}"`` for every bucket, built once (not per tensor per logging step)."""
-        cached = self.keys.get((metric, sep))
-        if cached is None:
-            cached = self.keys[(metric, sep)] = [f"{metric}{sep}{name}" for name in self.names]
-        return cached
-
-
-@dataclass
-class _Layout:
-    """Everything about the monitored parameters that only changes when the optimizers change."""
-
-    params: list[Tensor]
-    names: list[str]
-    bucket_names: list[str]
-    bucket_of: list[int | None]
-    opt_indices: dict[int, list[int]]
-    device: torch.device
-    dtype: torch.dtype
-    sharded: bool
-    contrib: Tensor | None
-    local_numel: Tensor
-    global_numel: Tensor
-    signature: tuple[Any, ...]
-    # Decided once: with no DTensor the parameters are their own local tensors, so their (device,
-    # dtype) split is kept and a logging step does no per-tensor Python work for them.
-    weight_groups: K.TensorGroups | None  # None when some parameter is a DTensor
-    opt_params: dict[int, list[Tensor]]  # local tensors of ``opt_indices`` (empty with DTensors)
-    total_mask: Tensor  # (rows, params) bool: all, then the decay / no-decay groups that are not empty
-    total_names: list[str]  # "total", "decay_total", "no_decay_total" for the rows of ``total_mask``
-    zero: Tensor  # a 0-dim ``dtype`` zero on ``device`` (``where`` takes it faster than a Python 0.0)
-    everything: tuple[int, ...]  # every position, the key of the subset of all parameters
-    subsets: dict[tuple[int, ...], _Subset] = field(default_factory=dict)
-    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-    all_params: _Subset | None = None
-
-    def subset_of_all(self) -> _Subset:
-        """``subset(everything)``, without hashing a tuple of every position at each logging step."""
-        if self.all_params is None:
-            self.all_params = self.subset(self.everything)
-        return self.all_params
-
-    def total_keys(self, metric: str, sep: str) -> list[str]:
-        cached = self.keys.get((metric, sep))
-        if cached is None:
-            cached = self.keys[(metric, sep)] = [f"{metric}{sep}{name}" for name in self.total_names]
-        return cached
-
-    def subset(self, positions: tuple[int, ...]) -> _Subset:
-        cached = self.subsets.get(positions)
-        if cached is None:
-            compact: dict[int, int] = {}
-            members, buckets = [], []
-            for j, i in enumerate(positions):
-                b = self.bucket_of[i]
-                if b is not None:
-                    members.append(j)
-                    buckets.append(compact.setdefault(b, len(compact)))
-            cached = _Subset(
-                idx=torch.tensor(positions, dtype=torch.long, device=self.device),
-                members=torch.tensor(members, dtype=torch.long, device=self.device),
-                buckets=torch.tensor(buckets, dtype=torch.long, device=self.device),
-                names=[self.bucket_names[b] for b in compact],
-            )
-            self.subsets[positions] = cached
-        return cached
-
-
-@dataclass
-class _Pending:
-    """What a logging step has gathered between ``on_before_optimizer_step`` and ``on_train_batch_end``."""
-
-    batch: int
-    step: int
-    seen: set[int] = field(default_factory=set)
-    grad_idx: list[int] = field(default_factory=list)
-    grad_parts: list[Tensor] = field(default_factory=list)
-    snap_idx: list[int] = field(default_factory=list)
-    snapshots: list[Tensor] = field(default_factory=list)
-    snap_sources: list[Tensor] = field(default_factory=list)  # the local tensors that were copied
 
 
 class WeightNormMonitor(Callback):
@@ -275,8 +184,8 @@ class WeightNormMonitor(Callback):
             raise ValueError(f"`group_separator` must be a non-empty string, got {group_separator!r}")
         self.group_separator = group_separator
 
-        self._layout: _Layout | None = None
-        self._pending: _Pending | None = None
+        self._layout: Layout | None = None
+        self._pending: Pending | None = None
         self._decided_batch: int | None = None
         self._warned: set[tuple[str, str]] = set()
 
@@ -309,7 +218,7 @@ class WeightNormMonitor(Callback):
             self._pending = None
             if self._is_logging_step(trainer):
                 self._ensure_layout(trainer, pl_module)
-                self._pending = _Pending(batch=batch, step=loop._batches_that_stepped)
+                self._pending = Pending(batch=batch, step=loop._batches_that_stepped)
         pending, layout = self._pending, self._layout
         snapshot = self.log_update_ratio or self.log_angular_update
         if pending is None or layout is None or not (self.log_grad_norm or snapshot):
@@ -353,74 +262,11 @@ class WeightNormMonitor(Callback):
         return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.logging_interval == 0
 
     def _ensure_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        signature = _optimizer_signature(trainer)
-        if self._layout is None or self._layout.signature != signature:
-            self._layout = self._build_layout(trainer, pl_module, signature)
-
-    def _build_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule, signature: tuple[Any, ...]) -> _Layout:
-        plan = self.rules.classify(pl_module, include_frozen=True)
-        decisions = [d for d in plan if self.include_frozen or d.param.requires_grad]
-        params = [d.param for d in decisions]
-        names = [d.name for d in decisions]
-        bucket_names: list[str] = []
-        bucket_ids: dict[str, int] = {}
-        bucket_of: list[int | None] = []
-        for d in decisions:
-            bucket = self._bucket_name(d.name, d.aliases)
-            if bucket is None:
-                bucket_of.append(None)
-            else:
-                if bucket not in bucket_ids:
-                    bucket_ids[bucket] = len(bucket_names)
-                    bucket_names.append(bucket)
-                bucket_of.append(bucket_ids[bucket])
-
-        position = {id(p): i for i, p in enumerate(params)}
-        opt_indices: dict[int, list[int]] = {}
-        for opt in trainer.optimizers:
-            seen: dict[int, None] = {}
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if id(p) in position:
-                        seen.setdefault(position[id(p)])
-            opt_indices[id(opt)] = list(seen)
-
-        device = trainer.strategy.root_device
-        dtype = K.wide_dtype(device)
-        sharded = any(K.is_sharded(p) for p in params)
-        contrib = None
-        if sharded:
-            contrib = torch.tensor([K.contributes_to_sum(p) for p in params], dtype=torch.bool, device=device)
-        decay_flags = [plan.is_decayed(p) for p in params]
-        # No DTensor at all (sharded or replicated): the parameters are their own local tensors.
-        plain = all(K.local_tensor(p) is p for p in params)
-        rows = [[True] * len(params)]
-        total_names = ["total"]
-        for g, name in enumerate(("decay_total", "no_decay_total")):
-            flags = [f == (g == 0) for f in decay_flags]
-            if any(flags):  # a total is left out if its group is empty
-                rows.append(flags)
-                total_names.append(name)
-        return _Layout(
-            params=params,
-            names=names,
-            bucket_names=bucket_names,
-            bucket_of=bucket_of,
-            opt_indices=opt_indices,
-            device=device,
-            dtype=dtype,
-            sharded=sharded,
-            contrib=contrib,
-            local_numel=torch.tensor([K.local_tensor(p).numel() for p in params], dtype=dtype, device=device),
-            global_numel=torch.tensor([p.numel() for p in params], dtype=dtype, device=device),
-            signature=signature,
-            weight_groups=K.TensorGroups(params, device) if plain else None,
-            opt_params={k: [params[i] for i in v] for k, v in opt_indices.items()} if plain else {},
-            total_mask=torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), len(params)),
-            total_names=total_names,
-            zero=torch.zeros((), dtype=dtype, device=device),
-            everything=tuple(range(len(params))),
-        )
+        if self._layout is None or self._layout.signature != optimizer_signature(trainer.optimizers):
+            # Frozen parameters are classified too; ``build_layout`` keeps them only with ``include_frozen``.
+            plan = self.rules.classify(pl_module, include_frozen=True)
+            device = trainer.strategy.root_device
+            self._layout = build_layout(plan, trainer.optimizers, device, self._bucket_name, self.include_frozen)
 
     def _bucket_name(self, name: str, aliases: tuple[str, ...]) -> str | None:
         if self.blocks is not None:
@@ -437,8 +283,8 @@ class WeightNormMonitor(Callback):
         self,
         trainer: pl.Trainer,
         optimizer: Optimizer,
-        layout: _Layout,
-        pending: _Pending,
+        layout: Layout,
+        pending: Pending,
         positions: list[int],
     ) -> None:
         present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
@@ -458,7 +304,7 @@ class WeightNormMonitor(Callback):
         pending.grad_idx.extend(i for i, _ in present)
         pending.grad_parts.append(parts)
 
-    def _log_step(self, trainer: pl.Trainer, layout: _Layout, pending: _Pending) -> None:
+    def _log_step(self, trainer: pl.Trainer, layout: Layout, pending: Pending) -> None:
         p, dev, dtype = self.norm_type, layout.device, layout.dtype
         if layout.weight_groups is not None:  # no DTensor: the (device, dtype) split made at layout time
             weights, weight_groups = layout.params, layout.weight_groups
@@ -499,7 +345,7 @@ class WeightNormMonitor(Callback):
 
         # 2. One reduction across shards, only when some parameter is sharded.
         if layout.sharded:
-            pieces = _reduce_pieces(pieces, layout)
+            pieces = reduce_pieces(pieces, layout)
         values = {k: v for k, (v, _, _) in pieces.items()}
 
         # 3. Combine into buckets and finalize, on the device: the tensors, each with its metric keys
@@ -523,7 +369,7 @@ class WeightNormMonitor(Callback):
         if not identity:
             emit(wsub.metric_keys("weight_norm", sep), self._bucketed(values["w"], wsub))
         # total, decay_total, no_decay_total: the norm of the per-parameter norms of each row of the mask
-        emit(layout.total_keys("weight_norm", sep), _row_norms(w_norms, layout.total_mask, p, layout.zero))
+        emit(layout.total_keys("weight_norm", sep), K.masked_norms(w_norms, layout.total_mask, p, layout.zero))
 
         g_at: int | None = None
         if "g" in values:
@@ -532,7 +378,7 @@ class WeightNormMonitor(Callback):
             g_at = emit(g_keys if identity else None, K.finalize_partials(g_parts, p))
             if not identity:
                 emit(g_keys, self._bucketed(g_parts, gsub))
-            emit([f"grad_norm{sep}total"], K.finalize_partials(_combine_all(g_parts, p), p))
+            emit([f"grad_norm{sep}total"], K.finalize_partials(K.combine_all_partials(g_parts, p), p))
 
         if "a2" in values:
             size = len(usub.names)
@@ -573,7 +419,7 @@ class WeightNormMonitor(Callback):
         if self.log_histograms:
             self._log_histograms(trainer, layout, pending.step)
 
-    def _bucketed(self, partial: Tensor, subset: _Subset) -> Tensor:
+    def _bucketed(self, partial: Tensor, subset: Subset) -> Tensor:
         if self.granularity == "param" and self.blocks is None:
             return K.finalize_partials(partial, self.norm_type)  # buckets are the parameters
         combined = K.combine_partials(partial[subset.members], subset.buckets, len(subset.names), self.norm_type)
@@ -588,7 +434,7 @@ class WeightNormMonitor(Callback):
                     "It is logged as is; this warning is shown once per parameter."
                 )
 
-    def _log_histograms(self, trainer: pl.Trainer, layout: _Layout, step: int) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, layout: Layout, step: int) -> None:
         tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not tb_loggers:
             return
@@ -623,62 +469,7 @@ def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[
     return compiled
 
 
-def _optimizer_signature(trainer: pl.Trainer) -> tuple[Any, ...]:
-    # O(param groups), not O(params): enough to notice BaseFinetuning adding a group.
-    return tuple([(id(opt), tuple([len(g["params"]) for g in opt.param_groups])) for opt in trainer.optimizers])
-
-
-def _combine_all(values: Tensor, norm_type: float) -> Tensor:
-    """All 1-D partials combined into one (a 1-element tensor), on the device; NaN propagates."""
-    if K.reduce_op(norm_type) == "sum" or values.numel() == 0:
-        return values.sum().reshape(1)  # (an empty max is 0: partials are >= 0)
-    return values.amax().reshape(1)
-
-
-def _row_norms(norms: Tensor, mask: Tensor, norm_type: float, zero: Tensor) -> Tensor:
-    """The ``norm_type`` norm of the 1-D ``norms`` selected by each row of a ``(rows, len(norms))`` bool mask:
-    the norm of a set of tensors is the norm of their norms, for p = 1, 2 and inf. One ``where`` and one
-    ``vector_norm``, on the device; NaN and Inf propagate only into the rows holding them."""
-    if norms.numel() == 0:
-        return torch.zeros(mask.shape[0], dtype=norms.dtype, device=norms.device)
-    return torch.linalg.vector_norm(torch.where(mask, norms, zero), norm_type, dim=1)
-
-
 def _all_finite(values: list[float]) -> bool:
     """Whether no value is NaN or +-Inf, in one C-level pass (norms are >= 0, so the sum is finite unless
     one is not, or unless it overflows; then the caller's per-value check decides)."""
     return math.isfinite(sum(values))
-
-
-def _reduce_pieces(
-    pieces: dict[str, tuple[Tensor, Tensor | None, str]], layout: _Layout
-) -> dict[str, tuple[Tensor, Tensor | None, str]]:
-    """All-reduce every piece at once: one SUM vector (replicas masked out) and, for p=inf, one MAX vector."""
-    assert layout.contrib is not None
-    by_op: dict[str, list[str]] = {"sum": [], "max": []}
-    for key, (_, _, op) in pieces.items():
-        by_op[op].append(key)
-    out = dict(pieces)
-    stacks: dict[str, Tensor | None] = {}
-    for op, keys in by_op.items():
-        if not keys:
-            stacks[op] = None
-            continue
-        parts = []
-        for key in keys:
-            value, idx, _ = pieces[key]
-            if op == "sum":
-                mask = layout.contrib if idx is None else layout.contrib[idx]
-                # ``where``, not a product: 0 * inf would turn an Inf norm into NaN.
-                value = torch.where(mask, value, torch.zeros_like(value))
-            parts.append(value)
-        stacks[op] = torch.cat(parts)
-    K.all_reduce_partials(stacks["sum"], stacks["max"])
-    for op, keys in by_op.items():
-        stack = stacks[op]
-        if stack is None:
-            continue
-        sizes = [pieces[k][0].numel() for k in keys]
-        for key, value in zip(keys, stack.split(sizes), strict=True):
-            out[key] = (value, pieces[key][1], op)
-    return out

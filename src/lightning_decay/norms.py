@@ -33,12 +33,14 @@ __all__ = [
     "TensorGroups",
     "all_reduce_partials",
     "clone_tensors",
+    "combine_all_partials",
     "combine_partials",
     "contributes_to_sum",
     "finalize_partials",
     "grouped_norms",
     "is_sharded",
     "local_tensor",
+    "masked_norms",
     "parse_norm_type",
     "partials",
     "reduce_op",
@@ -195,6 +197,49 @@ def combine_partials(values: Tensor, index: Tensor, size: int, norm_type: float)
     if reduce_op(norm_type) == "sum":
         return out.index_add_(0, index, values)
     return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
+
+
+def combine_all_partials(values: Tensor, norm_type: float) -> Tensor:
+    """Combine all 1-D partials into one, on the device: the partial of the whole set of tensors.
+
+    Summed for p=1/2, maxed for p=inf; an empty ``values`` gives 0 (partials are >= 0, so 0 is the
+    neutral start of both). NaN propagates.
+
+    Args:
+        values: 1-D partials.
+        norm_type: 1, 2 or inf.
+
+    Returns:
+        A 1-element tensor (not 0-dim, so it can be concatenated with other 1-D results).
+    """
+    if reduce_op(norm_type) == "sum" or values.numel() == 0:
+        return values.sum().reshape(1)  # (``amax`` of nothing raises; the empty sum is 0)
+    return values.amax().reshape(1)
+
+
+def masked_norms(norms: Tensor, mask: Tensor, norm_type: float, zero: Tensor | None = None) -> Tensor:
+    """The norm of each subset of tensors picked by a row of ``mask``, from the tensors' own norms.
+
+    The ``norm_type`` norm of a set of tensors is the norm of their norms, for p = 1, 2 and inf, so row
+    ``r`` of the result is ``vector_norm(norms[mask[r]], norm_type)``. One ``where`` and one
+    ``vector_norm`` for every row at once, on the device, instead of one masked copy per row; NaN and
+    Inf propagate only into the rows holding them (masked-out entries are replaced, not multiplied by 0).
+
+    Args:
+        norms: 1-D finalized per-tensor norms (not partials).
+        mask: ``(rows, len(norms))`` bool tensor on the device of ``norms``.
+        norm_type: 1, 2 or inf.
+        zero: A 0-dim zero of the dtype and device of ``norms``, for a caller that keeps one (``where``
+            takes a tensor faster than a Python scalar); made here when not given.
+
+    Returns:
+        A 1-D tensor of ``mask.shape[0]`` norms; zeros when ``norms`` is empty.
+    """
+    if norms.numel() == 0:
+        return torch.zeros(mask.shape[0], dtype=norms.dtype, device=norms.device)
+    if zero is None:
+        zero = norms.new_zeros(())
+    return torch.linalg.vector_norm(torch.where(mask, norms, zero), norm_type, dim=1)
 
 
 def clone_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -1,0 +1,277 @@
+"""What ``WeightNormMonitor`` knows about the parameters it measures, built once per set of optimizers.
+
+The *layout* is everything about the monitored parameters that does not change between logging steps:
+the parameters in a fixed order, the bucket (parameter, module or block) each one is logged under, the
+positions each optimizer steps, the (device, dtype) split of the weights, the masks of the totals and
+of the replicas that sit out a SUM reduction, and the index tensors that combine partials into buckets.
+Building it walks every parameter in Python; a logging step then works on these lists and tensors with a
+few foreach kernels and no per-parameter Python work, which is what keeps the monitor's cost near that of
+a bare ``torch._foreach_norm``. It is rebuilt only when `optimizer_signature` changes (``BaseFinetuning``
+adding a param group).
+
+Also here: `Pending`, what one logging step gathers before the optimizer step, and `reduce_pieces`,
+the one cross-rank reduction of a step, which needs the layout's replica mask. Nothing here depends on
+Lightning: the callback passes in the plan, the optimizers, the device and how a name maps to a bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_decay import norms as K
+from lightning_decay.plan import DecayPlan
+
+__all__ = [
+    "BucketName",
+    "Layout",
+    "Pending",
+    "Pieces",
+    "Subset",
+    "build_layout",
+    "optimizer_signature",
+    "reduce_pieces",
+]
+
+BucketName = Callable[[str, tuple[str, ...]], str | None]
+"""``(name, aliases) -> bucket name``, or ``None`` for a parameter that counts only in the totals."""
+
+Pieces = dict[str, tuple[Tensor, Tensor | None, str]]
+"""Partials of a step by key: (1-D partials, their positions in the layout or ``None`` for all, reduce op)."""
+
+
+@dataclass
+class Subset:
+    """Index tensors (built once, cached) mapping a list of parameter positions to buckets."""
+
+    idx: Tensor  # positions into the layout's parameters
+    members: Tensor  # positions into the subset that belong to a bucket
+    buckets: Tensor  # compact bucket id of each member
+    names: list[str]  # compact bucket id -> bucket name
+    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def metric_keys(self, metric: str, sep: str) -> list[str]:
+        """``f"{metric}{sep}{name}"`` for every bucket, built once (not per tensor per logging step)."""
+        cached = self.keys.get((metric, sep))
+        if cached is None:
+            cached = self.keys[(metric, sep)] = [f"{metric}{sep}{name}" for name in self.names]
+        return cached
+
+
+@dataclass
+class Layout:
+    """Everything about the monitored parameters that only changes when the optimizers change."""
+
+    params: list[Tensor]
+    names: list[str]
+    bucket_names: list[str]
+    bucket_of: list[int | None]
+    opt_indices: dict[int, list[int]]
+    device: torch.device
+    dtype: torch.dtype
+    sharded: bool
+    contrib: Tensor | None
+    local_numel: Tensor
+    global_numel: Tensor
+    signature: tuple[Any, ...]
+    # Decided once: with no DTensor the parameters are their own local tensors, so their (device,
+    # dtype) split is kept and a logging step does no per-tensor Python work for them.
+    weight_groups: K.TensorGroups | None  # None when some parameter is a DTensor
+    opt_params: dict[int, list[Tensor]]  # local tensors of ``opt_indices`` (empty with DTensors)
+    total_mask: Tensor  # (rows, params) bool: all, then the decay / no-decay groups that are not empty
+    total_names: list[str]  # "total", "decay_total", "no_decay_total" for the rows of ``total_mask``
+    zero: Tensor  # a 0-dim ``dtype`` zero on ``device`` (``where`` takes it faster than a Python 0.0)
+    everything: tuple[int, ...]  # every position, the key of the subset of all parameters
+    subsets: dict[tuple[int, ...], Subset] = field(default_factory=dict)
+    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    all_params: Subset | None = None
+
+    def subset_of_all(self) -> Subset:
+        """``subset(everything)``, without hashing a tuple of every position at each logging step."""
+        if self.all_params is None:
+            self.all_params = self.subset(self.everything)
+        return self.all_params
+
+    def total_keys(self, metric: str, sep: str) -> list[str]:
+        """``f"{metric}{sep}{total}"`` for every row of ``total_mask``, built once."""
+        cached = self.keys.get((metric, sep))
+        if cached is None:
+            cached = self.keys[(metric, sep)] = [f"{metric}{sep}{name}" for name in self.total_names]
+        return cached
+
+    def subset(self, positions: tuple[int, ...]) -> Subset:
+        """The `Subset` of these parameter positions, built on first use and cached.
+
+        The positions of a step's gradients or snapshots are the same from one logging step to the
+        next, so their index tensors are made once.
+        """
+        cached = self.subsets.get(positions)
+        if cached is None:
+            compact: dict[int, int] = {}
+            members, buckets = [], []
+            for j, i in enumerate(positions):
+                b = self.bucket_of[i]
+                if b is not None:
+                    members.append(j)
+                    buckets.append(compact.setdefault(b, len(compact)))
+            cached = Subset(
+                idx=torch.tensor(positions, dtype=torch.long, device=self.device),
+                members=torch.tensor(members, dtype=torch.long, device=self.device),
+                buckets=torch.tensor(buckets, dtype=torch.long, device=self.device),
+                names=[self.bucket_names[b] for b in compact],
+            )
+            self.subsets[positions] = cached
+        return cached
+
+
+@dataclass
+class Pending:
+    """What a logging step has gathered between ``on_before_optimizer_step`` and ``on_train_batch_end``."""
+
+    batch: int
+    step: int
+    seen: set[int] = field(default_factory=set)
+    grad_idx: list[int] = field(default_factory=list)
+    grad_parts: list[Tensor] = field(default_factory=list)
+    snap_idx: list[int] = field(default_factory=list)
+    snapshots: list[Tensor] = field(default_factory=list)
+    snap_sources: list[Tensor] = field(default_factory=list)  # the local tensors that were copied
+
+
+def optimizer_signature(optimizers: Sequence[Optimizer]) -> tuple[Any, ...]:
+    """What a layout was built for: each optimizer and the size of each of its param groups.
+
+    O(param groups), not O(params), so it is cheap enough to compare on every logging step, and enough
+    to notice ``BaseFinetuning`` adding a group.
+    """
+    return tuple([(id(opt), tuple([len(g["params"]) for g in opt.param_groups])) for opt in optimizers])
+
+
+def build_layout(
+    plan: DecayPlan,
+    optimizers: Sequence[Optimizer],
+    device: torch.device,
+    bucket_name: BucketName,
+    include_frozen: bool,
+) -> Layout:
+    """Lay out the parameters of ``plan`` for the monitor: once, not per logging step.
+
+    Args:
+        plan: The decisions of every parameter, frozen ones included (they split the decay totals).
+        optimizers: The Trainer's optimizers; which positions each one steps.
+        device: Where the index tensors and all results live (the strategy's root device).
+        bucket_name: The bucket a parameter is logged under, from its name and tied aliases.
+        include_frozen: Also lay out parameters with ``requires_grad=False``.
+
+    Returns:
+        The `Layout`, with its `optimizer_signature` of ``optimizers``.
+    """
+    decisions = [d for d in plan if include_frozen or d.param.requires_grad]
+    params = [d.param for d in decisions]
+    names = [d.name for d in decisions]
+    bucket_names: list[str] = []
+    bucket_ids: dict[str, int] = {}
+    bucket_of: list[int | None] = []
+    for d in decisions:
+        bucket = bucket_name(d.name, d.aliases)
+        if bucket is None:
+            bucket_of.append(None)
+        else:
+            if bucket not in bucket_ids:
+                bucket_ids[bucket] = len(bucket_names)
+                bucket_names.append(bucket)
+            bucket_of.append(bucket_ids[bucket])
+
+    position = {id(p): i for i, p in enumerate(params)}
+    opt_indices: dict[int, list[int]] = {}
+    for opt in optimizers:
+        seen: dict[int, None] = {}  # an ordered set: a parameter listed twice is measured once
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in position:
+                    seen.setdefault(position[id(p)])
+        opt_indices[id(opt)] = list(seen)
+
+    dtype = K.wide_dtype(device)
+    sharded = any(K.is_sharded(p) for p in params)
+    contrib = None
+    if sharded:
+        contrib = torch.tensor([K.contributes_to_sum(p) for p in params], dtype=torch.bool, device=device)
+    decay_flags = [plan.is_decayed(p) for p in params]
+    # No DTensor at all (sharded or replicated): the parameters are their own local tensors.
+    plain = all(K.local_tensor(p) is p for p in params)
+    rows = [[True] * len(params)]
+    total_names = ["total"]
+    for g, name in enumerate(("decay_total", "no_decay_total")):
+        flags = [f == (g == 0) for f in decay_flags]
+        if any(flags):  # a total is left out if its group is empty
+            rows.append(flags)
+            total_names.append(name)
+    return Layout(
+        params=params,
+        names=names,
+        bucket_names=bucket_names,
+        bucket_of=bucket_of,
+        opt_indices=opt_indices,
+        device=device,
+        dtype=dtype,
+        sharded=sharded,
+        contrib=contrib,
+        local_numel=torch.tensor([K.local_tensor(p).numel() for p in params], dtype=dtype, device=device),
+        global_numel=torch.tensor([p.numel() for p in params], dtype=dtype, device=device),
+        signature=optimizer_signature(optimizers),
+        weight_groups=K.TensorGroups(params, device) if plain else None,
+        opt_params={k: [params[i] for i in v] for k, v in opt_indices.items()} if plain else {},
+        total_mask=torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), len(params)),
+        total_names=total_names,
+        zero=torch.zeros((), dtype=dtype, device=device),
+        everything=tuple(range(len(params))),
+    )
+
+
+def reduce_pieces(pieces: Pieces, layout: Layout) -> Pieces:
+    """All-reduce every piece at once: one SUM vector (replicas masked out) and, for p=inf, one MAX vector.
+
+    Stacking the pieces makes a logging step cost one collective per reduce op, whatever the number of
+    metrics; every rank must call it with the same keys (it does: they follow the monitor's options).
+
+    Args:
+        pieces: The step's local partials; their positions pick the rows of ``layout.contrib``.
+        layout: A layout with sharded parameters (so ``contrib`` is set).
+
+    Returns:
+        The same keys, with the reduced partials.
+    """
+    assert layout.contrib is not None
+    by_op: dict[str, list[str]] = {"sum": [], "max": []}
+    for key, (_, _, op) in pieces.items():
+        by_op[op].append(key)
+    out = dict(pieces)
+    stacks: dict[str, Tensor | None] = {}
+    for op, keys in by_op.items():
+        if not keys:
+            stacks[op] = None
+            continue
+        parts = []
+        for key in keys:
+            value, idx, _ = pieces[key]
+            if op == "sum":
+                mask = layout.contrib if idx is None else layout.contrib[idx]
+                # ``where``, not a product: 0 * inf would turn an Inf norm into NaN.
+                value = torch.where(mask, value, torch.zeros_like(value))
+            parts.append(value)
+        stacks[op] = torch.cat(parts)
+    K.all_reduce_partials(stacks["sum"], stacks["max"])
+    for op, keys in by_op.items():
+        stack = stacks[op]
+        if stack is None:
+            continue
+        sizes = [pieces[k][0].numel() for k in keys]
+        for key, value in zip(keys, stack.split(sizes), strict=True):
+            out[key] = (value, pieces[key][1], op)
+    return out
