@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -170,19 +171,25 @@ class WeightDecay(RegularizerCallback):
         if index is not None and not self._unscaled_in_step(optimizer):
             self._apply_decoupled(index, optimizer)
 
-    def _coefficient(self, index: int, group_index: int) -> tuple[float, bool]:
-        """(coefficient, decoupled) for one param group of optimizer ``index`` this step."""
+    def _coefficients(self, index: int) -> Callable[[int], tuple[float, bool]]:
+        """``group index -> (coefficient, decoupled)`` for optimizer ``index`` this step.
+
+        The schedule is evaluated (and checked) once per step, not once per bucket.
+        """
         if self._weight_decay is None:
-            return self._taken_over.get((index, group_index), (0.0, True))
-        return coefficient(self._weight_decay, self._steps[index], "weight_decay"), True
+            taken = self._taken_over
+            return lambda group_index: taken.get((index, group_index), (0.0, True))
+        wd = coefficient(self._weight_decay, self._steps[index], "weight_decay")
+        return lambda group_index: (wd, True)
 
     def _has_coupled(self, index: int) -> bool:
         return any(i == index and not decoupled for (i, _), (_, decoupled) in self._taken_over.items())
 
     def _apply_decoupled(self, index: int, optimizer: Optimizer) -> None:
         skip = self._found_inf(optimizer)  # decay nothing on a step the GradScaler will skip
+        coefficients = self._coefficients(index)
         for b in self._buckets(index):
-            coeff, decoupled = self._coefficient(index, b.group_index)
+            coeff, decoupled = coefficients(b.group_index)
             if not coeff or not decoupled:
                 continue
             group = optimizer.param_groups[b.group_index]
@@ -200,8 +207,9 @@ class WeightDecay(RegularizerCallback):
     def _apply_coupled(self, index: int, optimizer: Optimizer) -> None:
         """The optimizer's own (coupled) semantics, taken over: an L2 term ``wd * w`` in the gradient."""
         scale = self._grad_scale(optimizer) if self._unscaled_in_step(optimizer) else None
+        coefficients = self._coefficients(index)
         for b in self._buckets(index):
-            coeff, decoupled = self._coefficient(index, b.group_index)
+            coeff, decoupled = coefficients(b.group_index)
             if not coeff or decoupled:
                 continue
             weights, grads, idx = b.with_grads()
