@@ -370,3 +370,27 @@ def metric_rows(rows: list[dict[str, str]], key: str) -> dict[int, float]:
                 raise AssertionError(f"{key!r} logged twice at step {step}")
             out[step] = float(row[key])
     return out
+
+
+# --------------------------------------------------------------------------- `ddp` (subprocess launcher)
+def run_ddp_subprocess(out_dir: Path, timeout: float = 240.0) -> None:
+    """All callbacks under ``strategy="ddp"``, the multi-GPU default: Lightning's subprocess launcher.
+
+    That launcher starts the other ranks by running the command line of rank 0 again (here ``python -m
+    tests.dist_workers OUT``, never pytest), so this module is run as a script in a child process.
+    """
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(
+        [sys.executable, "-m", "tests.dist_workers", str(out_dir)], cwd=root, env=env, timeout=timeout, check=True
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    fit(sys.argv[1], "ddp_subprocess", "ddp", WORLD, PER_RANK_BATCH)

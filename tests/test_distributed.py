@@ -137,6 +137,19 @@ def test_ddp_matches_single_process_and_every_rank_agrees(single: Path, ddp: Pat
         assert [g["weight_decay"] for g in run["groups"]] == [0.0] * len(run["groups"])
 
 
+def test_ddp_subprocess_launcher_matches_single_process(single: Path, tmp_path: Path) -> None:
+    """``strategy="ddp"``: each rank builds its own callbacks (nothing pickled), same answers as one process."""
+    W.run_ddp_subprocess(tmp_path)
+    ref = W.load_result(single, "single", 0)
+    runs = results(tmp_path, "ddp_subprocess")
+    assert_same_on_every_rank(runs)
+    assert_weights_close(runs[0]["weights"], ref["weights"], "ddp (subprocess launcher) vs single")
+    for run in runs:
+        assert run["strategy"] == "DDPStrategy" and run["world_size"] == W.WORLD
+        assert run["states"] == ref["states"]
+    assert_metrics_match(metrics(tmp_path, "ddp_subprocess"), metrics(single, "single"), list(PENALTY_KEYS))
+
+
 def assert_monitor_like_single(
     rows: list[dict[str, str]], ref_rows: list[dict[str, str]], final_weights: dict[str, torch.Tensor]
 ) -> None:
