@@ -250,13 +250,17 @@ def fit(
     with_monitor: bool = True,
     with_regularizers: bool = True,
     ckpt_path: str | None = None,
+    precision: str = "32-true",
 ) -> None:
     torch.manual_seed(0)
     # A resumed run starts from other initial weights: everything it needs must come from the checkpoint
     # (the L2-SP reference "initial" included), not from a model that happens to be initialized the same.
     model = DistModel(batch_size=batch_size, shard=shard, seed=0 if ckpt_path is None else 1)
     trainer = pl.Trainer(
-        strategy=strategy, devices=devices, **trainer_kwargs(out_dir, tag, with_monitor, with_regularizers)
+        strategy=strategy,
+        devices=devices,
+        precision=precision,
+        **trainer_kwargs(out_dir, tag, with_monitor, with_regularizers),
     )
     trainer.fit(model, ckpt_path=ckpt_path)
 

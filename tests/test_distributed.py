@@ -150,6 +150,20 @@ def test_ddp_subprocess_launcher_matches_single_process(single: Path, tmp_path: 
     assert_metrics_match(metrics(tmp_path, "ddp_subprocess"), metrics(single, "single"), list(PENALTY_KEYS))
 
 
+def test_ddp_bf16_mixed_matches_single_process_bf16_mixed(tmp_path: Path) -> None:
+    """AMP under DDP: the callbacks see the averaged float32 gradients of a bf16 autocast, as on one process."""
+    W.fit(str(tmp_path), "single_bf16", "auto", 1, W.WORLD * W.PER_RANK_BATCH, precision="bf16-mixed")
+    W.fit(str(tmp_path), "ddp_bf16", "ddp_spawn", W.WORLD, W.PER_RANK_BATCH, precision="bf16-mixed")
+    ref = W.load_result(tmp_path, "single_bf16", 0)
+    runs = results(tmp_path, "ddp_bf16")
+    assert_same_on_every_rank(runs)
+    # bf16 activations: the two runs add the same products in another order, so not to 1e-6.
+    for name, value in ref["weights"].items():
+        torch.testing.assert_close(runs[0]["weights"][name], value, atol=2e-3, rtol=1e-2, msg=name)
+    for run in runs:
+        assert run["states"] == ref["states"]
+
+
 def assert_monitor_like_single(
     rows: list[dict[str, str]], ref_rows: list[dict[str, str]], final_weights: dict[str, torch.Tensor]
 ) -> None:
