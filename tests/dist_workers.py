@@ -278,7 +278,8 @@ def fsdp2_worker(rank: int, out_dir: str, port: int, scenarios: tuple[str, ...])
     test starts the processes itself; Lightning sees ``LOCAL_RANK`` and launches none. The scenarios run
     one after the other in the same processes (the process group is kept between fits):
     ``"fsdp2"`` (all callbacks, two epochs), ``"fsdp2_resume"`` (the second epoch again, from the first
-    epoch's checkpoint of ``"fsdp2"``), ``"hsdp"`` (hybrid sharding, all callbacks) and ``"module_ref"``
+    epoch's checkpoint of ``"fsdp2"``), ``"hsdp"`` (hybrid sharding, all callbacks), ``"fsdp2_bf16"``
+    (``"fsdp2"`` under ``bf16-mixed``) and ``"module_ref"``
     (:func:`module_reference_check`, best last). A scenario that raises writes ``{tag}_rank{r}.err`` and
     the next one runs.
     """
@@ -304,8 +305,9 @@ def fsdp2_worker(rank: int, out_dir: str, port: int, scenarios: tuple[str, ...])
         if tag == "fsdp2_resume":
             ckpt_path = os.path.join(out_dir, "fsdp2_ckpt", f"epoch=0-step={STEPS_PER_EPOCH}.ckpt")
         shard = "hsdp" if tag == "hsdp" else "fsdp2"
+        precision = "bf16-mixed" if tag.endswith("_bf16") else "32-true"
         try:
-            fit(out_dir, tag, strategy, WORLD, PER_RANK_BATCH, shard=shard, ckpt_path=ckpt_path)
+            fit(out_dir, tag, strategy, WORLD, PER_RANK_BATCH, shard=shard, ckpt_path=ckpt_path, precision=precision)
         except Exception:
             Path(out_dir, f"{tag}_rank{rank}.err").write_text(traceback.format_exc())
         torch.distributed.barrier()

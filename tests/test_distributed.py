@@ -60,7 +60,15 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
-    W.spawn(W.fsdp2_worker, (str(out), W.free_port(), ("fsdp2", "fsdp2_resume", "hsdp", "module_ref")))
+    scenarios = ("fsdp2", "fsdp2_resume", "hsdp", "fsdp2_bf16", "module_ref")
+    W.spawn(W.fsdp2_worker, (str(out), W.free_port(), scenarios))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single_bf16")
+    W.fit(str(out), "single_bf16", "auto", 1, W.WORLD * W.PER_RANK_BATCH, precision="bf16-mixed")
     return out
 
 
@@ -150,18 +158,23 @@ def test_ddp_subprocess_launcher_matches_single_process(single: Path, tmp_path: 
     assert_metrics_match(metrics(tmp_path, "ddp_subprocess"), metrics(single, "single"), list(PENALTY_KEYS))
 
 
-def test_ddp_bf16_mixed_matches_single_process_bf16_mixed(tmp_path: Path) -> None:
-    """AMP under DDP: the callbacks see the averaged float32 gradients of a bf16 autocast, as on one process."""
-    W.fit(str(tmp_path), "single_bf16", "auto", 1, W.WORLD * W.PER_RANK_BATCH, precision="bf16-mixed")
-    W.fit(str(tmp_path), "ddp_bf16", "ddp_spawn", W.WORLD, W.PER_RANK_BATCH, precision="bf16-mixed")
-    ref = W.load_result(tmp_path, "single_bf16", 0)
-    runs = results(tmp_path, "ddp_bf16")
+def assert_bf16_close(runs: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    """bf16 activations: two layouts add the same products in another order, so not to 1e-6."""
     assert_same_on_every_rank(runs)
-    # bf16 activations: the two runs add the same products in another order, so not to 1e-6.
     for name, value in ref["weights"].items():
         torch.testing.assert_close(runs[0]["weights"][name], value, atol=2e-3, rtol=1e-2, msg=name)
     for run in runs:
         assert run["states"] == ref["states"]
+
+
+def test_ddp_bf16_mixed_matches_single_process_bf16_mixed(single_bf16: Path, tmp_path: Path) -> None:
+    """AMP under DDP: the callbacks see the averaged float32 gradients of a bf16 autocast, as on one process."""
+    W.fit(str(tmp_path), "ddp_bf16", "ddp_spawn", W.WORLD, W.PER_RANK_BATCH, precision="bf16-mixed")
+    assert_bf16_close(results(tmp_path, "ddp_bf16"), W.load_result(single_bf16, "single_bf16", 0))
+
+
+def test_fsdp2_bf16_mixed_matches_single_process_bf16_mixed(single_bf16: Path, fsdp2: Path) -> None:
+    assert_bf16_close(results(fsdp2, "fsdp2_bf16"), W.load_result(single_bf16, "single_bf16", 0))
 
 
 def assert_monitor_like_single(
