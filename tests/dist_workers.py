@@ -251,7 +251,10 @@ def fit(
     with_regularizers: bool = True,
     ckpt_path: str | None = None,
     precision: str = "32-true",
+    fp16_scale: float | None = None,
 ) -> None:
+    """One fit of ``DistModel`` with every callback; ``fp16_scale``: ``16-mixed`` with a GradScaler of that
+    initial scale (Lightning refuses the ``"16-mixed"`` string on CPU, its plugin works)."""
     torch.manual_seed(0)
     # A resumed run starts from other initial weights: everything it needs must come from the checkpoint
     # (the L2-SP reference "initial" included), not from a model that happens to be initialized the same.
@@ -259,10 +262,19 @@ def fit(
     trainer = pl.Trainer(
         strategy=strategy,
         devices=devices,
-        precision=precision,
+        **fp16_plugin(fp16_scale, precision),
         **trainer_kwargs(out_dir, tag, with_monitor, with_regularizers),
     )
     trainer.fit(model, ckpt_path=ckpt_path)
+
+
+def fp16_plugin(init_scale: float | None, precision: str) -> dict[str, Any]:
+    if init_scale is None:
+        return {"precision": precision}
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
 
 
 def free_port() -> int:

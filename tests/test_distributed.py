@@ -173,6 +173,26 @@ def test_ddp_bf16_mixed_matches_single_process_bf16_mixed(single_bf16: Path, tmp
     assert_bf16_close(results(tmp_path, "ddp_bf16"), W.load_result(single_bf16, "single_bf16", 0))
 
 
+def test_ddp_fp16_grad_scaler_skipped_steps_are_skipped_on_every_rank(tmp_path: Path) -> None:
+    """16-mixed with a GradScaler whose first steps overflow: a step the scaler skips gets no decay, no
+    proximal step and no step count on any rank. (Where the overflows fall depends on the per-rank
+    batches, so the count is checked against this run's own scaler, not against one process.)"""
+    init_scale = 2.0**24  # float16 gradients overflow at this scale for the first steps
+    W.fit(str(tmp_path), "ddp_fp16", "ddp_spawn", W.WORLD, W.PER_RANK_BATCH, fp16_scale=init_scale)
+    runs = results(tmp_path, "ddp_fp16")
+    assert_same_on_every_rank(runs)
+    ckpt = torch.load(tmp_path / "ddp_fp16_ckpt" / f"epoch=1-step={STEPS}.ckpt", weights_only=False)
+    # Every skip halves the scale (growth needs 2000 clean steps), so the checkpoint's scale counts them.
+    skipped = round(math.log2(init_scale / ckpt["MixedPrecision"]["scale"]))
+    assert 0 < skipped < STEPS, "some steps were skipped, some ran"
+    for run in runs:
+        assert run["global_step"] == STEPS  # Lightning counts every batch
+        assert run["states"] == {
+            "WeightDecay": {"steps": [STEPS - skipped], "calls": 1},
+            "WeightPenalty": {"steps": [STEPS - skipped], "calls": 1},
+        }
+
+
 def test_fsdp2_bf16_mixed_matches_single_process_bf16_mixed(single_bf16: Path, fsdp2: Path) -> None:
     assert_bf16_close(results(fsdp2, "fsdp2_bf16"), W.load_result(single_bf16, "single_bf16", 0))
 
