@@ -23,24 +23,10 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
-from lightning_decay.norms import contributes_to_sum
+from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import check_coefficient
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-
-
-def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view sharing storage), or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 @dataclass
@@ -66,7 +52,7 @@ class Bucket:
     every: list[int] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self.locals = [local(p) for p in self.params]
+        self.locals = [local_tensor(p) for p in self.params]
         self.chunks = kernels.chunk_ranges(self.locals)
         self.every = list(range(len(self.params)))
         if self.sharded and self.params:
@@ -75,7 +61,7 @@ class Bucket:
 
     def weights(self) -> list[Tensor]:
         # FSDP2 may hand out fresh local views between steps; plain parameters never change.
-        return [local(p) for p in self.params] if self.sharded else self.locals
+        return [local_tensor(p) for p in self.params] if self.sharded else self.locals
 
     def with_grads(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
         """(weights, grads, positions) of the parameters that have a gradient this step.
@@ -92,7 +78,7 @@ class Bucket:
             weights = [weights[i] for i in idx]
             grads = [grads[i] for i in idx]
         if self.sharded:
-            grads = [local(g) for g in grads]  # type: ignore[arg-type]
+            grads = [local_tensor(g) for g in grads]  # type: ignore[arg-type]
         return weights, grads, idx  # type: ignore[return-value]
 
 
@@ -359,7 +345,7 @@ def to_host(
         if sharded_counted:
             # `where`, not a product: NaN * 0 is NaN, and skipped replicas must add exactly nothing.
             sharded = torch.where(torch.cat(sharded_counted), sharded, 0.0)
-        torch.distributed.all_reduce(sharded)
+        all_reduce_partials(sharded, None)
         pieces.append(sharded.cpu())
     values = torch.cat(pieces).tolist() if pieces else []
     if len(by_device) > 1:  # restore the caller's order

@@ -283,6 +283,12 @@ def _dtensor_types() -> tuple[type, type] | None:
     return DTensor, Shard
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor, sharded or replicated."""
+    types = _dtensor_types()
+    return types is not None and isinstance(tensor, types[0])
+
+
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a DTensor with at least one ``Shard`` placement (FSDP2, tensor parallel)."""
     types = _dtensor_types()
@@ -292,11 +298,8 @@ def is_sharded(tensor: Tensor) -> bool:
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (``to_local()``), the tensor itself otherwise."""
-    types = _dtensor_types()
-    if types is not None and isinstance(tensor, types[0]):
-        return tensor.to_local()
-    return tensor
+    """The local shard of a DTensor (``to_local()``, a view sharing storage), the tensor itself otherwise."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def contributes_to_sum(tensor: Tensor) -> bool:

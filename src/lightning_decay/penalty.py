@@ -15,12 +15,11 @@ from lightning_decay._regularizer import (
     OptimizerBuckets,
     RegularizerCallback,
     coefficient,
-    is_dtensor,
-    local,
     should_log,
     to_host,
 )
 from lightning_decay.names import clean_param_name
+from lightning_decay.norms import is_dtensor, local_tensor
 from lightning_decay.plan import ParamDecision
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
@@ -190,7 +189,7 @@ class WeightPenalty(RegularizerCallback):
         the shape of this rank's shard (uneven shards: one rank's may be the whole tensor, another's empty).
         """
         ref = self._refs[name] if ref is None else ref
-        target = local(param)
+        target = local_tensor(param)
         if is_dtensor(ref):
             if is_dtensor(param) and tuple(ref.placements) != tuple(param.placements):
                 ref = ref.redistribute(param.device_mesh, param.placements)  # every rank: same layouts
