@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections import Counter
@@ -397,9 +399,6 @@ def run_ddp_subprocess(out_dir: Path, timeout: float = 240.0) -> None:
     That launcher starts the other ranks by running the command line of rank 0 again (here ``python -m
     tests.dist_workers OUT``, never pytest), so this module is run as a script in a child process.
     """
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(
@@ -408,7 +407,5 @@ def run_ddp_subprocess(out_dir: Path, timeout: float = 240.0) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     torch.set_num_threads(1)
     fit(sys.argv[1], "ddp_subprocess", "ddp", WORLD, PER_RANK_BATCH)
