@@ -23,7 +23,6 @@ from tests.models import (
     make_swin,
     make_transformer_encoder,
     make_vit,
-    wrap,
 )
 
 
@@ -324,23 +323,39 @@ def test_torch_compile_plan_equals_uncompiled(build) -> None:
         assert _signature(DecayRules(**kw).classify(compiled)) == _signature(DecayRules(**kw).classify(model))
 
 
+def _decisions(plan: DecayPlan) -> list[tuple]:
+    return [(d.name, d.decay, d.reason, d.shape, d.aliases) for d in plan]
+
+
 def test_fsdp1_and_checkpoint_wrapped_blocks_plan_equal() -> None:
+    from tests.models import ViTBlock
+    from tests.wrappers import fsdp1, process_group
+
     model = make_vit()
-    reference = _signature(DecayRules().classify(model))
+    reference = _decisions(DecayRules().classify(model))
     model.blocks[0] = checkpoint_wrapper(model.blocks[0])  # a real activation-checkpoint wrapper
-    model.blocks[1] = NameWrapper(model.blocks[1], "_fsdp_wrapped_module")
-    outer = wrap(model, "_fsdp_wrapped_module")
-    assert _signature(DecayRules().classify(outer)) == reference
+    with process_group():
+        outer = fsdp1(model, {ViTBlock})  # real FSDP1: the root and every (other) block wrapped
+        raw = [n for n, _ in outer.named_parameters()]
+        assert any("blocks.1._fsdp_wrapped_module." in n for n in raw)
+        assert any("._checkpoint_wrapped_module." in n for n in raw)
+        assert _decisions(DecayRules().classify(outer)) == reference
 
 
-def test_ddp_style_wrapper_without_hooks() -> None:
+def test_ddp_wrapper_without_hooks() -> None:
+    from tests.wrappers import ddp, process_group
+
     model = make_gpt()
-    assert _signature(DecayRules().classify(wrap(model, "module"))) == _signature(DecayRules().classify(model))
+    with process_group():
+        assert _signature(DecayRules().classify(ddp(model))) == _signature(DecayRules().classify(model))
 
 
-def test_ddp_style_wrapper_keeps_model_hooks() -> None:
+def test_ddp_wrapper_keeps_model_hooks() -> None:
+    from tests.wrappers import ddp, process_group
+
     model = make_vit()
-    assert _signature(DecayRules().classify(wrap(model, "module"))) == _signature(DecayRules().classify(model))
+    with process_group():
+        assert _signature(DecayRules().classify(ddp(model))) == _signature(DecayRules().classify(model))
 
 
 # ----------------------------------------------------------------------------------- model hooks

@@ -5,7 +5,7 @@ from lightning_decay.decay import WeightDecay
 from lightning_decay.groups import decay_param_groups
 from lightning_decay.mixin import DecayGroupsMixin
 from lightning_decay.monitor import WeightNormMonitor
-from lightning_decay.names import clean_param_name
+from lightning_decay.names import clean_names, clean_param_name
 from lightning_decay.penalty import WeightPenalty
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
@@ -19,6 +19,7 @@ __all__ = [
     "WeightDecay",
     "WeightNormMonitor",
     "WeightPenalty",
+    "clean_names",
     "clean_param_name",
     "decay_param_groups",
 ]

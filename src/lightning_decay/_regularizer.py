@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
@@ -153,7 +154,7 @@ class RegularizerCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pl_module = pl_module
-        self._plan = self.rules.classify(pl_module, include_frozen=True)
+        self._plan = plan_for(self.rules, pl_module, include_frozen=True)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         optimizers = list(trainer.optimizers)
         if len(self._steps) != len(optimizers):
@@ -211,8 +212,8 @@ class RegularizerCallback(Callback):
         optimizer = entry.optimizer
         unknown = any(plan.decision_for(p) is None for g in optimizer.param_groups for p in g["params"])
         if unknown and self._pl_module is not None:
-            # Parameters created after fit start (rare): classify again, the plan is cheap.
-            plan = self._plan = self.rules.classify(self._pl_module, include_frozen=True)
+            # Parameters created after fit start (rare): the cached plan no longer matches; classify again.
+            plan = self._plan = plan_for(self.rules, self._pl_module, include_frozen=True)
         buckets: list[Bucket] = []
         for gi, group in enumerate(optimizer.param_groups):
             keyed: dict[tuple[Any, ...], list[ParamDecision]] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_decay._plan_cache import plan_for
 from lightning_decay.rules import DecayRules
 
 __all__ = ["DecayLightningCLI"]
@@ -56,7 +57,7 @@ class DecayLightningCLI(LightningCLI):
         rules = getattr(model, "decay_rules", None) or self.decay_rules or DecayRules()
 
         def decay_groups(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-            return rules.classify(model).param_groups(weight_decay=None)
+            return plan_for(rules, model).param_groups(weight_decay=None)
 
         model.__dict__["parameters"] = decay_groups
         try:

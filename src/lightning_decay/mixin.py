@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_decay._plan_cache import plan_for
 from lightning_decay.plan import DecayPlan
 from lightning_decay.rules import DecayRules
 
@@ -60,7 +61,7 @@ class DecayGroupsMixin:
 
     def decay_plan(self, rules: DecayRules | None = None) -> DecayPlan:
         """Classify this module's trainable parameters (``rules`` beats ``self.decay_rules``)."""
-        return (rules or self.decay_rules or DecayRules()).classify(self._as_module())
+        return plan_for(rules or self.decay_rules or DecayRules(), self._as_module())
 
     def decay_param_groups(
         self,

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from lightning_decay import norms as K
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
+from lightning_decay._plan_cache import plan_for
 from lightning_decay.rules import DecayRules
 
 __all__ = ["WeightNormMonitor"]
@@ -264,7 +265,7 @@ class WeightNormMonitor(Callback):
     def _ensure_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._layout is None or self._layout.signature != optimizer_signature(trainer.optimizers):
             # Frozen parameters are classified too; ``build_layout`` keeps them only with ``include_frozen``.
-            plan = self.rules.classify(pl_module, include_frozen=True)
+            plan = plan_for(self.rules, pl_module, include_frozen=True)
             device = trainer.strategy.root_device
             self._layout = build_layout(plan, trainer.optimizers, device, self._bucket_name, self.include_frozen)
 

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._plan_cache import plan_for
 from lightning_decay._regularizer import (
     OptimizerBuckets,
     RegularizerCallback,
@@ -18,7 +19,7 @@ from lightning_decay._regularizer import (
     should_log,
     to_host,
 )
-from lightning_decay.names import clean_param_name
+from lightning_decay.names import clean_names, clean_param_name
 from lightning_decay.norms import is_dtensor, local_tensor
 from lightning_decay.plan import ParamDecision
 from lightning_decay.rules import DecayRules
@@ -161,12 +162,11 @@ class WeightPenalty(RegularizerCallback):
         super().on_fit_start(trainer, pl_module)
 
     def _collect_references(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        plan = self.rules.classify(pl_module, include_frozen=True)
+        plan = plan_for(self.rules, pl_module, include_frozen=True)
         if self._reference == "initial":
             # A DTensor parameter's clone is a DTensor too: this rank's shard, with the layout to gather it.
             return {d.name: d.param.detach().clone() for d in plan if d.decay}
-        source = self._reference.state_dict() if isinstance(self._reference, nn.Module) else self._reference
-        given = {clean_param_name(k): v for k, v in dict(source).items()}  # type: ignore[union-attr]
+        given = _reference_by_name(self._reference)  # type: ignore[arg-type]
         refs: dict[str, Tensor] = {}
         for d in plan:
             ref = next((given[n] for n in (d.name, *d.aliases) if n in given), None)
@@ -314,3 +314,20 @@ class WeightPenalty(RegularizerCallback):
         for (key, c), v in zip(coeffs + sharded_coeffs, host, strict=True):
             out[key] += c * v
         return out
+
+
+def _reference_by_name(reference: Mapping[str, Tensor] | nn.Module) -> dict[str, Tensor]:
+    """The reference tensors under the model's cleaned names.
+
+    A module's names are cleaned from its module tree (`clean_names`: only real wrappers lose their
+    component). A mapping's keys are bare strings: a key is taken as it is, and also under its
+    spelling-based cleaning (`clean_param_name`, for a DDP checkpoint's ``module.`` prefix) where that
+    name is not itself a key, so a user's attribute called ``module`` keeps its own reference.
+    """
+    if isinstance(reference, nn.Module):
+        names = clean_names(reference)
+        return {names.get(k, k): v for k, v in reference.state_dict().items()}
+    given = dict(reference)
+    for key, value in list(given.items()):
+        given.setdefault(clean_param_name(key), value)
+    return given

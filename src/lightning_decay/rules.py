@@ -22,6 +22,7 @@ a GPT embedding tied to ``lm_head``. The explanation shows both names.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import re
 import warnings
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_decay.names import clean_param_name
+from lightning_decay.names import named_modules_clean
 from lightning_decay.plan import DecayPlan, ParamDecision
 
 __all__ = ["DecayRules", "Predicate", "is_norm_module", "logical_shape"]
@@ -221,10 +222,11 @@ class DecayRules:
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-        owners = _owners(module)
+        owners, modules = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
-        hook_names, hook_keywords = _model_hooks(module) if self.use_model_hooks else ({}, {})
+        all_names = [name for aliases in owners.values() for name, _ in aliases]
+        hook_names, hook_keywords = _model_hooks(modules, all_names) if self.use_model_hooks else ({}, {})
         flat_shapes = _fsdp1_original_shapes(module)
 
         decisions: list[ParamDecision] = []
@@ -254,7 +256,6 @@ class DecayRules:
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
             )
-        all_names = [name for aliases in owners.values() for name, _ in aliases]
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
@@ -292,11 +293,10 @@ class DecayRules:
             return False, f"exclude_modules ({_class_name(owner)})", True
         if name in hook_names:
             return False, hook_names[name], False
-        for prefix, keywords in hook_keywords.items():
-            if name.startswith(prefix):
-                for kw in keywords:
-                    if kw in name[len(prefix) :]:  # relative to the module that declared it
-                        return False, f"no_weight_decay_keywords() {kw!r}", False
+        if hook_keywords:
+            kw = _keyword_match(name, hook_keywords)
+            if kw is not None:
+                return False, f"no_weight_decay_keywords() {kw!r}", False
         leaf = name.rsplit(".", 1)[-1]
         if _BIAS.search(leaf):
             if not self.decay_bias:
@@ -330,43 +330,92 @@ def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
     return out
 
 
-def _owners(module: nn.Module) -> dict[nn.Parameter, list[tuple[str, nn.Module]]]:
-    """Every parameter once, with all its (cleaned name, owning module) pairs in registration order."""
-    owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
-    for mod_name, mod in module.named_modules(remove_duplicate=False):
-        for leaf, param in mod.named_parameters(prefix=mod_name, recurse=False, remove_duplicate=False):
-            if param is None:
-                continue
-            entry = owners.setdefault(param, [])
-            name = clean_param_name(leaf)
-            if all(name != n for n, _ in entry):
-                entry.append((name, mod))
-    return owners
+def _owners(
+    module: nn.Module,
+) -> tuple[dict[nn.Parameter, list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
+    """Every parameter once, with all its (cleaned name, owning module) pairs in registration order.
+
+    Also returns ``(cleaned module name, module)`` of every module path, named as the parameters are.
+    Names are cleaned from the module tree (only real wrappers lose their component); if two
+    parameters would get the same cleaned name, every name is kept raw (see `clean_names`).
+    """
+    modules = list(named_modules_clean(module))
+    for clean in (True, False):
+        owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
+        holder: dict[str, nn.Parameter] = {}
+        unique = True
+        for raw_prefix, clean_prefix, mod in modules:
+            prefix = clean_prefix if clean else raw_prefix
+            for leaf, param in mod._parameters.items():
+                if param is None:
+                    continue
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                if holder.setdefault(name, param) is not param:
+                    unique = False
+                entry = owners.setdefault(param, [])
+                if all(name != n for n, _ in entry):
+                    entry.append((name, mod))
+        if unique:
+            return owners, [(c if clean else r, m) for r, c, m in modules]
+    return owners, [(r, m) for r, _, m in modules]
 
 
-def _model_hooks(module: nn.Module) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path."""
+def _model_hooks(
+    modules: Iterable[tuple[str, nn.Module]], param_names: Iterable[str]
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path.
+
+    Linear in the number of parameters: an entry of a hook is looked up in the sorted parameter names
+    (the name itself, then the range of names under it), not compared with every name.
+    """
     names: dict[str, str] = {}
     keywords: dict[str, list[str]] = {}
-    param_names = [clean_param_name(n) for n, _ in module.named_parameters(remove_duplicate=False)]
-    for mod_name, mod in module.named_modules():
-        # Clean as the prefix of a parameter name, so a wrapper's own `module` component goes too.
-        prefix = clean_param_name(f"{mod_name}.x")[:-1] if mod_name else ""
-        where = f" of {prefix[:-1]}" if prefix else ""
+    ordered = sorted(set(param_names))
+    for mod_name, mod in modules:
+        prefix = f"{mod_name}." if mod_name else ""
+        where = f" of {mod_name}" if mod_name else ""
         hook = getattr(mod, "no_weight_decay", None)
         if callable(hook):
             for entry in _call_hook(hook, "no_weight_decay", type(mod).__name__):
                 full = prefix + entry
                 # An entry names a parameter, or a module whose parameters are all excluded.
-                for n in param_names:
-                    if n == full or n.startswith(full + "."):
-                        names.setdefault(n, f"no_weight_decay(){where} {entry!r}")
+                reason = f"no_weight_decay(){where} {entry!r}"
+                i = bisect.bisect_left(ordered, full)
+                if i < len(ordered) and ordered[i] == full:
+                    names.setdefault(full, reason)
+                under = full + "."
+                i = bisect.bisect_left(ordered, under, i)
+                while i < len(ordered) and ordered[i].startswith(under):
+                    names.setdefault(ordered[i], reason)
+                    i += 1
         hook = getattr(mod, "no_weight_decay_keywords", None)
         if callable(hook):
             kws = _call_hook(hook, "no_weight_decay_keywords", type(mod).__name__)
             if kws:
                 keywords.setdefault(prefix, []).extend(kws)
     return names, keywords
+
+
+def _keyword_match(name: str, hook_keywords: dict[str, list[str]]) -> str | None:
+    """The first ``no_weight_decay_keywords()`` keyword of a module above ``name`` found in the rest of it.
+
+    Only the module paths above the parameter are looked up (its dotted prefixes, outermost first, the
+    order in which the hooks were collected), so the cost is the depth of the name, not the number of
+    modules with a hook.
+    """
+    end = 0
+    while True:
+        prefix = name[:end]
+        kws = hook_keywords.get(prefix)
+        if kws:
+            rest = name[end:]  # relative to the module that declared it
+            for kw in kws:
+                if kw in rest:
+                    return kw
+        dot = name.find(".", end)
+        if dot < 0:
+            return None
+        end = dot + 1
 
 
 def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: str) -> list[str]:
