@@ -160,26 +160,70 @@ def test_empty_lists_are_no_ops() -> None:
     assert kernels.sum_abs([]) == []
 
 
+def _check_chunks(ts: list[torch.Tensor], chunks: list[tuple[int, ...]], limit: int) -> None:
+    """Every entry of every tensor in exactly one chunk, in order; each chunk within ``limit`` bytes unless it
+    is one tensor that cannot be cut (no flat view)."""
+    covered: list[tuple[int, int, int]] = []  # (tensor, lo, hi) in chunk order
+    for c in chunks:
+        if len(c) == 2:
+            a, b = c
+            assert a < b
+            covered += [(i, 0, ts[i].numel()) for i in range(a, b)]
+            nbytes = sum(t.numel() * 4 for t in ts[a:b])
+            assert nbytes <= limit or (b - a == 1 and not ts[a].is_contiguous()), c
+        else:
+            i, stop, lo, hi = c
+            assert stop == i + 1 and 0 <= lo < hi <= ts[i].numel() and ts[i].is_contiguous()
+            assert (hi - lo) * 4 <= max(limit, 4)  # at least one entry
+            covered.append((i, lo, hi))
+    merged: list[tuple[int, int, int]] = []
+    for i, lo, hi in covered:
+        if merged and merged[-1][0] == i and merged[-1][2] == lo:
+            merged[-1] = (i, merged[-1][1], hi)
+        else:
+            merged.append((i, lo, hi))
+    assert merged == [(i, 0, t.numel()) for i, t in enumerate(ts)]
+
+
 def test_chunk_ranges_cover_the_list_within_the_budget() -> None:
     g = torch.Generator().manual_seed(0)
     ts = [torch.empty(int(n)) for n in torch.randint(0, 400, (200,), generator=g)] + [torch.empty(5000)]
+    ts.insert(100, torch.empty(30, 40).t())  # non-contiguous, larger than small budgets: kept whole
+    total = sum(t.numel() * 4 for t in ts)
     for budget in (1, 64, 1000, 4000, 10**9, None):
-        ranges = kernels.chunk_ranges(ts, budget)
-        limit = budget or max(kernels.MIN_CHUNK_BYTES, sum(t.numel() * 4 for t in ts) // kernels.CHUNK_FRACTION)
-        assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == len(ts)
-        for a, b in ranges:
-            assert a < b
-            assert sum(t.numel() * 4 for t in ts[a:b]) <= limit or b - a == 1  # a bigger tensor: alone
-        # next-fit: two consecutive chunks hold more than the budget, so their number is bounded
-        assert all(sum(t.numel() * 4 for t in ts[a:c]) > limit for (a, _), (_, c) in pairwise(ranges))
-    assert kernels.chunk_ranges(ts, 1) == [(i, i + 1) for i in range(len(ts))]
+        chunks = kernels.chunk_ranges(ts, budget)
+        limit = budget or max(kernels.MIN_CHUNK_BYTES, total // kernels.CHUNK_FRACTION)
+        _check_chunks(ts, chunks, limit)
+        # next fit: two consecutive ranges hold more than the budget, so their number is bounded
+        ranges = [c for c in chunks if len(c) == 2]
+        for r, s in pairwise(ranges):
+            if r[1] == s[0]:
+                assert sum(t.numel() * 4 for t in ts[r[0] : s[1]]) > limit
     assert kernels.chunk_ranges(ts, 10**9) == [(0, len(ts))]
     assert kernels.chunk_ranges([]) == []
 
 
-def chunkings(n: int) -> list[list[tuple[int, int]] | None]:
-    """None (the kernel's own), one chunk, one per tensor, and an uneven split."""
-    return [None, [(0, n)], [(i, i + 1) for i in range(n)], [(0, 1), (1, n)]]
+def test_a_large_tensor_is_cut_into_flat_slices() -> None:
+    big = torch.empty(1000, 100)  # 400 KB
+    chunks = kernels.chunk_ranges([torch.empty(3), big, torch.empty(5)], 40_000)
+    assert chunks == [(0, 1), *[(1, 2, lo, lo + 10_000) for lo in range(0, 100_000, 10_000)], (2, 3)]
+    # The default budget cuts one huge tensor into CHUNK_FRACTION slices, not into more launches.
+    huge = torch.empty(1024, 1024)  # 4 MiB: its budget is 4 MiB / 32, above the 64 KiB floor
+    assert len(kernels.chunk_ranges([huge])) == kernels.CHUNK_FRACTION
+    # A 0-dim tensor is never cut (a 1-element view would change its type promotion with a 0-dim coefficient).
+    assert kernels.chunk_ranges([torch.empty(())], 1) == [(0, 1)]
+
+
+def chunkings(w: list[torch.Tensor]) -> list[list[tuple[int, ...]] | None]:
+    """None (the kernel's own), one chunk, one per tensor, an uneven split, and every tensor but the 0-dim one
+    cut into flat slices of 7 entries."""
+    n = len(w)
+    sliced = [
+        (i, i + 1, lo, min(lo + 7, t.numel())) if t.dim() else (i, i + 1)
+        for i, t in enumerate(w)
+        for lo in range(0, t.numel(), 7)
+    ]
+    return [None, [(0, n)], [(i, i + 1) for i in range(n)], [(0, 1), (1, n)], sliced]
 
 
 def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
@@ -196,7 +240,7 @@ def test_chunked_kernels_are_bitwise_the_unchunked_ones(dtype: torch.dtype) -> N
     n = len(w)
     coeffs: list[kernels.Coeff] = [0.3, torch.tensor(0.3), torch.tensor(2.0**14) * 0.3]  # a float, AMP scales
     whole = [(0, n)]
-    for chunks in chunkings(n):
+    for chunks in chunkings(w):
         for coeff in coeffs:
             for r in (None, refs):
                 want, got = clones(g), clones(g)
@@ -212,8 +256,14 @@ def test_chunked_kernels_are_bitwise_the_unchunked_ones(dtype: torch.dtype) -> N
             kernels.soft_threshold_(want, threshold, whole)
             kernels.soft_threshold_(got, threshold, chunks)
             assert_bitwise(got, want)
-        for r in (None, refs):
-            assert_bitwise(kernels.squared_distances(w, r, chunks), kernels.squared_distances(w, r, whole))
+        assert_bitwise(kernels.squared_distances(w, None, chunks), kernels.squared_distances(w, None, whole))
+        got, want = kernels.squared_distances(w, refs, chunks), kernels.squared_distances(w, refs, whole)
+        if chunks is not None and any(len(c) == 4 for c in chunks):
+            # A tensor cut into slices: the squares of the slices' norms are summed, in float32 (float rounding).
+            for x, y in zip(got, want, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=0, equal_nan=True)
+        else:
+            assert_bitwise(got, want)
 
 
 def peak_cpu_bytes(fn: Callable[[], None]) -> int:
@@ -235,6 +285,35 @@ def test_kernel_temporaries_are_one_chunk() -> None:
     ):
         assert 0 < peak_cpu_bytes(fn) <= chunk + 4096  # (and the few 0-dim results)
     assert peak_cpu_bytes(lambda: kernels.add_l2_gradient_(g, w, 0.1)) <= 4096  # plain L2: no temporary
+
+
+def test_temporaries_inside_one_large_tensor_are_one_slice() -> None:
+    """One 1 MiB weight (an embedding): its temporaries are one slice of the default budget, not a copy."""
+    w, g, refs = ([torch.randn(512, 512)] for _ in range(3))
+    chunks = kernels.chunk_ranges(w)
+    budget = max(kernels.MIN_CHUNK_BYTES, w[0].numel() * 4 // kernels.CHUNK_FRACTION)
+    assert len(chunks) == w[0].numel() * 4 // budget and all(len(c) == 4 for c in chunks)
+    for fn in (
+        lambda: kernels.soft_threshold_(w, 0.1),
+        lambda: kernels.add_l2_gradient_(g, w, 0.1, refs),
+        lambda: kernels.add_l2_gradient_(g, w, torch.tensor(0.1)),
+        lambda: kernels.add_l1_subgradient_(g, w, 0.1),
+        lambda: kernels.squared_distances(w, refs),
+    ):
+        assert 0 < peak_cpu_bytes(fn) <= budget + 4096
+
+
+def test_a_gradient_without_a_flat_view_is_taken_whole() -> None:
+    """A contiguous weight cut into slices, with a non-contiguous gradient: the pair is processed whole, once."""
+    w = [torch.randn(40, 30)]
+    chunks = kernels.chunk_ranges(w, 400)
+    assert len(chunks) == 12
+    want = [torch.randn(30, 40).t()]
+    got = [want[0].clone().t().contiguous().t()]  # the same values and the same (transposed) layout
+    assert not got[0].is_contiguous()
+    kernels.add_l1_subgradient_(want, w, 0.3, [(0, 1)])
+    kernels.add_l1_subgradient_(got, w, 0.3, chunks)
+    assert_bitwise([got[0].contiguous()], [want[0].contiguous()])
 
 
 def test_kernels_do_not_record_autograd() -> None:

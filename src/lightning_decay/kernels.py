@@ -7,14 +7,17 @@ scale, a ``found_inf`` mask), so nothing here waits for the device.
 
 Kernels that need a temporary (``w - ref``, ``sign(w)``, ``clamp(w, -t, t)``) run over ``chunks``, index
 ranges of the list from [`chunk_ranges`][lightning_decay.kernels.chunk_ranges], so that the temporary is
-a few percent of the list, never a copy of it. Each tensor goes through the same kernels whatever the
-chunking, so the values do not depend on it. Callers that run every step compute the ranges once and
-pass them; without them they are computed on each call (a Python loop over the tensors).
+a few percent of the list, never a copy of it. A tensor larger than the budget is cut too, into views
+of flat slices of it (one embedding or LM head can be most of a model). The element-wise kernels give
+every entry the same operations whatever the chunking, so their values do not depend on it; only
+`squared_distances`, a reduction, sums a cut tensor's slices in another order (float rounding). Callers
+that run every step compute the ranges once and pass them; without them they are computed on each call
+(a Python loop over the tensors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +25,7 @@ from torch import Tensor
 __all__ = [
     "add_l1_subgradient_",
     "add_l2_gradient_",
+    "Chunk",
     "chunk_ranges",
     "decay_",
     "soft_threshold_",
@@ -30,7 +34,10 @@ __all__ = [
 ]
 
 Coeff = float | Tensor
-Chunks = Sequence[tuple[int, int]]
+#: ``(start, stop)``: the tensors ``start:stop`` whole; ``(i, i + 1, lo, hi)``: entries ``lo:hi`` of tensor
+#: ``i`` flattened, a slice of a tensor larger than the budget.
+Chunk = tuple[int, ...]
+Chunks = Sequence[Chunk]
 
 # The default chunk budget: 1/32 of the list's bytes bounds the temporaries to ~3 % of it whatever its
 # size, and next-fit packing gives at most 2 * 32 + 1 chunks (two consecutive chunks hold more than the
@@ -46,25 +53,58 @@ def _scaled(tensors: list[Tensor], coeff: Tensor) -> list[Tensor]:
     return torch._foreach_mul(tensors, coeff)
 
 
-def chunk_ranges(tensors: Sequence[Tensor], budget: int | None = None) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` index ranges covering ``tensors``, each of at most ``budget`` bytes.
+def chunk_ranges(tensors: Sequence[Tensor], budget: int | None = None) -> list[Chunk]:
+    """Consecutive chunks covering ``tensors``, each of at most ``budget`` bytes.
 
-    A tensor larger than the budget is alone in its range, so the largest temporary of a chunked
-    kernel is ``max(budget, largest tensor)``. Default budget: ``max(64 KiB, total bytes / 32)``.
+    Tensors are packed in order into ``(start, stop)`` ranges (next fit). A contiguous tensor larger than
+    the budget is cut into ``(i, i + 1, lo, hi)`` slices of its flattened entries, each within the budget,
+    so the largest temporary of a chunked kernel is the budget whatever the sizes (a non-contiguous one
+    has no flat view: it stays whole, alone in its range; a 0-dim one is never cut, since a 1-element
+    view of it would change its type promotion against a 0-dim coefficient). Default budget: ``max(64 KiB, total bytes / 32)``,
+    which bounds the number of chunks, hence of kernel launches, by about ``3 * 32`` for any list.
     """
     sizes = [t.numel() * t.element_size() for t in tensors]
     if budget is None:
         budget = max(MIN_CHUNK_BYTES, sum(sizes) // CHUNK_FRACTION)
-    ranges: list[tuple[int, int]] = []
+    chunks: list[Chunk] = []
     start = held = 0
     for i, n in enumerate(sizes):
+        if n > budget and tensors[i].dim() and tensors[i].is_contiguous():
+            if i > start:
+                chunks.append((start, i))
+            step = max(1, budget // tensors[i].element_size())
+            numel = tensors[i].numel()
+            chunks += [(i, i + 1, lo, min(lo + step, numel)) for lo in range(0, numel, step)]
+            start, held = i + 1, 0
+            continue
         if i > start and held + n > budget:
-            ranges.append((start, i))
+            chunks.append((start, i))
             start, held = i, 0
         held += n
-    if sizes:
-        ranges.append((start, len(sizes)))
-    return ranges
+    if start < len(sizes):
+        chunks.append((start, len(sizes)))
+    return chunks
+
+
+def _pieces(chunks: Chunks, *lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
+    """The sublists of ``lists`` (same length, same shapes) for each chunk: ranges, or flat slices."""
+    for _, parts in _pieces_marked(chunks, *lists):
+        yield parts
+
+
+def _pieces_marked(chunks: Chunks, *lists: list[Tensor]) -> Iterator[tuple[bool, tuple[list[Tensor], ...]]]:
+    """`_pieces`, each with whether it continues the tensor of the previous piece (a further slice)."""
+    for chunk in chunks:
+        if len(chunk) == 2:
+            a, b = chunk
+            yield False, tuple(lst[a:b] for lst in lists)
+            continue
+        i, _, lo, hi = chunk
+        ts = [lst[i] for lst in lists]
+        if all(t.is_contiguous() for t in ts):
+            yield lo > 0, tuple([t.view(-1)[lo:hi]] for t in ts)
+        elif lo == 0:  # a gradient or reference without a flat view: the whole tensor, once
+            yield False, tuple([t] for t in ts)
 
 
 @torch.no_grad()
@@ -85,15 +125,17 @@ def add_l2_gradient_(
     # `w - ref` is formed before scaling, not as `g + c * w - c * ref`: that would round `g + c * w` and
     # lose the bits of `g` below `ulp(c * w)` (most of a small bf16 gradient), right where L2-SP's term
     # `c * (w - ref)` is small. The temporary is bounded by chunking instead.
-    for a, b in chunks if chunks is not None else chunk_ranges(params):
-        if refs is None:  # a tensor coefficient (the AMP scale): foreach add takes no tensor `alpha`
-            torch._foreach_add_(grads[a:b], _scaled(params[a:b], coeff))
-            continue
-        diff = torch._foreach_sub(params[a:b], refs[a:b])
+    chunks = chunks if chunks is not None else chunk_ranges(params)
+    if refs is None:  # a tensor coefficient (the AMP scale): foreach add takes no tensor `alpha`
+        for g, w in _pieces(chunks, grads, params):
+            torch._foreach_add_(g, _scaled(w, coeff))
+        return
+    for g, w, r in _pieces(chunks, grads, params, refs):
+        diff = torch._foreach_sub(w, r)
         if isinstance(coeff, Tensor):
-            torch._foreach_add_(grads[a:b], _scaled(diff, coeff))
+            torch._foreach_add_(g, _scaled(diff, coeff))
         else:
-            torch._foreach_add_(grads[a:b], diff, alpha=coeff)
+            torch._foreach_add_(g, diff, alpha=coeff)
         del diff  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
@@ -102,12 +144,12 @@ def add_l1_subgradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff,
     """``g += coeff * sign(w)``, a subgradient of ``coeff * ||w||_1`` (0 at ``w == 0``)."""
     if not grads:
         return
-    for a, b in chunks if chunks is not None else chunk_ranges(params):
-        signs = torch._foreach_sign(params[a:b])
+    for g, w in _pieces(chunks if chunks is not None else chunk_ranges(params), grads, params):
+        signs = torch._foreach_sign(w)
         if isinstance(coeff, Tensor):
-            torch._foreach_add_(grads[a:b], _scaled(signs, coeff))
+            torch._foreach_add_(g, _scaled(signs, coeff))
         else:
-            torch._foreach_add_(grads[a:b], signs, alpha=coeff)
+            torch._foreach_add_(g, signs, alpha=coeff)
         del signs  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
@@ -125,8 +167,7 @@ def soft_threshold_(params: list[Tensor], threshold: Coeff, chunks: Chunks | Non
     if not params:
         return
     negated = torch.neg(threshold) if isinstance(threshold, Tensor) else -threshold
-    for a, b in chunks if chunks is not None else chunk_ranges(params):
-        part = params[a:b]
+    for (part,) in _pieces(chunks if chunks is not None else chunk_ranges(params), params):
         if isinstance(threshold, Tensor):
             inside = torch._foreach_clamp_max(part, [threshold] * len(part))
             torch._foreach_clamp_min_(inside, [negated] * len(part))
@@ -156,19 +197,28 @@ def squared_distances(
     """Per-tensor ``||w - ref||_2^2`` (0-dim, on the tensors' device), float32; float64 for float64 tensors.
 
     With ``refs``, ``w - ref`` is formed one chunk at a time (``chunks``, see the module); each tensor's
-    norm is its own reduction, so the values are those of the whole list at once.
+    norm is its own reduction, so the values are those of the whole list at once, except for a tensor
+    cut into slices: the squares of its slices' norms are summed, which rounds differently (by a few
+    ulps of float32) from one norm of the whole tensor.
     """
     if not params:
         return []
+    acc = _accumulation(params)
     if refs is None:
-        norms = list(torch._foreach_norm(params, 2, dtype=_accumulation(params)))
-    else:
-        norms = []
-        for a, b in chunks if chunks is not None else chunk_ranges(params):
-            diff = torch._foreach_sub(params[a:b], refs[a:b])
-            norms += torch._foreach_norm(diff, 2, dtype=_accumulation(params))
-            del diff  # one chunk's temporary alive at a time
-    return list(torch._foreach_mul(norms, norms))
+        norms = list(torch._foreach_norm(params, 2, dtype=acc))
+        return list(torch._foreach_mul(norms, norms))
+    chunks = chunks if chunks is not None else chunk_ranges(params)
+    out: list[Tensor] = []
+    for further, (w, r) in _pieces_marked(chunks, params, refs):
+        diff = torch._foreach_sub(w, r)
+        norms = torch._foreach_norm(diff, 2, dtype=acc)
+        del diff  # one chunk's temporary alive at a time
+        squares = torch._foreach_mul(norms, norms)
+        if further:
+            out[-1] = out[-1] + squares[0]  # a further slice of the tensor begun by the previous chunk
+        else:
+            out += squares
+    return out
 
 
 @torch.no_grad()
