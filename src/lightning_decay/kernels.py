@@ -25,7 +25,6 @@ from torch import Tensor
 __all__ = [
     "add_l1_subgradient_",
     "add_l2_gradient_",
-    "Chunk",
     "chunk_ranges",
     "decay_",
     "soft_threshold_",
@@ -60,8 +59,9 @@ def chunk_ranges(tensors: Sequence[Tensor], budget: int | None = None) -> list[C
     the budget is cut into ``(i, i + 1, lo, hi)`` slices of its flattened entries, each within the budget,
     so the largest temporary of a chunked kernel is the budget whatever the sizes (a non-contiguous one
     has no flat view: it stays whole, alone in its range; a 0-dim one is never cut, since a 1-element
-    view of it would change its type promotion against a 0-dim coefficient). Default budget: ``max(64 KiB, total bytes / 32)``,
-    which bounds the number of chunks, hence of kernel launches, by about ``3 * 32`` for any list.
+    view of it would change its type promotion against a 0-dim coefficient). Default budget:
+    ``max(64 KiB, total bytes / 32)``, which bounds the number of chunks, hence of kernel launches, by
+    about ``3 * 32`` for any list.
     """
     sizes = [t.numel() * t.element_size() for t in tensors]
     if budget is None:
