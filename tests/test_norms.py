@@ -239,3 +239,31 @@ def test_fsdp2_shards_reduce_to_the_global_norm(tmp_path: Any) -> None:
         out, want = torch.load(tmp_path / f"rank{rank}.pt")
         for norm_type, values in out.items():
             assert values == pytest.approx(want[norm_type], rel=1e-9)
+
+
+@pytest.mark.parametrize("ord", [0, 1, 2, INF])
+def test_large_float32_tensors_in_float64_are_reduced_in_slices(ord: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 kernel on float32 tensors copies each one to float64: a large one is reduced as flat slices
+    (views) whose norms are combined. Same values as one float64 reduction, up to the order of the sums."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 200, generator=g)
+    big[0, :7] = 0.0  # exact zeros for p=0
+    tensors = [torch.randn(5, generator=g), big, torch.randn(4, 4, generator=g), torch.randn(100, 70, generator=g)]
+    monkeypatch.setattr(K, "SLICE_BYTES", 4096)  # the two larger tensors are cut, into 1024-entry slices
+    groups = K.TensorGroups(tensors)
+    assert groups._large == [[1, 3]]
+    got = groups.norms(ord, dtype=torch.float64)
+    want = torch.stack([torch.linalg.vector_norm(t.double(), ord) for t in tensors])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # float32 kernels copy nothing: those are not cut, and bitwise one `_foreach_norm`.
+    plain = groups.norms(ord, dtype=torch.float64, accumulate=torch.float32)
+    assert torch.equal(plain, torch.stack(torch._foreach_norm(tensors, ord)).double())
+
+
+def test_a_float64_norm_of_a_large_float32_tensor_copies_one_slice() -> None:
+    from tests.test_kernels import peak_cpu_bytes
+
+    big = [torch.randn(1024, 1024)]  # 4 MiB; a float64 copy would be 8 MiB
+    groups = K.TensorGroups(big)
+    slice_bytes = 4 * 2**20 // K.SLICE_FRACTION
+    assert 0 < peak_cpu_bytes(lambda: groups.norms(2, dtype=torch.float64)) <= 2 * slice_bytes + 4096

@@ -99,9 +99,12 @@ class TensorGroups:
             _group_tensors_by_device_and_dtype([[tensors[i] for i in nonempty]], with_indices=True) if nonempty else {}
         )
         self.groups: list[tuple[torch.dtype, list[Tensor]]] = []
+        # Per group: the positions of its tensors too large to be copied whole (see `_sliced_norms`).
+        self._large: list[list[int]] = []
         order: list[int] = []
         for (_, group_dtype), ([group], indices) in grouped.items():
             self.groups.append((group_dtype, group))
+            self._large.append(_large_positions(group))
             order.extend(nonempty[j] for j in indices)
         self.order: Tensor | None = None  # input position of each stacked norm, when not the identity
         if order != list(range(self.size)):
@@ -113,10 +116,14 @@ class TensorGroups:
         # A copy to the CPU must not be asynchronous: the host could read it before it lands.
         non_blocking = self.device.type != "cpu"
         stacked: list[Tensor] = []
-        for group_dtype, group in self.groups:
+        for (group_dtype, group), large in zip(self.groups, self._large, strict=True):
             # ``_foreach_norm`` refuses a narrowing ``dtype`` (float64 params with a float32 request).
             kernel_dtype = accumulate if group_dtype != accumulate and _widens(group_dtype, accumulate) else None
-            norms = torch.stack(torch._foreach_norm(group, ord, dtype=kernel_dtype))
+            if kernel_dtype is not None and group_dtype not in _LOW_PRECISION and large:
+                # A widening kernel on float32 (float64 sums) copies each tensor to the wide dtype first.
+                norms = _sliced_norms(group, large, ord, kernel_dtype)
+            else:
+                norms = torch.stack(torch._foreach_norm(group, ord, dtype=kernel_dtype))
             stacked.append(norms.to(device=self.device, dtype=dtype, non_blocking=non_blocking))
         if self.order is None:
             return stacked[0] if stacked else torch.zeros(0, dtype=dtype, device=self.device)
@@ -124,6 +131,45 @@ class TensorGroups:
         if stacked:
             out.index_copy_(0, self.order, stacked[0] if len(stacked) == 1 else torch.cat(stacked))
         return out
+
+
+# A tensor above this many bytes, and above 1/32 of its group, is reduced in slices where the kernel would
+# copy it to a wider dtype (float32 -> float64): the copy is then one slice, not twice the tensor.
+SLICE_BYTES = 64 * 2**10
+SLICE_FRACTION = 32
+
+
+def _large_positions(group: Sequence[Tensor]) -> list[int]:
+    sizes = [t.numel() * t.element_size() for t in group]
+    limit = max(SLICE_BYTES, sum(sizes) // SLICE_FRACTION)
+    return [j for j, n in enumerate(sizes) if n > limit and group[j].is_contiguous()]
+
+
+def _sliced_norms(group: Sequence[Tensor], large: list[int], ord: float, dtype: torch.dtype) -> Tensor:
+    """Per-tensor norms of ``group`` in ``dtype``, its ``large`` tensors reduced as flat slices and combined.
+
+    The slices are views (no copy); the kernel's widening copy is then one slice at a time. The norms of a
+    tensor's slices combine exactly like partials across tensors (sum of squares for p=2, sum for p=0 and
+    p=1, max for p=inf), in ``dtype``: the result differs from one kernel over the whole tensor only by the
+    order of the float64 sums.
+    """
+    limit = max(SLICE_BYTES, sum(t.numel() * t.element_size() for t in group) // SLICE_FRACTION)
+    is_large = set(large)
+    pieces = [t for j, t in enumerate(group) if j not in is_large]
+    owner = [j for j in range(len(group)) if j not in is_large]
+    for j in large:
+        t = group[j]
+        parts = t.view(-1).split(max(1, limit // t.element_size()))
+        pieces += parts
+        owner += [j] * len(parts)
+    values = torch.stack(torch._foreach_norm(pieces, ord, dtype=dtype))
+    index = torch.tensor(owner, dtype=torch.long, device=values.device)
+    out = torch.zeros(len(group), dtype=values.dtype, device=values.device)
+    if math.isinf(ord):
+        return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
+    if ord == 2:
+        return out.index_add_(0, index, values.square()).sqrt()
+    return out.index_add_(0, index, values)
 
 
 def grouped_norms(
