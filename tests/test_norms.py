@@ -267,3 +267,23 @@ def test_a_float64_norm_of_a_large_float32_tensor_copies_one_slice() -> None:
     groups = K.TensorGroups(big)
     slice_bytes = 4 * 2**20 // K.SLICE_FRACTION
     assert 0 < peak_cpu_bytes(lambda: groups.norms(2, dtype=torch.float64)) <= 2 * slice_bytes + 4096
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-group", "mixed-dtypes"])
+def test_a_split_like_another_gives_the_norms_of_a_fresh_split(mixed: bool) -> None:
+    """``like``: tensors mirroring the split's (gradients, a snapshot) reuse its grouping, same results."""
+    tensors = _tensors() if mixed else [t.float() for t in _tensors() if t.numel()]
+    groups = K.TensorGroups(tensors)
+    assert groups.simple is not mixed
+    mirror = [torch.randn_like(t) for t in tensors]
+    for ord in (0, 1, 2, INF):
+        assert torch.equal(
+            groups.like(mirror).norms(ord, torch.float64), K.TensorGroups(mirror).norms(ord, torch.float64)
+        )
+    with pytest.raises(ValueError, match="like"):
+        groups.like(mirror[:-1])
+    if not mixed:
+        copies = groups.clone()
+        assert all(c is not t and torch.equal(c, t) for c, t in zip(copies, tensors, strict=True))
+        groups.like(copies).sub_(groups)
+        assert all(not c.any() for c in copies)

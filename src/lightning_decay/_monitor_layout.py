@@ -87,6 +87,9 @@ class Layout:
     total_names: list[str]  # "total", "decay_total", "no_decay_total" for the rows of ``total_mask``
     zero: Tensor  # a 0-dim ``dtype`` zero on ``device`` (``where`` takes it faster than a Python 0.0)
     everything: tuple[int, ...]  # every position, the key of the subset of all parameters
+    # Optimizers that step every parameter (plain tensors in one simple split): their gradients and snapshots
+    # are gathered in layout order and reuse ``weight_groups`` (`TensorGroups.like`), no regrouping per step.
+    whole: set[int] = field(default_factory=set)
     subsets: dict[tuple[int, ...], Subset] = field(default_factory=dict)
     keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     all_params: Subset | None = None
@@ -141,6 +144,9 @@ class Pending:
     snap_idx: list[int] = field(default_factory=list)
     snapshots: list[Tensor] = field(default_factory=list)
     snap_sources: list[Tensor] = field(default_factory=list)  # the local tensors that were copied
+    # Gathered from an optimizer of ``Layout.whole``: every parameter, in layout order.
+    grads_whole: bool = False
+    snap_whole: bool = False
 
 
 def optimizer_signature(optimizers: Sequence[Optimizer]) -> tuple[Any, ...]:
@@ -212,6 +218,7 @@ def build_layout(
         if any(flags):  # a total is left out if its group is empty
             rows.append(flags)
             total_names.append(name)
+    weight_groups = K.TensorGroups(params, device) if plain else None
     return Layout(
         params=params,
         names=names,
@@ -225,13 +232,21 @@ def build_layout(
         local_numel=torch.tensor([K.local_tensor(p).numel() for p in params], dtype=dtype, device=device),
         global_numel=torch.tensor([p.numel() for p in params], dtype=dtype, device=device),
         signature=optimizer_signature(optimizers),
-        weight_groups=K.TensorGroups(params, device) if plain else None,
+        weight_groups=weight_groups,
         opt_params={k: [params[i] for i in v] for k, v in opt_indices.items()} if plain else {},
         total_mask=torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), len(params)),
         total_names=total_names,
         zero=torch.zeros((), dtype=dtype, device=device),
         everything=tuple(range(len(params))),
+        whole=_whole_optimizers(opt_indices, len(params), weight_groups),
     )
+
+
+def _whole_optimizers(opt_indices: dict[int, list[int]], n: int, groups: K.TensorGroups | None) -> set[int]:
+    if groups is None or not groups.simple:
+        return set()
+    # Positions are distinct (an ordered set per optimizer): n of them are every parameter, in any order.
+    return {opt for opt, positions in opt_indices.items() if len(positions) == n}
 
 
 def reduce_pieces(pieces: Pieces, layout: Layout) -> Pieces:

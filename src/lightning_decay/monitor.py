@@ -231,10 +231,17 @@ class WeightNormMonitor(Callback):
         pending.seen.update(positions)
         if not positions:
             return
+        whole = first and id(optimizer) in layout.whole
         with torch.no_grad():
             if self.log_grad_norm:
-                self._gather_grads(trainer, optimizer, layout, pending, positions)
-            if snapshot:
+                self._gather_grads(trainer, optimizer, layout, pending, positions, whole)
+            if snapshot and whole and layout.weight_groups is not None:
+                # Every parameter, in layout order: one foreach copy of the split made at layout time.
+                pending.snap_idx = list(layout.everything)
+                pending.snap_sources = layout.params
+                pending.snapshots = layout.weight_groups.clone()
+                pending.snap_whole = True
+            elif snapshot:
                 if layout.weight_groups is None:  # DTensors: their local tensors
                     sources = [K.local_tensor(layout.params[i]) for i in positions]
                 else:
@@ -287,12 +294,21 @@ class WeightNormMonitor(Callback):
         layout: Layout,
         pending: Pending,
         positions: list[int],
+        whole: bool = False,
     ) -> None:
-        present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
-        if not present:
-            return
-        plain = layout.weight_groups is not None
-        grads = [g for _, g in present] if plain else [K.local_tensor(g) for _, g in present]
+        grads_whole = [p.grad for p in layout.params] if whole else None
+        if grads_whole is not None and layout.weight_groups is not None and all(g is not None for g in grads_whole):
+            # Every parameter has a gradient: the gradients mirror the parameters' split, no regrouping.
+            present_idx: list[int] = list(layout.everything)
+            grads: Any = layout.weight_groups.like(grads_whole)
+            pending.grads_whole = True
+        else:
+            present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
+            if not present:
+                return
+            plain = layout.weight_groups is not None
+            grads = [g for _, g in present] if plain else [K.local_tensor(g) for _, g in present]
+            present_idx = [i for i, _ in present]
         # float32 kernels (fp16/bf16 widened to float32, as Lightning's ``grad_norm``), combined in float64.
         parts = K.partials(grads, self.norm_type, dtype=layout.dtype, device=layout.device, accumulate=torch.float32)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -302,7 +318,7 @@ class WeightNormMonitor(Callback):
             # scale. Divide on the device (no ``.item()``); p=2 partials are squares.
             inv = scale.reshape(()).to(device=layout.device, dtype=layout.dtype).reciprocal()
             parts = parts * (inv.square() if self.norm_type == 2 else inv)
-        pending.grad_idx.extend(i for i, _ in present)
+        pending.grad_idx.extend(present_idx)
         pending.grad_parts.append(parts)
 
     def _log_step(self, trainer: pl.Trainer, layout: Layout, pending: Pending) -> None:
@@ -318,26 +334,42 @@ class WeightNormMonitor(Callback):
         #    kernels are twice as slow on CPU) and are combined in ``dtype``.
         pieces: dict[str, tuple[Tensor, Tensor | None, str]] = {}
         identity = self.granularity == "param" and self.blocks is None  # the buckets are the parameters
-        w_norms = weight_groups.norms(p, dtype=dtype, accumulate=torch.float32)
+        # With the angle over every parameter, p=2 weight norms are accumulated in ``dtype`` so that their
+        # squares are the angle's ``||w_after||^2``: one pass over the weights instead of two.
+        reuse_b2 = pending.snap_whole and p == 2
+        w_acc = dtype if reuse_b2 and self.log_angular_update else torch.float32
+        w_norms = weight_groups.norms(p, dtype=dtype, accumulate=w_acc)
         if layout.sharded or not identity:  # partials to reduce across shards, or to combine into buckets
             pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
         if pending.grad_parts:
-            gsub = layout.subset(tuple(pending.grad_idx))
+            gsub = layout.subset_of_all() if pending.grads_whole else layout.subset(tuple(pending.grad_idx))
             pieces["g"] = (torch.cat(pending.grad_parts), gsub.idx, K.reduce_op(p))
         if pending.snapshots:
-            usub = layout.subset(tuple(pending.snap_idx))
-            plain = layout.weight_groups is not None
-            after = pending.snap_sources if plain else [weights[i] for i in pending.snap_idx]
             # The angle needs the squares accumulated in ``dtype`` (float64): its cosine subtracts nearly
             # equal squares. The ratio alone does not, and a float64 kernel on CPU makes a float64 copy
-            # of each float32 tensor it reduces.
+            # of each float32 tensor it reduces (large tensors: of one slice at a time).
             acc = dtype if self.log_angular_update else torch.float32
-            pieces["a2"] = (K.partials(pending.snapshots, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
-            pieces["b2"] = (K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
+            before: Any
+            after: Any
+            if pending.snap_whole and layout.weight_groups is not None:
+                # Every parameter in layout order: the snapshot mirrors the parameters' split (no regrouping).
+                usub = layout.subset_of_all()
+                before, after = layout.weight_groups.like(pending.snapshots), layout.weight_groups
+            else:
+                usub = layout.subset(tuple(pending.snap_idx))
+                plain = layout.weight_groups is not None
+                before = pending.snapshots
+                after = pending.snap_sources if plain else [weights[i] for i in pending.snap_idx]
+            pieces["a2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
+            b2 = w_norms.square() if reuse_b2 else K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc)
+            pieces["b2"] = (b2, usub.idx, "sum")
             # ``before - after`` in place into the snapshot, no second copy of the weights: it is ``-Δw``
             # exactly (IEEE subtraction is antisymmetric), so the same norm.
-            K.sub_tensors_(pending.snapshots, after)
-            d2 = K.partials(pending.snapshots, 2, dtype=dtype, device=dev, accumulate=acc)
+            if isinstance(before, K.TensorGroups):
+                before.sub_(after)
+            else:
+                K.sub_tensors_(before, after)
+            d2 = K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc)
             pieces["d2"] = (d2, usub.idx, "sum")
             pending.snapshots.clear()  # the copy is no longer needed
         if self.log_sparsity:
@@ -383,9 +415,12 @@ class WeightNormMonitor(Callback):
 
         if "a2" in values:
             size = len(usub.names)
-            a2, b2, d2 = (
-                K.combine_partials(values[k][usub.members], usub.buckets, size, 2) for k in ("a2", "b2", "d2")
-            )
+            if identity:  # one bucket per parameter, in the subset's order: nothing to combine
+                a2, b2, d2 = values["a2"], values["b2"], values["d2"]
+            else:
+                a2, b2, d2 = (
+                    K.combine_partials(values[k][usub.members], usub.buckets, size, 2) for k in ("a2", "b2", "d2")
+                )
             if self.log_update_ratio:
                 emit(usub.metric_keys("update_ratio", sep), d2.sqrt() / a2.sqrt())
             if self.log_angular_update:
@@ -393,8 +428,11 @@ class WeightNormMonitor(Callback):
                 emit(usub.metric_keys("angular_update", sep), torch.arccos(cos.clamp(-1.0, 1.0)))
 
         if "zeros" in values:
-            zeros = K.combine_partials(values["zeros"][wsub.members], wsub.buckets, len(wsub.names), 1)
-            numel = K.combine_partials(layout.global_numel[wsub.members], wsub.buckets, len(wsub.names), 1)
+            if identity:
+                zeros, numel = values["zeros"], layout.global_numel
+            else:
+                zeros = K.combine_partials(values["zeros"][wsub.members], wsub.buckets, len(wsub.names), 1)
+                numel = K.combine_partials(layout.global_numel[wsub.members], wsub.buckets, len(wsub.names), 1)
             emit(wsub.metric_keys("sparsity", sep), zeros / numel)
 
         # 4. The one device-to-host copy of the step, split back by the (host-known) sizes of the tensors.

@@ -101,14 +101,54 @@ class TensorGroups:
         self.groups: list[tuple[torch.dtype, list[Tensor]]] = []
         # Per group: the positions of its tensors too large to be copied whole (see `_sliced_norms`).
         self._large: list[list[int]] = []
+        self._positions: list[list[int]] = []  # per group: the input position of each of its tensors
         order: list[int] = []
         for (_, group_dtype), ([group], indices) in grouped.items():
             self.groups.append((group_dtype, group))
             self._large.append(_large_positions(group))
-            order.extend(nonempty[j] for j in indices)
+            self._positions.append([nonempty[j] for j in indices])
+            order.extend(self._positions[-1])
         self.order: Tensor | None = None  # input position of each stacked norm, when not the identity
         if order != list(range(self.size)):
             self.order = torch.tensor(order, dtype=torch.long, device=self.device)
+
+    def like(self, tensors: Sequence[Tensor]) -> TensorGroups:
+        """The same split for ``tensors``, which mirror this instance's (same devices, dtypes and sizes, in
+        the same order: the gradients or a snapshot of the parameters), without grouping them again.
+
+        With one group in input order (one device and dtype, no empty tensor) this is no per-tensor work.
+        """
+        if len(tensors) != self.size:
+            raise ValueError(f"like(): {len(tensors)} tensors for a split of {self.size}")
+        other = TensorGroups.__new__(TensorGroups)
+        other.device, other.size, other.order, other._positions = self.device, self.size, self.order, self._positions
+        if self.simple:
+            other.groups = [(self.groups[0][0], list(tensors))]
+        else:
+            pairs = zip(self.groups, self._positions, strict=True)
+            other.groups = [(dt, [tensors[i] for i in pos]) for (dt, _), pos in pairs]
+        # Large tensors of a mirror may lack a flat view (a gradient's layout): those stay whole.
+        other._large = [
+            [j for j in large if group[j].is_contiguous()]
+            for large, (_, group) in zip(self._large, other.groups, strict=True)
+        ]
+        return other
+
+    @property
+    def simple(self) -> bool:
+        """One group, in input order: the tensors are the group's list as given (no empty one)."""
+        return self.order is None and len(self.groups) == 1
+
+    def clone(self) -> list[Tensor]:
+        """Copies of the tensors of a `simple` split, in input order, with one foreach kernel (a snapshot)."""
+        if not self.simple:
+            raise ValueError("clone() needs a simple split; use clone_tensors")
+        return list(torch._foreach_mul(self.groups[0][1], 1.0))  # ``* 1`` is exact and keeps -0.0
+
+    def sub_(self, other: TensorGroups) -> None:
+        """``a -= b`` for each tensor ``a`` of this split and ``b`` of ``other``, a split `like` it."""
+        for (_, a), (_, b) in zip(self.groups, other.groups, strict=True):
+            torch._foreach_sub_(a, b)
 
     def norms(self, ord: float, dtype: torch.dtype = torch.float32, accumulate: torch.dtype | None = None) -> Tensor:
         """Per-tensor vector norms in input order, a 1-D ``dtype`` tensor on the device (see `grouped_norms`)."""
