@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SIZES", "DeepMLP", "ModelSpec", "SmallGPT", "build"]
+__all__ = ["SIZES", "DeepMLP", "ManyBlocks", "ModelSpec", "OneLargeTensor", "SmallGPT", "build", "build_large"]
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,50 @@ def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     out = model(x)
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+class ManyBlocks(nn.Module):
+    """``n_tensors`` small tensors for the scaling rows: blocks of ``fc`` Linear(8, 8) and ``norm`` LayerNorm(8),
+    each block naming its ``norm`` in ``no_weight_decay()`` (a submodule hook, as timm models have)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"norm"}
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.norm(self.fc(x))
+
+    def __init__(self, n_tensors: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ManyBlocks.Block() for _ in range(max(1, n_tensors // 4)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([b(x) for b in self.blocks]).sum(0)
+
+
+class OneLargeTensor(nn.Module):
+    """One ``numel``-element weight (an embedding table of width 1024), the case where a whole-tensor temporary
+    is a copy of most of a model."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(max(1, numel // 1024), 1024)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.table(idx)
+
+
+def build_large(numel: int, device: torch.device, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """`OneLargeTensor` and a fixed batch of 8 rows (targets: classes among the 1024 columns)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = OneLargeTensor(numel)
+    x = torch.randint(0, model.table.num_embeddings, (8,), generator=gen)
+    y = torch.randint(0, 1024, (8,), generator=gen)
+    return model.to(device), (x.to(device), y.to(device))

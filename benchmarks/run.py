@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups, kernels
+from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups
 from lightning_decay.rules import DecayRules
 
 try:
@@ -87,12 +87,30 @@ class Budget:
     fit_steps: int
     fit_warmup: int
     fit_repeats: int
+    scale: tuple[int, int, int] = (1000, 5000, 20000)  # tensors of the scaling rows (5.*)
+    scale_repeats: int = 3
+    large_numel: int = 2**24  # entries of the one large weight of the memory rows (6.*)
 
 
 BUDGETS = {
-    "tiny": Budget(warmup=1, steps=2, calls=2, repeats=2, fit_steps=6, fit_warmup=2, fit_repeats=1),
-    "small": Budget(warmup=5, steps=15, calls=20, repeats=7, fit_steps=200, fit_warmup=20, fit_repeats=6),
-    "large": Budget(warmup=5, steps=20, calls=20, repeats=9, fit_steps=300, fit_warmup=20, fit_repeats=4),
+    "tiny": Budget(
+        warmup=1,
+        steps=2,
+        calls=2,
+        repeats=2,
+        fit_steps=6,
+        fit_warmup=2,
+        fit_repeats=1,
+        scale=(16, 32, 64),
+        scale_repeats=1,
+        large_numel=2**16,
+    ),
+    "small": Budget(
+        warmup=5, steps=15, calls=20, repeats=7, fit_steps=70, fit_warmup=20, fit_repeats=9, scale_repeats=5
+    ),
+    "large": Budget(
+        warmup=5, steps=20, calls=20, repeats=9, fit_steps=300, fit_warmup=20, fit_repeats=4, large_numel=50 * 2**20
+    ),
 }
 
 
@@ -177,6 +195,16 @@ def optimizer_factory(kind: str, weight_decay: float) -> Callable[[nn.Module], O
     return make
 
 
+#: The clock of the timings: ``time.process_time`` (this process's CPU time) on CPU, which other processes
+#: on a shared machine do not advance, ``time.perf_counter`` (wall time, around synchronizations) on CUDA,
+#: where the work runs on the device. ``--clock wall`` forces wall time everywhere.
+CLOCK: dict[str, Callable[[], float]] = {"cpu": time.process_time, "cuda": time.perf_counter}
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    return CLOCK.get(device.type, time.perf_counter)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -253,11 +281,11 @@ def interleaved(
             for key in list(fns) if r % 2 == 0 else list(reversed(fns)):
                 fn = fns[key]
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clock(device)()
                 for _ in range(calls):
                     fn()
                 sync(device)
-                samples[key].append((time.perf_counter() - t0) / calls)
+                samples[key].append((clock(device)() - t0) / calls)
     finally:
         gc.enable()
     return samples
@@ -348,8 +376,6 @@ def bench_step(report: Report, tag: str, name: str, size: str, device: torch.dev
         ("1.l2adam", "Adam + WeightPenalty(l2) / Adam(weight_decay=l2)", "penalty_l2_adam", "adam_l2", ("<=", 1.05)),
         ("1.l2sgd", "SGD + WeightPenalty(l2) / SGD(weight_decay=l2)", "penalty_l2_sgd", "sgd_l2", ("<=", 1.05)),
         ("1.l1prox", "Adam + WeightPenalty(l1, proximal) / no regularization", "penalty_l1_prox", "none", None),
-        ("1.naive_wd", "naive loop / Adam + WeightDecay", "naive", "weight_decay", (">=", 1.8)),
-        ("1.naive_l2", "naive loop / Adam + WeightPenalty(l2)", "naive", "penalty_l2_adam", (">=", 1.8)),
     ]
     for key, what, a, b, target in checks:
         ratio = paired_ratio(s, a, b)
@@ -360,13 +386,33 @@ def bench_step(report: Report, tag: str, name: str, size: str, device: torch.dev
             op, bound = target
             ok = ratio <= bound if op == "<=" else ratio >= bound
             report.add(f"{key}/{tag}", what, value, f"{op} {bound}x", ok)
-    # The regularizations' own cost (median step time minus that without regularization): information.
-    extra = {k: (statistics.median(s[k]) - t_none) * 1e6 for k in ("naive", "weight_decay", "penalty_l2_adam")}
-    report.add(
-        f"1.extra/{tag}",
-        "added per step: naive loop, WeightDecay, WeightPenalty(l2)",
-        f"{extra['naive']:+.0f}, {extra['weight_decay']:+.0f}, {extra['penalty_l2_adam']:+.0f} us",
-    )
+    # The time each regularization adds to a step, measured on its own (a difference of whole-step times
+    # would drown it in the noise of the forward and backward passes): our callbacks' hooks around one
+    # step (the calls Lightning makes, the step's own work left out) against the naive loop's own work,
+    # its forward (`reg += torch.norm(p, 2)` per parameter) and its backward.
+    naive_model = runners["naive"].module.model
+
+    def naive_extra() -> None:
+        (L2 * naive_penalty(naive_model)).backward()
+
+    fns = {"naive": naive_extra}
+    for key in ("weight_decay", "penalty_l2_adam"):
+        r = runners[key]
+        fns[key] = _hooks(r.trainer, r.module, r.optimizer, r.callbacks, r.batch)
+    e = interleaved(fns, budget.calls, budget.repeats, budget.warmup, device)
+    for key, what, ours in (
+        ("1.extra_wd", "WeightDecay", "weight_decay"),
+        ("1.extra_l2", "WeightPenalty(l2)", "penalty_l2_adam"),
+    ):
+        ratio = paired_ratio(e, ours, "naive")
+        us = statistics.median(e[ours]) * 1e6, statistics.median(e["naive"]) * 1e6
+        report.add(
+            f"{key}/{tag}",
+            f"added to a step: {what}'s hooks / naive loop's forward + backward ({us[0]:.0f} / {us[1]:.0f} us)",
+            f"{_x(ratio)} {spread(e, ours, 'naive')}",
+            "<= 0.15x",
+            ratio <= 0.15,
+        )
     return t_none
 
 
@@ -462,126 +508,59 @@ class FitTimer(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         if trainer.global_step == self.warmup:
             sync(self.device)
-            self.t0 = time.perf_counter()
+            self.t0 = clock(self.device)()
             self.running = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(self.device)
-        self.t1 = time.perf_counter()
+        self.t1 = clock(self.device)()
         self.running = False
 
 
-class HookTimer(Callback):
-    """Host time spent inside other callbacks' hooks and in the optimizer step hooks they registered, while
-    ``timer`` runs: the callbacks' own share of a fit, free of the run-to-run drift of wall-time differences.
-    (On CUDA it is the launch cost only: kernels run asynchronously.) Put it after the callbacks it times."""
-
-    def __init__(self, timer: FitTimer, callbacks: Sequence[Callback]) -> None:
-        self.timer = timer
-        self.seconds = 0.0
-        self.kernel_seconds = 0.0  # the part of `seconds` spent in `lightning_decay.kernels` functions
-        self._kernels: dict[str, Callable[..., Any]] = {}
-        names = [n for n in dir(Callback) if n.startswith("on_") or n in ("setup", "teardown")]
-        for cb in callbacks:
-            for name in names:
-                if getattr(type(cb), name, None) is not getattr(Callback, name):
-                    setattr(cb, name, self._timed(getattr(cb, name)))
-
-    def _timed(self, fn: Callable[..., Any], kernel: bool = False) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if not self.timer.running:
-                return fn(*args, **kwargs)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if kernel:
-                    self.kernel_seconds += time.perf_counter() - t0
-                else:
-                    self.seconds += time.perf_counter() - t0
-
-        return timed
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # The callbacks call the kernels as `kernels.<name>`: wrapping the module's functions times them
-        # where they really run (weights out of cache after backward), not in a warm loop of their own.
-        for name in kernels.__all__:
-            fn = getattr(kernels, name)
-            if name != "chunk_ranges":
-                self._kernels[name] = fn
-                setattr(kernels, name, self._timed(fn, kernel=True))
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name, fn in self._kernels.items():
-            setattr(kernels, name, fn)
-        self._kernels.clear()
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for opt in trainer.optimizers:
-            for hooks in (opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks):
-                for key, fn in list(hooks.items()):
-                    hooks[key] = self._timed(fn)
-
-
-def fit_callbacks() -> list[Callback]:
-    cbs: list[Callback] = [WeightDecay(WD), WeightPenalty(l1=L1, l1_mode="proximal")]
-    if WeightNormMonitor is not None:
-        cbs.append(WeightNormMonitor())
-    return cbs
+FIT_VARIANTS: dict[str, tuple[str, float, Callable[[], list[Callback]]]] = {
+    # key: (optimizer, its weight_decay on the decay group, callbacks)
+    "adamw": ("adamw", WD, list),
+    "wd": ("adam", 0.0, lambda: [WeightDecay(WD)]),
+    "none": ("adam", 0.0, list),
+    "monitor": ("adam", 0.0, lambda: [WeightNormMonitor()] if WeightNormMonitor is not None else []),
+}
 
 
 def bench_fit(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> None:
     base, batch = M.build(name, size, device)
     steps = budget.fit_steps
 
-    shares: list[float] = []
-    kernel_shares: list[float] = []
-
-    def fit(with_callbacks: bool) -> float:
-        module = BenchModule(copy.deepcopy(base), optimizer_factory("adam", 0.0))
+    def fit(key: str) -> float:
+        opt, wd, make = FIT_VARIANTS[key]
+        module = BenchModule(copy.deepcopy(base), optimizer_factory(opt, wd))
         timer = FitTimer(budget.fit_warmup, device)
-        cbs = fit_callbacks() if with_callbacks else []
-        hook_timer = HookTimer(timer, cbs)
-        trainer = make_trainer(device, [*cbs, hook_timer, timer], max_steps=steps)
+        trainer = make_trainer(device, [*make(), timer], max_steps=steps)
         gc.collect()
         trainer.fit(module, train_dataloaders=RepeatBatch(batch, steps))
         if trainer.global_step != steps:
             raise RuntimeError(f"fit ran {trainer.global_step} steps, expected {steps}")
-        if with_callbacks:
-            shares.append(hook_timer.seconds / (timer.t1 - timer.t0))
-            kernel_shares.append(hook_timer.kernel_seconds / (timer.t1 - timer.t0))
         return (timer.t1 - timer.t0) / (steps - budget.fit_warmup)
 
-    times: dict[str, list[float]] = {"none": [], "all": []}
+    keys = list(FIT_VARIANTS)
     if budget.fit_repeats > 1:
-        fit(True)  # warm-up: first-use costs (imports, allocator) out of the timed fits
+        for key in keys:
+            fit(key)  # warm-up: first-use costs (imports, allocator) out of the timed fits
+    times: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(budget.fit_repeats):
-        for key in ("none", "all") if r % 2 == 0 else ("all", "none"):
-            times[key].append(fit(key == "all"))
-    ratio = paired_ratio(times, "all", "none")
-    lo, hi = ((min(r) - 1) * 100, (max(r) - 1) * 100) if (r := paired_ratios(times, "all", "none")) else (0.0, 0.0)
-    names = "WeightDecay + WeightPenalty(l1, proximal)" + (" + WeightNormMonitor" if WeightNormMonitor else "")
-    report.add(
-        f"3.fit/{tag}",
-        f"Trainer.fit {steps} steps, {names} / none",
-        f"{(ratio - 1) * 100:+.2f} % [{lo:+.1f}, {hi:+.1f}] ({statistics.median(times['none']) * 1e3:.2f} ms/step)",
-        "< 5 %",
-        ratio < 1.05,
-    )
-    share = statistics.median(shares[1:] if len(shares) > 1 else shares)  # the warm-up fit left out
-    report.add(
-        f"3.self/{tag}",
-        "time inside the callbacks' hooks (incl. their optimizer step hooks) / fit time, same fits",
-        f"{share * 100:.2f} %" + (" (host time)" if device.type == "cuda" else ""),
-        "< 5 %",
-        share < 0.05,
-    )
-    report.add(
-        f"3.math/{tag}",
-        "of which the penalty / decay kernels (lightning_decay.kernels calls), same fits",
-        f"{statistics.median(kernel_shares[1:] if len(kernel_shares) > 1 else kernel_shares) * 100:.2f} %",
-        "-",
-    )
+        for key in keys if r % 2 == 0 else reversed(keys):
+            times[key].append(fit(key))
+    for key, what, a, b, bound in (
+        ("3.wd_fit", "Adam + WeightDecay / AdamW(weight_decay), same groups", "wd", "adamw", 1.03),
+        ("3.monitor_fit", f"WeightNormMonitor() (log_every_n_steps={LOG_EVERY}) / none", "monitor", "none", 1.01),
+    ):
+        ratio = paired_ratio(times, a, b)
+        report.add(
+            f"{key}/{tag}",
+            f"Trainer.fit {steps} steps, {what} ({statistics.median(times[b]) * 1e3:.2f} ms/step)",
+            f"{_x(ratio)} {spread(times, a, b, '{:.3f}')}",
+            f"<= {bound}x",
+            ratio <= bound,
+        )
 
 
 # ------------------------------------------------------------------------------------- 4. memory
@@ -708,15 +687,193 @@ def bench_memory(report: Report, tag: str, name: str, size: str, device: torch.d
         )
 
 
+# ------------------------------------------------------------------------------------- 5. scaling
+SCALE_CALLBACKS: dict[str, tuple[str, Callable[[], Callback]]] = {
+    # key: (description, callback); monitors on a logging step, the regularizers on an ordinary one
+    "wd": ("WeightDecay", lambda: WeightDecay(WD)),
+    "l2": ("WeightPenalty(l2)", lambda: WeightPenalty(l2=L2)),
+    "l2sp": ("WeightPenalty(l2, reference='initial')", lambda: WeightPenalty(l2=L2, reference="initial")),
+    "l1prox": ("WeightPenalty(l1, proximal)", lambda: WeightPenalty(l1=L1, l1_mode="proximal")),
+    "l1sub": ("WeightPenalty(l1) (subgradient)", lambda: WeightPenalty(l1=L1)),
+}
+if WeightNormMonitor is not None:
+    SCALE_CALLBACKS["monitor"] = ("WeightNormMonitor(), logging step", lambda: WeightNormMonitor(logging_interval=1))
+    SCALE_CALLBACKS["monitor_all"] = (
+        "WeightNormMonitor(every extra), logging step",
+        lambda: WeightNormMonitor(
+            logging_interval=1, log_grad_norm=True, log_update_ratio=True, log_angular_update=True, log_sparsity=True
+        ),
+    )
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call on the device's `clock`, Python's GC off during it."""
+    gc.disable()
+    now = clock(device)
+    try:
+        sync(device)
+        t0 = now()
+        fn()
+        sync(device)
+        return now() - t0
+    finally:
+        gc.enable()
+
+
+def _k(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def _scaling_row(report: Report, key: str, what: str, sizes: Sequence[int], seconds: Sequence[float]) -> None:
+    """One row: the times at each size and the growth from the middle to the largest size, against linear."""
+    growth = seconds[-1] / seconds[-2]
+    linear = sizes[-1] / sizes[-2]
+    values = " / ".join(f"{t * 1e3:.1f}" for t in seconds)
+    report.add(
+        key,
+        f"{what} ({' / '.join(_k(n) for n in sizes)} tensors)",
+        f"{values} ms; x{growth:.1f} for x{linear:g} tensors",
+        f"<= x{linear * 1.25:g}",
+        growth <= linear * 1.25,
+    )
+
+
+def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
+    """Set-up time and per-step cost of each callback for growing numbers of small tensors: linear growth."""
+    from lightning_decay import _plan_cache
+
+    sizes = budget.scale
+    setup: dict[str, list[float]] = {k: [] for k in SCALE_CALLBACKS}
+    step: dict[str, list[float]] = {k: [] for k in SCALE_CALLBACKS}
+    classify: list[float] = []
+    trainer = make_trainer(device)  # one for all: the callbacks only read its loggers, optimizers and loops
+    trainer.training = True
+    for n in sizes:
+        model = BenchModule(M.ManyBlocks(n).to(device), optimizer_factory("adam", 0.0))
+        gc.collect()  # once per size (a full collection takes a fraction of a second with torch loaded)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)  # a step's gradients, without the forward and backward passes
+        times = []
+        for _ in range(budget.scale_repeats):
+            times.append(_timed(lambda m=model: DecayRules().classify(m), device))  # type: ignore[misc]
+        classify.append(min(times))
+        for key, (_, make) in SCALE_CALLBACKS.items():
+            setups, steps = [], []
+            for _ in range(budget.scale_repeats):
+                _plan_cache._cache.clear()  # each set-up classifies, as the first callback of a fit does
+                cb = make()
+                trainer.strategy.optimizers = [optimizer_factory("adam", 0.0)(model)]
+
+                def set_up(cb: Callback = cb, trainer: pl.Trainer = trainer, model: nn.Module = model) -> None:
+                    cb.setup(trainer, model, "fit")
+                    cb.on_fit_start(trainer, model)
+                    if isinstance(cb, WeightNormMonitor):  # its layout is built at the first logging step
+                        cb._ensure_layout(trainer, model)
+
+                setups.append(_timed(set_up, device))
+                hooks = _hooks(trainer, model, trainer.optimizers[0], [cb], None)
+                hooks()  # warm
+                steps.append(_timed(hooks, device))
+                cb.teardown(trainer, model, "fit")
+            setup[key].append(min(setups))  # the least disturbed call
+            step[key].append(min(steps))
+        del model
+    _scaling_row(report, f"5.classify/{dev_tag}", "DecayRules().classify, no_weight_decay() on every block", sizes,
+                 classify)  # fmt: skip
+    for key, (what, _) in SCALE_CALLBACKS.items():
+        _scaling_row(report, f"5.setup/{dev_tag}/{key}", f"{what}: setup + on_fit_start", sizes, setup[key])
+        _scaling_row(report, f"5.step/{dev_tag}/{key}", f"{what}: its hooks in one step", sizes, step[key])
+
+
+def _hooks(
+    trainer: pl.Trainer, module: nn.Module, opt: Optimizer, cbs: Sequence[Callback], batch: Any
+) -> Callable[[], None]:
+    """What callbacks do around one optimizer step (not the step): Lightning's hook calls, in its order."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+
+    def hooks() -> None:
+        progress.increment_ready()
+        for cb in cbs:
+            cb.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
+        for hook in [*opt._optimizer_step_pre_hooks.values(), *opt._optimizer_step_post_hooks.values()]:
+            hook(opt, (), {})
+        for cb in cbs:
+            cb.on_train_batch_end(trainer, module, None, batch, 0)  # type: ignore[arg-type]
+
+    return hooks
+
+
+# --------------------------------------------------------------------------- 6. one large tensor
+LARGE_CASES: dict[str, tuple[str, Callable[[], list[Callback]], float]] = {
+    # key: (description, callbacks, target on state + peak, in multiples of the weight's bytes)
+    "wd": ("WeightDecay", lambda: [WeightDecay(WD)], 0.1),
+    "l2": ("WeightPenalty(l2)", lambda: [WeightPenalty(l2=L2)], 0.1),
+    "l2sp": ("WeightPenalty(l2, reference='initial') (the reference: 1.0x)",
+             lambda: [WeightPenalty(l2=L2, reference="initial")], 1.1),
+    "l1prox": ("WeightPenalty(l1, proximal)", lambda: [WeightPenalty(l1=L1, l1_mode="proximal")], 0.1),
+    "l1sub": ("WeightPenalty(l1) (subgradient)", lambda: [WeightPenalty(l1=L1)], 0.1),
+}  # fmt: skip
+if WeightNormMonitor is not None:
+    LARGE_CASES.update(
+        {
+            "monitor": ("WeightNormMonitor()", lambda: [WeightNormMonitor(logging_interval=1)], 0.1),
+            "ratio": ("WeightNormMonitor(log_update_ratio) (the snapshot: 1.0x)",
+                      lambda: [WeightNormMonitor(logging_interval=1, log_update_ratio=True)], 1.1),
+            "angle": ("WeightNormMonitor(log_angular_update) (the snapshot: 1.0x)",
+                      lambda: [WeightNormMonitor(logging_interval=1, log_angular_update=True)], 1.1),
+            "monitor_all": ("WeightNormMonitor(every extra) (the snapshot: 1.0x)",
+                            lambda: [WeightNormMonitor(logging_interval=1, log_grad_norm=True, log_update_ratio=True,
+                                                       log_angular_update=True, log_sparsity=True)], 1.1),
+        }
+    )  # fmt: skip
+
+
+def bench_large_tensor(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
+    """State and peak memory of each callback for one large weight: temporaries bounded inside a tensor."""
+    base, batch = M.build_large(budget.large_numel, device)
+    w_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    for key, (what, make, bound) in LARGE_CASES.items():
+        runner = make_runner(base, batch, device, optimizer_factory("sgd", 0.0), make())
+        runner.step()
+        runner.trainer.fit_loop.epoch_loop._batches_that_stepped = LOG_EVERY - 1  # a logging step for all
+        hooks = _hooks(runner.trainer, runner.module, runner.optimizer, runner.callbacks, runner.batch)
+        hooks()  # warm: lazily built layouts are state, not a per-step cost
+        params = list(runner.module.parameters())
+        exclude = set(storage_bytes(params)) | set(storage_bytes(p.grad for p in params if p.grad is not None))
+        state = sum(held_bytes(cb, exclude) for cb in runner.callbacks)
+        peak = peak_bytes(hooks, device)
+        total = (state + peak) / w_bytes
+        report.add(
+            f"6.mem/{dev_tag}/{key}",
+            f"{what}: state + peak of its hooks, one {budget.large_numel / 2**20:g}Mi-entry float32 weight",
+            f"{state / w_bytes:.3f}x + {peak / w_bytes:.3f}x = {total:.3f}x",
+            f"<= {bound}x",
+            total <= bound,
+        )
+        del runner, hooks, params
+        if w_bytes >= 2**24:  # free the large weight's copies (a Trainer holds reference cycles) before the next
+            gc.collect()
+
+
 # ---------------------------------------------------------------------------------------- driver
 def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> list[str]:
     """Keys of every row a run over ``devices`` and ``models`` writes (for the smoke test)."""
     per_model = [
-        "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.naive_wd", "1.naive_l2", "1.extra",
-        "2.bare", "2.lightning", "2.amortized", "3.fit", "3.self", "3.math",
+        "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.extra_wd", "1.extra_l2",
+        "2.bare", "2.lightning", "2.amortized", "3.wd_fit", "3.monitor_fit",
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip
-    return [f"{k}/{d}/{m}" for d in devices for m in models for k in per_model]
+    per_device = [
+        "5.classify",
+        *[f"5.{part}/{{}}/{cb}" for cb in SCALE_CALLBACKS for part in ("setup", "step")],
+        *[f"6.mem/{{}}/{key}" for key in LARGE_CASES],
+    ]
+    keys = []
+    for d in devices:
+        keys += [f"{k}/{d}/{m}" for m in models for k in per_model]
+        keys += [k.format(d) if "{}" in k else f"{k}/{d}" for k in per_device]
+    return keys
 
 
 def _cpu_name() -> str:
@@ -746,7 +903,8 @@ METHOD = """\
 {repeats} repetitions of a paired ratio (the two variants timed in the same repetition), followed by
 [min, max] of those ratios; the variants are
 interleaved and their order reversed every repetition (ABC CBA ...), after {warmup} warm-up calls each,
-with Python's GC off while timing (and `torch.cuda.synchronize()` around each sample on CUDA).
+with Python's GC off while timing (and `torch.cuda.synchronize()` around each sample on CUDA). Clock:
+{clock_text}.
 
 1. *Step time*: forward, backward and `optimizer.step()` ({steps} steps per sample), every optimizer with
    `foreach=True` over the `decay`/`no_decay` groups of `decay_param_groups`. The callbacks run through
@@ -756,30 +914,36 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    without the fit loop's own overhead in the ratio. Baselines: the optimizer's own `weight_decay` with
    the same semantics (AdamW for `WeightDecay`, coupled `Adam`/`SGD(weight_decay)` for
    `WeightPenalty(l2)`) and the naive loop `for p in model.parameters(): reg = reg + torch.norm(p, 2)`
-   added to the loss.
+   added to the loss. Rows 1.extra_*: the time a regularization *adds* to a step, each measured on its
+   own ({calls} calls per sample, interleaved as above): the callback's hooks around one step (the calls
+   Lightning makes: `on_before_optimizer_step`, its optimizer step hooks, `on_train_batch_end`; the step's
+   own work left out) against the naive loop's forward (`reg += torch.norm(p, 2)` per parameter) and
+   backward. A difference of whole-step times would drown both in the noise of the forward and backward
+   passes of the model, which dwarf them on a compute-bound CPU.
 2. *Monitor*: a logging step of `WeightNormMonitor()` (its `on_before_optimizer_step` and
    `on_train_batch_end` hooks, `logging_interval=1`, metrics handed to an in-memory logger) against
    `torch.stack(torch._foreach_norm(params, 2)).tolist()` and against Lightning's `grad_norm` recipe on
    weights (`p.data.norm(2)` per parameter, a total, `.item()` per value). Amortized cost = (logging
    step + {every_minus_one} non-logging hook calls) / {every} / the step time of row 1.base.
 3. *Fit*: real `Trainer.fit` of {fit_steps} steps (timed from step {fit_warmup} to the end; in-memory logger,
-   no progress bar or checkpointing, `log_every_n_steps={every}`), with all three callbacks against none,
-   {fit_repeats} interleaved pairs after one warm-up fit. Row 3.self, from the same fits: the host time spent
-   inside the three callbacks' hooks and the optimizer step hooks they register, over the fit's wall time
-   (a share, so free of the drift between runs that makes the wall-time difference noisy). Row 3.math,
-   from the same fits: the part of that time spent in the `lightning_decay.kernels` calls (the decay and
-   proximal passes over the weights, which any implementation of this regularization pays); the
-   callbacks' own code is the difference between 3.self and 3.math.
+   no progress bar or checkpointing, `log_every_n_steps={every}`), {fit_repeats} interleaved repetitions of
+   four fits after a warm-up of each: `Adam` + `WeightDecay` against `AdamW(weight_decay)` on the same
+   groups (the same math: the ratio is the callback's own overhead), and `WeightNormMonitor()` at the
+   default interval against no callback.
 4. *Memory*, as multiples of the parameters' bytes: *state* is the bytes of the tensors the callbacks
    hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
    except L2-SP's reference (persistent) and the update-ratio snapshot (logging steps only).
-
-**Reading a miss.** The naive-loop ratios (1.naive_*) compare whole steps, so they depend on how much
-of a step is per-tensor overhead: on a CPU the small models are compute-bound and the step dwarfs the
-loop; row 1.extra gives the time each variant adds to a step on its own. The fit rows (3.*) include the
-regularization itself: row 3.math is the share of the fit spent in the decay and proximal kernels,
-passes over the weights that any implementation makes, and 3.self - 3.math is the callbacks' own code.
+5. *Scaling*: a model of {scale} small tensors (blocks of Linear(8, 8) + LayerNorm(8), each block
+   with a `no_weight_decay()` hook) and gradients set directly. *Set-up*: `setup` + `on_fit_start` (and
+   the monitor's layout, built at its first logging step), the plan cache cleared before each, so each
+   classifies; *step*: the callback's hooks around one optimizer step (the step itself left out): an
+   ordinary step for the regularizers, a logging step for the monitors. The least of {scale_repeats} calls
+   in CPU time of the process (on CUDA: wall time), GC off during each. Linear
+   growth means x4 for x4 tensors; target x5.
+6. *One large tensor*: state + peak (as in 4) for one weight of {large_numel} float32 entries (an
+   embedding table), as multiples of its bytes, on a logging step. Targets: 0.1x (temporaries are
+   chunked inside a tensor too), plus 1.0x for L2-SP's reference and for the monitor's snapshot.
 """
 
 
@@ -803,12 +967,22 @@ def render(report: Report, args: argparse.Namespace, devices: Sequence[str], bud
             repeats=budget.repeats,
             warmup=budget.warmup,
             steps=budget.steps,
+            calls=budget.calls,
             every=LOG_EVERY,
             every_minus_one=LOG_EVERY - 1,
             fit_steps=budget.fit_steps,
             fit_warmup=budget.fit_warmup,
             fit_repeats=budget.fit_repeats,
             peak_method=peak_method,
+            clock_text=(
+                "wall time"
+                if CLOCK["cpu"] is time.perf_counter
+                else "on CPU the CPU time of this process (`time.process_time`: other processes on a shared "
+                "machine do not advance it, as they do the wall clock), on CUDA wall time"
+            ),
+            scale=" / ".join(map(str, budget.scale)),
+            scale_repeats=budget.scale_repeats,
+            large_numel=budget.large_numel,
         ),
     ]
     if args.note:
@@ -837,7 +1011,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's default, one per core)"
     )
-    parser.add_argument("--only", default="1,2,3,4", help="comma-separated subset of the measurements 1,2,3,4")
+    parser.add_argument(
+        "--clock",
+        choices=("auto", "wall"),
+        default="auto",
+        help="auto: this process's CPU time on CPU, wall time on CUDA; wall: wall time everywhere",
+    )
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated subset of the measurements 1-6")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -857,6 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     budget = BUDGETS[args.size]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.clock == "wall":
+        CLOCK["cpu"] = time.perf_counter
     if args.repeats is not None:
         budget = Budget(**{**budget.__dict__, "repeats": args.repeats})
 
@@ -913,6 +1095,18 @@ def _run_all(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"   ({tag}: 1: {t1 - t0:.1f} s, 2: {t2 - t1:.1f} s, 3: {t3 - t2:.1f} s, 4: {t4 - t3:.1f} s)")
+        t0 = time.perf_counter()
+        if "5" in only:
+            print(f"== {dev} scaling ({', '.join(map(str, budget.scale))} tensors)", flush=True)
+            bench_scaling(report, dev, device, budget)
+        t1 = time.perf_counter()
+        if "6" in only:
+            print(f"== {dev} one large tensor ({budget.large_numel} entries)", flush=True)
+            bench_large_tensor(report, dev, device, budget)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"   ({dev}: 5: {t1 - t0:.1f} s, 6: {time.perf_counter() - t1:.1f} s)")
 
 
 def _plain_step_time(name: str, size: str, device: torch.device, budget: Budget) -> float:
