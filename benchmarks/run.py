@@ -180,10 +180,14 @@ def make_trainer(device: torch.device, callbacks: Sequence[Callback] = (), max_s
 
 
 def optimizer_factory(kind: str, weight_decay: float) -> Callable[[nn.Module], Optimizer]:
-    """Decay / no-decay groups (``weight_decay`` on the decay group only), foreach implementation."""
+    """Decay / no-decay groups (``weight_decay`` on the decay group only), foreach implementation
+    (``adam_fused`` / ``adamw_fused``: the fused one, CUDA)."""
 
     def make(module: nn.Module) -> Optimizer:
         groups = decay_param_groups(module, weight_decay=weight_decay)
+        if kind in ("adam_fused", "adamw_fused"):
+            cls = torch.optim.Adam if kind == "adam_fused" else torch.optim.AdamW
+            return cls(groups, lr=LR, fused=True)
         if kind == "adam":
             return torch.optim.Adam(groups, lr=LR, foreach=True)
         if kind == "adamw":
@@ -360,11 +364,30 @@ STEP_VARIANTS: dict[str, tuple[str, str, float, Callable[[], list[Callback]], bo
 }
 
 
+FUSED_VARIANTS: dict[str, tuple[str, str, float, Callable[[], list[Callback]], bool]] = {
+    # CUDA only: against the fused optimizers, the fastest built-in decay there.
+    "adamw_fused": ("AdamW(fused, weight_decay)", "adamw_fused", WD, list, False),
+    "weight_decay_fused": ("Adam(fused) + WeightDecay", "adam_fused", 0.0, lambda: [WeightDecay(WD)], False),
+    "adam_l2_fused": ("Adam(fused, weight_decay) (coupled L2)", "adam_fused", L2, list, False),
+    "penalty_l2_fused": ("Adam(fused) + WeightPenalty(l2)", "adam_fused", 0.0, lambda: [WeightPenalty(l2=L2)], False),
+}
+FUSED_CHECKS = [
+    ("1.wd_fused", "Adam(fused) + WeightDecay / AdamW(fused, wd)", "weight_decay_fused", "adamw_fused"),
+    (
+        "1.l2_fused",
+        "Adam(fused) + WeightPenalty(l2) / Adam(fused, weight_decay=l2)",
+        "penalty_l2_fused",
+        "adam_l2_fused",
+    ),
+]
+
+
 def bench_step(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> float:
     base, batch = M.build(name, size, device)
+    variants = {**STEP_VARIANTS, **(FUSED_VARIANTS if device.type == "cuda" else {})}
     runners = {
         key: make_runner(base, batch, device, optimizer_factory(opt, wd), cbs(), naive)
-        for key, (_, opt, wd, cbs, naive) in STEP_VARIANTS.items()
+        for key, (_, opt, wd, cbs, naive) in variants.items()
     }
     s = interleaved({k: r.step for k, r in runners.items()}, budget.steps, budget.repeats, budget.warmup, device)
     t_none = statistics.median(s["none"])
@@ -377,6 +400,8 @@ def bench_step(report: Report, tag: str, name: str, size: str, device: torch.dev
         ("1.l2sgd", "SGD + WeightPenalty(l2) / SGD(weight_decay=l2)", "penalty_l2_sgd", "sgd_l2", ("<=", 1.05)),
         ("1.l1prox", "Adam + WeightPenalty(l1, proximal) / no regularization", "penalty_l1_prox", "none", None),
     ]
+    if device.type == "cuda":
+        checks += [(key, what, a, b, ("<=", 1.05)) for key, what, a, b in FUSED_CHECKS]
     for key, what, a, b, target in checks:
         ratio = paired_ratio(s, a, b)
         value = f"{_x(ratio)} {spread(s, a, b)}"
@@ -871,7 +896,11 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
     ]
     keys = []
     for d in devices:
-        keys += [f"{k}/{d}/{m}" for m in models for k in per_model]
+        for m in models:
+            keys += [f"{k}/{d}/{m}" for k in per_model]
+            if d == "cuda":  # the fused rows follow 1.l1prox
+                at = keys.index(f"1.l1prox/{d}/{m}") + 1
+                keys[at:at] = [f"{k}/{d}/{m}" for k, *_ in FUSED_CHECKS]
         keys += [k.format(d) if "{}" in k else f"{k}/{d}" for k in per_device]
     return keys
 
