@@ -258,7 +258,7 @@ class DecayRules:
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
-        return DecayPlan(decisions, frozen)
+        return DecayPlan(decisions, frozen, module=module)
 
     # ----------------------------------------------------------------- private
     def _decide(
