@@ -24,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -378,8 +377,3 @@ def apply_lr_scale(groups: Optimizer | Sequence[dict[str, Any]], base_lr: float 
                 f"param group {group.get('name', i)!r} has an lr_scale but no lr: pass `base_lr` or an optimizer"
             )
         group["lr"] = lr * group.pop("lr_scale")
-
-
-def module_ref(module: nn.Module | None) -> Callable[[], nn.Module | None]:
-    """A weak reference to ``module`` (or a callable returning ``None``)."""
-    return weakref.ref(module) if module is not None else (lambda: None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_decay.layers import LayerAssignment, LayerOf, assign_layers, module_ref, validate_layer_decay
+from lightning_decay.layers import LayerAssignment, LayerOf, assign_layers, validate_layer_decay
 
 __all__ = ["DecayPlan", "ParamDecision", "validate_weight_decay"]
 
@@ -105,8 +105,8 @@ class DecayPlan:
         for d in self.decisions:
             for n in (d.name, *d.aliases):
                 self._by_name[n] = d
-        # The classified model, weakly: layer-wise lr decay reads its tree (a plan holds no module alive).
-        self._module = module_ref(module)
+        # The classified model: layer-wise lr decay reads its tree.
+        self._module = module
         # (layer_decay, layer_of, assignment) of the last `param_groups(layer_decay=...)`, for explain/table.
         self._layers: tuple[float, LayerOf | None, LayerAssignment] | None = None
 
@@ -168,7 +168,7 @@ class DecayPlan:
             return None if self._layers is None else (self._layers[0], self._layers[2])
         validate_layer_decay(layer_decay)
         decay = 1.0 if layer_decay is None else layer_decay
-        return decay, assign_layers(self._module(), [d.name for d in self.decisions], layer_of)
+        return decay, assign_layers(self._module, [d.name for d in self.decisions], layer_of)
 
     @property
     def decay(self) -> list[ParamDecision]:
