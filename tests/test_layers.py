@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_decay import DecayGroupsMixin, DecayLightningCLI, DecayRules, decay_param_groups
+from lightning_decay import DecayGroupsMixin, DecayLightningCLI, DecayRules, WeightDecay, decay_param_groups
 from lightning_decay.layers import apply_lr_scale, assign_layers, group_with_matcher
 from tests.cli_app import RegressionData
 from tests.timm_like import ConvNeXt, SwinTransformer, VisionTransformer
@@ -309,6 +309,9 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   default_root_dir: {root}
+  callbacks:
+    - class_path: lightning_decay.WeightDecay
+      init_args: {{weight_decay: 0.01}}
 optimizer:
   class_path: torch.optim.SGD
   init_args: {{lr: 0.2}}
@@ -330,7 +333,9 @@ def test_cli_decay_section_sets_rules_and_layer_decay_from_yaml(tmp_path: Path) 
     cli = DecayLightningCLI(
         PlainModel, RegressionData, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True}
     )
-    assert cli.model.decay_rules.exclude == ("net.3.*",)  # the run's rules, for the callbacks too
+    assert cli.model.decay_rules.exclude == ("net.3.*",)  # the run's rules...
+    (decay,) = [c for c in cli.trainer.callbacks if isinstance(c, WeightDecay)]
+    assert decay.rules is cli.model.decay_rules  # ...which the callback given no rules uses
     groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
     # net = Linear, LayerNorm, ReLU, Linear: three blocks of the model's own Sequential, L = 4
     assert set(groups) == {"layer_1/decay", "layer_1/no_decay", "layer_2/no_decay", "layer_3/no_decay"}

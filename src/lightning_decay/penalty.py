@@ -66,7 +66,8 @@ class WeightPenalty(RegularizerCallback):
         l1_mode: ``"subgradient"`` or ``"proximal"``.
         reference: ``None``, ``"initial"``, a ``{name: tensor}`` mapping or an ``nn.Module`` (L2-SP).
         l2_head: L2 coefficient toward zero for decayed parameters without a reference; default ``l2``.
-        rules: Which parameters are regularized; default [`DecayRules`][lightning_decay.DecayRules].
+        rules: Which parameters are regularized; default: the LightningModule's ``decay_rules``, else
+            [`DecayRules`][lightning_decay.DecayRules]``()``.
         log_penalty: Log ``penalty/l1`` and ``penalty/l2`` (the current penalty values) on logging steps.
 
     Raises:

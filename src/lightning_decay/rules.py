@@ -34,7 +34,7 @@ from torch import nn
 from lightning_decay.names import clean_param_name
 from lightning_decay.plan import DecayPlan, ParamDecision
 
-__all__ = ["DecayRules", "Predicate", "is_norm_module", "logical_shape"]
+__all__ = ["DecayRules", "Predicate", "is_norm_module", "logical_shape", "module_rules"]
 
 #: ``(name, param, module) -> True (decay) | False (no decay) | None (no opinion)``
 Predicate = Callable[[str, nn.Parameter, nn.Module], "bool | None"]
@@ -404,3 +404,21 @@ def _resolve_tied(names: list[str], verdicts: list[tuple[bool, str, bool]]) -> t
         decay = explicit.pop()
         return decay, f"tied, explicit rule wins [{shown}]"
     return False, f"tied, no_decay wins [{shown}]"
+
+
+def module_rules(module: nn.Module, given: DecayRules | None = None) -> DecayRules:
+    """The rules a callback uses: ``given``, else ``module.decay_rules`` (``DecayGroupsMixin``), else defaults.
+
+    So that one set of rules serves the optimizer's groups and every callback given no ``rules``.
+
+    Raises:
+        TypeError: If ``module.decay_rules`` is set to something other than a ``DecayRules``.
+    """
+    if given is not None:
+        return given
+    rules = getattr(module, "decay_rules", None)
+    if rules is None:
+        return DecayRules()
+    if not isinstance(rules, DecayRules):
+        raise TypeError(f"{type(module).__name__}.decay_rules must be a DecayRules or None, got {rules!r}")
+    return rules
