@@ -343,3 +343,29 @@ def test_cli_decay_section_sets_rules_and_layer_decay_from_yaml(tmp_path: Path) 
         scale = 0.5 ** (3 - int(name[6]))
         assert group["initial_lr"] == pytest.approx(0.2 * scale)
         assert group["lr"] == pytest.approx(0.2 * scale * 0.5**2)
+
+
+def test_cli_layer_decay_reaches_a_mixin_model(tmp_path: Path) -> None:
+    from tests.cli_app import InjectedModel
+
+    yaml = """
+trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, enable_progress_bar: false,
+  enable_model_summary: false, default_root_dir: {root}}}
+model:
+  optimizer: {{class_path: torch.optim.SGD, init_args: {{lr: 0.2}}}}
+decay: {{layer_decay: 0.5}}
+"""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.format(root=tmp_path))
+    cli = DecayLightningCLI(
+        InjectedModel, RegressionData, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True}
+    )
+    assert cli.model.layer_decay == 0.5
+    lrs = {g["name"]: g["lr"] for g in cli.trainer.optimizers[0].param_groups}
+    assert lrs == {
+        "layer_1/decay": 0.05,
+        "layer_1/no_decay": 0.05,
+        "layer_2/no_decay": 0.1,
+        "layer_3/decay": 0.2,
+        "layer_3/no_decay": 0.2,
+    }
