@@ -21,6 +21,7 @@ from torch import nn
 from lightning_decay import DecayGroupsMixin, DecayLightningCLI, DecayRules, WeightDecay, decay_param_groups
 from lightning_decay.layers import apply_lr_scale, assign_layers, group_with_matcher
 from tests.cli_app import RegressionData
+from tests.test_cli import TRAINER
 from tests.timm_like import ConvNeXt, SwinTransformer, VisionTransformer
 
 
@@ -301,15 +302,9 @@ def test_mixin_refuses_a_group_key_the_optimizer_does_not_take() -> None:
         model.configure_optimizers()
 
 
-YAML = """
-trainer:
-  max_epochs: 2
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {root}
-  callbacks:
+YAML = (
+    TRAINER
+    + """  callbacks:
     - class_path: lightning_decay.WeightDecay
       init_args: {{weight_decay: 0.01}}
 optimizer:
@@ -323,6 +318,7 @@ decay:
     exclude: ["net.3.*"]
   layer_decay: 0.5
 """
+)
 
 
 def test_cli_decay_section_sets_rules_and_layer_decay_from_yaml(tmp_path: Path) -> None:

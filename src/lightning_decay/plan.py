@@ -371,21 +371,6 @@ class DecayPlan:
 # Arguments of grouping functions (ours, timm's `param_groups_*`, mmengine's `paramwise_cfg`) that end up in
 # every group when passed where group options are expected: torch's optimizers keep them without a word.
 _NOT_GROUP_OPTIONS: dict[str, str] = {
-    **dict.fromkeys(
-        (
-            "rules",
-            "exclude",
-            "include",
-            "exclude_modules",
-            "predicate",
-            "decay_bias",
-            "decay_norm",
-            "decay_embeddings",
-            "decay_vectors",
-            "use_model_hooks",
-        ),
-        "a DecayRules option: give it to DecayRules(...) and pass `rules=`",
-    ),
     "layer_of": "an argument of layer-wise lr decay: pass it with `layer_decay=`",
     "no_weight_decay_list": "timm's argument: use DecayRules(exclude=[...]) or the model's no_weight_decay()",
     "simple_params_list": "a timm argument this package does not support",
@@ -408,7 +393,12 @@ def check_group_options(options: Mapping[str, Any], where: str, layer_decay: boo
     reserved = {"params", "name", *(("lr_scale",) if layer_decay else ())} & set(options)
     if reserved:
         raise ValueError(f"{where} may not set {sorted(reserved)} as group options: they are set per group")
+    from lightning_decay.rules import DecayRules  # rules.py imports this module
+
     for key in options:
+        if key == "rules" or key in DecayRules._OPTIONS:
+            why = "a DecayRules option: give it to DecayRules(...) and pass `rules=`"
+            raise ValueError(f"{where}: {key!r} is not an optimizer option but {why}")
         if key in _NOT_GROUP_OPTIONS:
             raise ValueError(f"{where}: {key!r} is not an optimizer option but {_NOT_GROUP_OPTIONS[key]}")
 
