@@ -463,7 +463,7 @@ def test_l1_penalty_with_optimizer_weight_decay_is_elastic_net() -> None:
         ({"l2": "0.1"}, TypeError, "l2"),
         ({"l1_mode": "lasso"}, ValueError, "l1_mode"),
         ({"reference": "final"}, ValueError, "reference"),
-        ({"reference": 3}, ValueError, "reference"),
+        ({"reference": 3}, TypeError, "reference"),
         ({"rules": {"exclude": ["x"]}}, TypeError, "rules"),
     ],
 )
