@@ -69,7 +69,8 @@ class WeightPenalty(RegularizerCallback):
     sharded again on resume).
 
     Every argument is keyword-only: ``WeightPenalty(1e-4)`` would not say whether ``1e-4`` is L1 or L2.
-    A penalty whose coefficients are all 0, ``l2_head`` without ``reference`` or ``head``, and
+    A penalty whose coefficients are all 0, ``l2_head`` without ``reference`` or ``head`` (or with
+    ``reference="initial"`` and no ``head``, where every decayed parameter has a reference), and
     ``l1_mode="proximal"`` with ``l1=0`` do nothing and warn; so does a ``head`` pattern that matches no
     parameter (at fit start).
 
@@ -157,6 +158,12 @@ class WeightPenalty(RegularizerCallback):
                 "WeightPenalty: `l2_head` is ignored without `reference` or `head`: it applies to new parameters, "
                 "those matching `head` or, with a `reference`, those without one. Use `l2` alone, or name the new "
                 "parameters with `head=[...]`."
+            )
+        if l2_head is not None and self._reference == "initial" and not self.head:
+            rank_zero_warn(
+                "WeightPenalty: `l2_head` never applies with reference='initial' and no `head`: every decayed "
+                "parameter gets its fit-start weights as reference. Name the new parameters with `head=[...]` "
+                "(for instance head=['head.*']) to pull them toward zero with `l2_head`."
             )
         if self.l1_mode == "proximal" and not self._uses(self._l1):
             rank_zero_warn("WeightPenalty: `l1_mode='proximal'` does nothing with `l1=0`")
