@@ -198,11 +198,17 @@ class DecayPlan:
         Raises:
             ValueError: If ``weight_decay`` is negative or not finite, or an override sets ``params``
                 or ``name``.
+            TypeError: If ``weight_decay`` is not a number, or ``overrides`` not a mapping of mappings.
         """
         validate_weight_decay(weight_decay)
         reserved = {"params", "name"} & set(group_kwargs)
         if reserved:
             raise ValueError(f"param_groups may not take {sorted(reserved)} as group options: they are set per group")
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(
+                "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
+                f"or None, got {type(overrides).__name__}: {overrides!r}"
+            )
         overrides = dict(overrides or {})
         for pattern, options in overrides.items():
             if not isinstance(options, Mapping):
