@@ -157,8 +157,8 @@ class DecayRules:
 
     def __init__(
         self,
-        exclude: Sequence[str] = (),
-        include: Sequence[str] = (),
+        exclude: Sequence[str] | str = (),
+        include: Sequence[str] | str = (),
         exclude_modules: Sequence[type[nn.Module]] = (),
         predicate: Predicate | None = None,
         decay_bias: bool = False,

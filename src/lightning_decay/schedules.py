@@ -121,7 +121,10 @@ class _Callable(Schedule):
         self.fn = fn
 
     def __call__(self, step: int) -> float:
-        return float(self.fn(step))
+        value = self.fn(step)
+        # Numbers of any kind (NumPy, a 0-dim tensor) become Python floats; a string or a bool is handed
+        # on as it is, for the callbacks' check to refuse naming the argument and the step.
+        return value if isinstance(value, (str, bool)) or not hasattr(value, "__float__") else float(value)
 
     def __repr__(self) -> str:
         return f"{getattr(self.fn, '__name__', type(self.fn).__name__)}(step)"
@@ -129,10 +132,10 @@ class _Callable(Schedule):
 
 def check_coefficient(value: float, argument: str, step: int | None = None) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` naming ``argument`` if negative or not finite."""
+    where = "" if step is None else f" (the schedule returned it at step {step})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__}: {value!r}")
+        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__}: {value!r}{where}")
     if not math.isfinite(value) or value < 0:
-        where = "" if step is None else f" (the schedule returned it at step {step})"
         raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}{where}")
     return float(value)
 
