@@ -136,6 +136,13 @@ class Snapshots(Callback):
 def assert_runs_equal(
     a: list[dict[str, Tensor]], b: list[dict[str, Tensor]], exact: bool = True, rtol: float = 1e-5, atol: float = 1e-7
 ) -> None:
+    """Compare two runs step by step.
+
+    ``exact=True`` only where both runs execute the same operations in the same order: per-parameter
+    updates (foreach=False optimizers, the elementwise kernels) do not depend on how parameters are grouped,
+    but a reduction over several parameters does (Lightning's gradient clipping sums the optimizer's
+    parameters in their group order), so such runs must share their parameter order or use a tolerance.
+    """
     assert len(a) == len(b) and len(a) > 0
     for step, (wa, wb) in enumerate(zip(a, b, strict=True)):
         assert wa.keys() == wb.keys()
