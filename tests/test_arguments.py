@@ -70,7 +70,7 @@ ROWS = [
     Row(
         "WeightPenalty(l1=, l2=, l2_head=)",
         lambda v: WeightPenalty(l2=v),
-        [0.0, 1e-4, 3, Constant(0.1), Linear(0.1, 0.0, 10), lambda step: 0.1],
+        [0.0, 1e-4, 3, np.float32(1e-4), Constant(0.1), Linear(0.1, 0.0, 10), lambda step: 0.1],
         [
             ("1e-4", TypeError),
             (True, TypeError),
@@ -126,7 +126,7 @@ ROWS = [
     Row(
         "Linear(start, end, steps)  [steps]",
         lambda v: Linear(0.1, 0.0, v),
-        [1, 100],
+        [1, 100, np.int64(10)],
         [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError)],
         names="steps",
     ),

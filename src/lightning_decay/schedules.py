@@ -8,6 +8,7 @@ the count in checkpoints, so a resumed run continues the schedule where it stopp
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 __all__ = [
@@ -133,7 +134,7 @@ class _Callable(Schedule):
 def check_coefficient(value: float, argument: str, step: int | None = None) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` naming ``argument`` if negative or not finite."""
     where = "" if step is None else f" (the schedule returned it at step {step})"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NumPy scalars are Real too
         raise TypeError(f"`{argument}` must be a number, got {type(value).__name__}: {value!r}{where}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}{where}")
@@ -151,7 +152,7 @@ def as_schedule(value: ScheduleLike, argument: str) -> Schedule:
     """
     if isinstance(value, Schedule):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return Constant(check_coefficient(value, argument))
     if callable(value):
         return _Callable(value)
@@ -159,8 +160,8 @@ def as_schedule(value: ScheduleLike, argument: str) -> Schedule:
 
 
 def _positive_steps(steps: int, argument: str) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"`{argument}` must be a positive int, got {type(steps).__name__}: {steps!r}")
     if steps <= 0:
         raise ValueError(f"`{argument}` must be a positive int, got {steps!r}")
-    return steps
+    return int(steps)
