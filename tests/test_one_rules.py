@@ -79,5 +79,5 @@ def test_monitor_without_rules_splits_totals_by_the_modules_rules(tmp_path: Any)
 def test_module_decay_rules_of_the_wrong_type_is_an_error() -> None:
     model = Model()
     model.decay_rules = {"exclude": ["a.*"]}  # type: ignore[assignment]
-    with pytest.raises(TypeError, match="decay_rules must be a DecayRules"):
+    with pytest.raises(TypeError, match=r"decay_rules` must be a lightning_decay\.DecayRules"):
         _fit(model, WeightDecay(0.5))

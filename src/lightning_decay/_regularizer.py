@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
-from lightning_decay.rules import DecayRules, module_rules
+from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import check_coefficient
 
 
@@ -99,11 +99,9 @@ class RegularizerCallback(Callback):
     """Base of the regularization callbacks: buckets, hooks, refusals, double-decay checks, resume."""
 
     def __init__(self, rules: DecayRules | None) -> None:
-        if rules is not None and not isinstance(rules, DecayRules):
-            raise TypeError(f"`rules` must be a DecayRules or None, got {type(rules).__name__}")
+        self.rules = as_rules(rules)
         # `None`: the LightningModule's `decay_rules` at setup (one set of rules for the run), else defaults.
         self._given_rules = rules
-        self.rules = rules or DecayRules()
         self._plan: DecayPlan | None = None
         self._per_optimizer: list[OptimizerBuckets] = []
         self._steps: list[int] = []

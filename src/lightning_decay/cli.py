@@ -14,7 +14,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_decay.layers import apply_lr_scale, validate_layer_decay
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayLightningCLI"]
 
@@ -62,7 +62,7 @@ class DecayLightningCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, decay_rules: DecayRules | None = None, **kwargs: Any) -> None:
-        self.decay_rules = decay_rules
+        self.decay_rules = None if decay_rules is None else as_rules(decay_rules, "decay_rules")
         super().__init__(*args, **kwargs)
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -98,7 +98,8 @@ class DecayLightningCLI(LightningCLI):
         if isinstance(given, DecayRules) and repr(given) != repr(DecayRules()):
             rules = given
         else:
-            rules = getattr(model, "decay_rules", None) or self.decay_rules or DecayRules()
+            rules = getattr(model, "decay_rules", None)
+            rules = as_rules(self.decay_rules if rules is None else rules, f"{type(model).__name__}.decay_rules")
         if getattr(model, "decay_rules", None) is not rules:
             model.decay_rules = rules  # one set of rules: the callbacks given no `rules` read it
         if layer_decay is not None:

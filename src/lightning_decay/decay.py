@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
 from lightning_decay.rules import DecayRules
-from lightning_decay.schedules import ScheduleLike, as_schedule
+from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
 __all__ = ["WeightDecay", "steps_per_epoch", "timescale_weight_decay"]
 
@@ -93,6 +94,11 @@ class WeightDecay(RegularizerCallback):
           (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the peak learning rate.
         - ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
 
+    A factor ``1 - shrink <= 0`` would flip the weights' signs (or zero them): it is refused with an error
+    naming the step, the learning rate and the coefficient, never applied. ``mode="constant"`` (and
+    ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a constant ``wd >= 1`` at
+    once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
+
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
     with the optimizer's own semantics -- decoupled for AdamW-style optimizers, an L2 gradient term
@@ -120,8 +126,11 @@ class WeightDecay(RegularizerCallback):
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
-            ``mode`` is unknown, ``timescale_epochs`` is not a positive number, or is given with
-            ``weight_decay`` or another ``mode``.
+            ``mode`` is unknown, the decay factor ``1 - shrink`` is not positive (at once for a constant
+            ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step), or
+            ``timescale_epochs`` is not a positive number or is given with ``weight_decay`` or another ``mode``.
+        TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, ``rules`` not a
+            ``DecayRules``, or ``timescale_epochs`` not a number.
         MisconfigurationException: At fit start, on double decay (the optimizer's own ``weight_decay`` on
             the same weights, or another regularizer callback), or under DeepSpeed; with ``timescale_epochs``,
             if the epoch length is unknown or a group's base lr is 0.
@@ -144,11 +153,12 @@ class WeightDecay(RegularizerCallback):
         timescale_epochs: float | None = None,
     ) -> None:
         super().__init__(rules)
-        if mode not in _MODES:
+        if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
         if timescale_epochs is not None:
-            if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, (int, float)):
+            if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, numbers.Real):
                 raise TypeError(f"`timescale_epochs` must be a number > 0, got {timescale_epochs!r}")
+            timescale_epochs = float(timescale_epochs)  # NumPy scalars too
             if not (math.isfinite(timescale_epochs) and timescale_epochs > 0):
                 raise ValueError(f"`timescale_epochs` must be a finite number > 0, got {timescale_epochs!r}")
             if weight_decay is not None:
@@ -158,6 +168,7 @@ class WeightDecay(RegularizerCallback):
         self.timescale_epochs = timescale_epochs
         self.mode = mode
         self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
+        check_constant_factor(self._weight_decay, mode)
         # timescale_epochs: (optimizer index, group index) -> derived lambda, for `_steps_per_epoch` steps.
         self._derived: dict[tuple[int, int], float] = {}
         self._steps_per_epoch: int | None = None
@@ -207,6 +218,11 @@ class WeightDecay(RegularizerCallback):
                 f"{type(optimizer).__name__}'s {name!r} has lr0={lr0}"
             )
         steps = max(self._steps_per_epoch, 1)
+        if self.timescale_epochs * steps <= 1:
+            raise MisconfigurationException(
+                f"WeightDecay(timescale_epochs={self.timescale_epochs}) with {steps} optimizer steps per epoch would "
+                "shrink the weights by 1 - 1/(tau * S) <= 0 per step: tau must exceed 1/S epochs (one step)"
+            )
         derived = self._derived[key] = timescale_weight_decay(lr0, self.timescale_epochs, steps)
         rank_zero_info(
             f"WeightDecay: {type(optimizer).__name__} {name!r}: lr0={lr0:g}, S={steps} steps/epoch, "
@@ -310,12 +326,11 @@ class WeightDecay(RegularizerCallback):
                 continue
             group = optimizer.param_groups[b.group_index]
             lr = group["lr"]
-            if self._weight_decay is None or self.mode == "lr":  # taking over, and timescale_epochs
-                shrink = lr * coeff
-            elif self.mode == "lr_ratio":
-                shrink = lr / group.setdefault("initial_lr", lr) * coeff
-            else:
-                shrink = coeff
+            mode = "lr" if self._weight_decay is None else self.mode  # taking over, and timescale_epochs
+            if mode == "lr_ratio":
+                group.setdefault("initial_lr", lr)
+            name = group.get("name", b.group_index)
+            shrink = decay_shrink(mode, lr, group.get("initial_lr"), coeff, self._steps[index], name)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
             kernels.decay_(b.with_grads()[0], factor)
@@ -347,3 +362,47 @@ class WeightDecay(RegularizerCallback):
         super().load_state_dict(state_dict)
         taken = state_dict.get("taken_over", [])
         self._taken_over = {(int(i), int(g)): (float(wd), bool(dec)) for i, g, wd, dec in taken}
+
+
+def check_constant_factor(weight_decay: Any, mode: str) -> None:
+    """Refuse a constant coefficient whose factor is not positive whatever the learning rate.
+
+    ``"constant"`` shrinks by ``wd`` at every step, ``"lr_ratio"`` by ``wd`` whenever the learning rate is
+    back at its initial value (the first step, without warm-up).
+    """
+    if isinstance(weight_decay, Constant) and mode in ("constant", "lr_ratio") and weight_decay.value >= 1.0:
+        raise ValueError(
+            f"`weight_decay`={weight_decay.value} with mode={mode!r} multiplies the weights by "
+            f"1 - {weight_decay.value} <= 0 ({'at every step' if mode == 'constant' else 'at the initial lr'}): "
+            "it must be < 1"
+        )
+
+
+def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, group: Any) -> Any:
+    """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
+
+    On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
+    optimizers accept one) is passed through unchecked, since comparing it would synchronize the host.
+
+    Raises:
+        ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.
+    """
+    if mode == "constant":
+        shrink = coeff
+    elif mode == "lr_ratio":
+        if isinstance(initial_lr, (int, float)) and initial_lr == 0:
+            raise ValueError(
+                f"WeightDecay(mode='lr_ratio') at step {step}: param group {group!r} has initial lr 0, so lr / "
+                "initial_lr is undefined. Use mode='lr' for a group that starts at lr 0."
+            )
+        shrink = lr / initial_lr * coeff
+    else:
+        shrink = lr * coeff
+    if not isinstance(shrink, Tensor) and shrink >= 1.0:
+        ratio = f", initial lr {initial_lr}" if mode == "lr_ratio" else ""
+        raise ValueError(
+            f"WeightDecay(mode={mode!r}) at step {step}: param group {group!r} with lr {lr}{ratio} and "
+            f"weight_decay {coeff} gives the factor 1 - {shrink} <= 0, which would flip or zero the weights. "
+            "Lower weight_decay (AdamW-style values are about 1e-4 to 0.1 with lr about 1e-3)."
+        )
+    return shrink

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay.layers import LayerOf
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["check_optimizer_groups", "decay_param_groups"]
 
@@ -44,7 +44,9 @@ def decay_param_groups(
             (``DecayRules`` options, timm's ``no_weight_decay_list``...) are refused, not passed on.
 
     Raises:
-        ValueError: See [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
+        TypeError: If ``rules`` is not a ``DecayRules`` or ``None``, or ``module`` not an ``nn.Module``.
+        ValueError: If ``weight_decay`` is negative or not finite, or see
+            [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
 
     Examples:
         ```python
@@ -56,7 +58,7 @@ def decay_param_groups(
         [g["name"] for g in opt.param_groups]  # ['decay', 'no_decay']
         ```
     """
-    plan = (rules or DecayRules()).classify(module)
+    plan = as_rules(rules).classify(module)
     return plan.param_groups(weight_decay, overrides, layer_decay=layer_decay, layer_of=layer_of, **group_kwargs)
 
 

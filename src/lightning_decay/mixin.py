@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from lightning_decay.groups import check_optimizer_groups
 from lightning_decay.layers import LayerOf, apply_lr_scale
 from lightning_decay.plan import DecayPlan
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayGroupsMixin"]
 
@@ -76,7 +76,9 @@ class DecayGroupsMixin:
 
     def decay_plan(self, rules: DecayRules | None = None) -> DecayPlan:
         """Classify this module's trainable parameters (``rules`` beats ``self.decay_rules``)."""
-        return (rules or self.decay_rules or DecayRules()).classify(self._as_module())
+        if rules is None:
+            rules = as_rules(self.decay_rules, f"{type(self).__name__}.decay_rules")
+        return as_rules(rules).classify(self._as_module())
 
     def decay_param_groups(
         self,
