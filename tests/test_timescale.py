@@ -142,3 +142,9 @@ def test_unknown_epoch_length_is_refused() -> None:
     )
     with pytest.raises(MisconfigurationException, match="no length"):
         trainer.fit(ZeroGrad(), torch.utils.data.DataLoader(Stream(), batch_size=1))
+
+
+def test_timescale_shorter_than_a_step_is_refused() -> None:
+    # tau * S = 0.2 * 4 <= 1: the factor 1 - 1/(tau S) would flip the weights.
+    with pytest.raises(MisconfigurationException, match="tau must exceed 1/S"):
+        _fit(ZeroGrad(), WeightDecay(timescale_epochs=0.2), 4, max_epochs=1)
