@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,14 +53,15 @@ LayerOf = Callable[[str], "int | None"] | Mapping[str, int]
 _MATCH_PREV_GROUP = 99999
 
 
-def validate_layer_decay(value: float | None, argument: str = "layer_decay") -> None:
-    """Raise unless ``value`` is ``None`` or a number in ``(0, 1]``."""
+def validate_layer_decay(value: float | None, argument: str = "layer_decay") -> float | None:
+    """``value`` as a Python float (NumPy scalars too), or ``None``; raise unless it is in ``(0, 1]``."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{argument}` must be a float in (0, 1] or None, got {type(value).__name__}: {value!r}")
     if not (math.isfinite(value) and 0 < value <= 1):
         raise ValueError(f"`{argument}` must be in (0, 1] (1 = no layer-wise decay), got {value!r}")
+    return float(value)
 
 
 def _validate_layer_of(layer_of: LayerOf | None) -> None:

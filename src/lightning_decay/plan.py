@@ -177,7 +177,7 @@ class DecayPlan:
         """``(layer_decay, assignment)`` for these arguments, else the last ``param_groups`` ones, else ``None``."""
         if layer_decay is None and layer_of is None:
             return None if self._layers is None else (self._layers[0], self._layers[2])
-        validate_layer_decay(layer_decay)
+        layer_decay = validate_layer_decay(layer_decay)
         decay = 1.0 if layer_decay is None else layer_decay
         return decay, assign_layers(self._module, [d.name for d in self.decisions], layer_of)
 
@@ -270,7 +270,7 @@ class DecayPlan:
             ```
         """
         validate_weight_decay(weight_decay)
-        validate_layer_decay(layer_decay)
+        layer_decay = validate_layer_decay(layer_decay)
         check_group_options(group_kwargs, "param_groups", layer_decay is not None)
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError(
