@@ -68,7 +68,7 @@ def test_one_classification_per_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_equal_rules_share_a_plan_and_different_rules_do_not() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     plan = plan_for(DecayRules(), model, include_frozen=True)
-    assert plan_for(DecayRules(), model, include_frozen=True) is plan
+    assert plan_for(DecayRules(), model, include_frozen=True).decisions is plan.decisions  # not classified again
     other = plan_for(DecayRules(decay_bias=True), model, include_frozen=True)
     assert other is not plan and other["0.bias"].decay and not plan["0.bias"].decay
     rules = DecayRules()
@@ -82,7 +82,7 @@ def test_changed_parameters_give_a_fresh_plan() -> None:
     first = plan_for(rules, model)
     model.append(nn.Linear(2, 3))  # a new head
     second = plan_for(rules, model)
-    assert second is not first and second.decay_names == ["0.weight", "2.weight"]
+    assert second.decisions is not first.decisions and second.decay_names == ["0.weight", "2.weight"]
     model[0].weight = nn.Parameter(torch.zeros(2, 2))  # a replaced parameter
     third = plan_for(rules, model)
     assert third["0.weight"].param is model[0].weight

@@ -18,15 +18,17 @@ from typing import Any
 
 from torch import nn
 
-from lightning_decay.plan import DecayPlan
+from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
 
 __all__ = ["plan_for"]
 
 _MAX_RULES_PER_MODULE = 8
 
-# module -> {rules key: (parameter signature, plan with frozen parameters included)}
-_cache: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[tuple[Any, ...], DecayPlan]]] = weakref.WeakKeyDictionary()
+# module -> {rules key: (parameter signature, decisions with frozen parameters included)}. The decisions, not
+# the plan: a plan refers to its module, which a value of this weak dictionary must not (it would never die).
+_Entry = tuple[tuple[Any, ...], tuple[ParamDecision, ...]]
+_cache: weakref.WeakKeyDictionary[nn.Module, dict[Any, _Entry]] = weakref.WeakKeyDictionary()
 
 
 def _rules_key(rules: DecayRules) -> Any:
@@ -67,13 +69,13 @@ def plan_for(rules: DecayRules, module: nn.Module, include_frozen: bool = False)
     if cached is not None and cached[0] == signature:
         full = cached[1]
     else:
-        full = rules.classify(module, include_frozen=True)
+        full = rules.classify(module, include_frozen=True).decisions
         if len(per_module) >= _MAX_RULES_PER_MODULE:
             per_module.pop(next(iter(per_module)))
         per_module[key] = (signature, full)
     if include_frozen:
-        return full
+        return DecayPlan(full, module=module)
     decisions = [d for d in full if d.param.requires_grad]
     if not decisions:
         return rules.classify(module)  # raises the "all frozen" error of `classify`
-    return DecayPlan(decisions, [d.name for d in full if not d.param.requires_grad])
+    return DecayPlan(decisions, [d.name for d in full if not d.param.requires_grad], module=module)

@@ -26,7 +26,7 @@ from lightning_decay import kernels
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import check_coefficient
 
 
@@ -100,9 +100,9 @@ class RegularizerCallback(Callback):
     """Base of the regularization callbacks: buckets, hooks, refusals, double-decay checks, resume."""
 
     def __init__(self, rules: DecayRules | None) -> None:
-        if rules is not None and not isinstance(rules, DecayRules):
-            raise TypeError(f"`rules` must be a DecayRules or None, got {type(rules).__name__}")
-        self.rules = rules or DecayRules()
+        self.rules = as_rules(rules)
+        # `None`: the LightningModule's `decay_rules` at setup (one set of rules for the run), else defaults.
+        self._given_rules = rules
         self._plan: DecayPlan | None = None
         self._per_optimizer: list[OptimizerBuckets] = []
         self._steps: list[int] = []
@@ -138,11 +138,13 @@ class RegularizerCallback(Callback):
         # Computed once: Lightning asks for it in every hook call, and two instances that differ only
         # in `rules` (or a reference) must not share a key.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(**self._state_key_fields(), rules=repr(self.rules))
+            rules = repr(self._given_rules or DecayRules())  # not the module's: the key must not move at setup
+            self._state_key = self._generate_state_key(**self._state_key_fields(), rules=rules)
         return self._state_key
 
     # -------------------------------------------------------------- lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.rules = module_rules(pl_module, self._given_rules)
         strategy = type(trainer.strategy).__name__
         if "DeepSpeed" in strategy:
             raise MisconfigurationException(
@@ -164,6 +166,7 @@ class RegularizerCallback(Callback):
             self._rebuild(i, entry)
             entry.handles = self._register_optimizer_hooks(i, entry.optimizer)
         self._check_other_callbacks(trainer)
+        self._check_group_names()
 
     def _regularized_ids(self) -> set[int]:
         return {id(p) for entry in self._per_optimizer for b in entry.buckets for p in b.params}
@@ -179,6 +182,37 @@ class RegularizerCallback(Callback):
                 raise MisconfigurationException(
                     f"Double weight decay: {type(self).__name__} and {type(other).__name__} both pull the same "
                     "parameters toward zero. Give them disjoint `rules`, or keep one of them."
+                )
+
+    def _check_group_names(self) -> None:
+        """Warn when the optimizer's groups say otherwise: decayed weights in a ``no_decay`` group, or vice versa.
+
+        Named groups (``decay_param_groups``, the mixin, timm's ``layer_3_no_decay``) tell which rules built
+        them; rules of this callback that disagree usually mean two different sets of rules for one run.
+        """
+        assert self._plan is not None
+        in_no_decay: list[str] = []
+        in_decay: list[str] = []
+        for entry in self._per_optimizer:
+            for group in entry.optimizer.param_groups:
+                kind = group_kind(group.get("name"))
+                if kind is None:
+                    continue
+                for p in group["params"]:
+                    d = self._plan.decision_for(p)
+                    if d is None or not p.requires_grad:
+                        continue
+                    if kind == "no_decay" and self._regularizes(d):
+                        in_no_decay.append(d.name)
+                    elif kind == "decay" and not self._regularizes(d):
+                        in_decay.append(d.name)
+        where = "rules=" if self._given_rules is not None else "rules (the LightningModule's decay_rules or defaults)"
+        for names, verb, kind in ((in_no_decay, "regularizes", "no_decay"), (in_decay, "leaves alone", "decay")):
+            if names:
+                rank_zero_warn(
+                    f"{type(self).__name__} {verb} {_few(names)}, which the optimizer holds in a {kind!r} group: its "
+                    f"{where} and the rules that built the groups differ. Use one DecayRules for both (set the "
+                    "LightningModule's `decay_rules` and give the callback no `rules`)."
                 )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -309,6 +343,17 @@ class RegularizerCallback(Callback):
             if not math.isfinite(v) and name not in self._warned_nonfinite:
                 self._warned_nonfinite.add(name)
                 rank_zero_warn(f"{type(self).__name__}: parameter {name!r} has non-finite values ({v})")
+
+
+def group_kind(name: Any) -> str | None:
+    """``"decay"`` / ``"no_decay"`` for a param group named so (``"no_decay"``, ``"layer_3/decay"``,
+    timm's ``"layer_3_no_decay"``), else ``None``."""
+    if not isinstance(name, str):
+        return None
+    for kind in ("no_decay", "decay"):  # "no_decay" first: it ends in "decay" too
+        if name == kind or name.endswith((f"/{kind}", f"_{kind}")):
+            return kind
+    return None
 
 
 def should_log(trainer: pl.Trainer) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -14,9 +17,9 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
 from lightning_decay.rules import DecayRules
-from lightning_decay.schedules import ScheduleLike, as_schedule
+from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
-__all__ = ["WeightDecay"]
+__all__ = ["WeightDecay", "steps_per_epoch", "timescale_weight_decay"]
 
 _MODES = ("lr", "lr_ratio", "constant")
 
@@ -35,6 +38,47 @@ def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
 
 
+def timescale_weight_decay(lr0: float, timescale_epochs: float, steps_per_epoch: int) -> float:
+    """``lambda = 1 / (lr0 * tau * S)``: the decay whose EMA timescale ``1 / (lr * lambda)`` is ``tau`` epochs.
+
+    With ``mode="lr"`` the weights then shrink by ``1 - lr / (lr0 * tau * S)`` per step: ``1 - 1 / (tau * S)``
+    at the base learning rate (Wang & Aitchison 2024; see ``docs/choosing-lambda.md``).
+
+    Args:
+        lr0: The group's base learning rate (a scheduler's ``initial_lr``, else ``lr``); > 0.
+        timescale_epochs: ``tau``, in epochs; > 0.
+        steps_per_epoch: ``S``, optimizer steps per epoch (after gradient accumulation); >= 1.
+
+    Examples:
+        ```python
+        from lightning_decay.decay import timescale_weight_decay
+
+        timescale_weight_decay(lr0=1e-3, timescale_epochs=10, steps_per_epoch=500)  # 0.2
+        ```
+    """
+    return 1.0 / (lr0 * timescale_epochs * steps_per_epoch)
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps per epoch and process: ``ceil(num_training_batches / accumulate_grad_batches)``.
+
+    ``num_training_batches`` already counts this process's share under DDP and ``limit_train_batches``;
+    Lightning steps the optimizer every ``accumulate_grad_batches`` batches and on the last batch of an
+    epoch, hence the ceiling. ``max_steps`` ends the run, it does not shorten an epoch.
+
+    Raises:
+        MisconfigurationException: If the epoch length is unknown (an iterable dataset without ``__len__``
+            and no integer ``limit_train_batches``).
+    """
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise MisconfigurationException(
+            "WeightDecay(timescale_epochs=...) needs the number of batches per epoch, but the train dataloader has "
+            "no length. Set `limit_train_batches` to an int, give the dataset a `__len__`, or use `weight_decay=`."
+        )
+    return math.ceil(int(batches) / trainer.accumulate_grad_batches)
+
+
 class WeightDecay(RegularizerCallback):
     r"""Decoupled weight decay (Loshchilov & Hutter) for any optimizer: ``w <- w - lr * wd * w``.
 
@@ -50,6 +94,11 @@ class WeightDecay(RegularizerCallback):
           (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the peak learning rate.
         - ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
 
+    A factor ``1 - shrink <= 0`` would flip the weights' signs (or zero them): it is refused with an error
+    naming the step, the learning rate and the coefficient, never applied. ``mode="constant"`` (and
+    ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a constant ``wd >= 1`` at
+    once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
+
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
     with the optimizer's own semantics -- decoupled for AdamW-style optimizers, an L2 gradient term
@@ -58,17 +107,33 @@ class WeightDecay(RegularizerCallback):
     weights at 0.05 and leaves biases and normalization parameters alone. With an explicit
     ``weight_decay``, an optimizer group that also decays the same weights is an error: never both.
 
+    Set by its timescale (``timescale_epochs=tau``): per param group ``lambda = 1 / (lr0 * tau * S)``, with
+    ``lr0`` the group's base lr (``initial_lr`` when a scheduler set it, else ``lr``) and ``S`` the optimizer
+    steps per epoch of this process after gradient accumulation; the weights then decay as in
+    ``mode="lr"``, so at the base lr they shrink by ``1 - 1 / (tau * S)`` per step. The best ``tau`` in
+    epochs stays about constant across model and dataset sizes (Wang & Aitchison 2024). The derived
+    values are logged at fit start, one line per group (lr0, S, tau, lambda), and recomputed when the
+    epoch length changes.
+
     Args:
         weight_decay: The decay coefficient (number, schedule or ``step -> float``), or ``None`` to take
             over each optimizer group's ``weight_decay``.
         mode: ``"lr"``, ``"lr_ratio"`` or ``"constant"`` (ignored when taking over).
-        rules: Which parameters are decayed; default [`DecayRules`][lightning_decay.DecayRules].
+        rules: Which parameters are decayed; default: the LightningModule's ``decay_rules``, else
+            [`DecayRules`][lightning_decay.DecayRules]``()``.
+        timescale_epochs: The EMA timescale ``tau`` in epochs from which each group's ``weight_decay`` is
+            derived; exclusive with ``weight_decay``, needs ``mode="lr"``.
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
-            or ``mode`` is unknown.
+            ``mode`` is unknown, the decay factor ``1 - shrink`` is not positive (at once for a constant
+            ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step), or
+            ``timescale_epochs`` is not a positive number or is given with ``weight_decay`` or another ``mode``.
+        TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, ``rules`` not a
+            ``DecayRules``, or ``timescale_epochs`` not a number.
         MisconfigurationException: At fit start, on double decay (the optimizer's own ``weight_decay`` on
-            the same weights, or another regularizer callback), or under DeepSpeed.
+            the same weights, or another regularizer callback), or under DeepSpeed; with ``timescale_epochs``,
+            if the epoch length is unknown or a group's base lr is 0.
 
     Examples:
         ```python
@@ -76,6 +141,7 @@ class WeightDecay(RegularizerCallback):
         from lightning_decay import WeightDecay
 
         trainer = Trainer(callbacks=[WeightDecay(0.05)])  # with torch.optim.Adam(..., weight_decay=0)
+        trainer = Trainer(callbacks=[WeightDecay(timescale_epochs=10)])  # lambda = 1 / (lr0 * 10 * S)
         ```
     """
 
@@ -84,21 +150,85 @@ class WeightDecay(RegularizerCallback):
         weight_decay: ScheduleLike | None = None,
         mode: Literal["lr", "lr_ratio", "constant"] = "lr",
         rules: DecayRules | None = None,
+        timescale_epochs: float | None = None,
     ) -> None:
         super().__init__(rules)
-        if mode not in _MODES:
+        if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+        if timescale_epochs is not None:
+            if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, numbers.Real):
+                raise TypeError(f"`timescale_epochs` must be a number > 0, got {timescale_epochs!r}")
+            timescale_epochs = float(timescale_epochs)  # NumPy scalars too
+            if not (math.isfinite(timescale_epochs) and timescale_epochs > 0):
+                raise ValueError(f"`timescale_epochs` must be a finite number > 0, got {timescale_epochs!r}")
+            if weight_decay is not None:
+                raise ValueError("give `weight_decay` or `timescale_epochs`, not both: the timescale sets the decay")
+            if mode != "lr":
+                raise ValueError(f"`timescale_epochs` decays as mode='lr'; got mode={mode!r}")
+        self.timescale_epochs = timescale_epochs
         self.mode = mode
         self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
+        check_constant_factor(self._weight_decay, mode)
+        # timescale_epochs: (optimizer index, group index) -> derived lambda, for `_steps_per_epoch` steps.
+        self._derived: dict[tuple[int, int], float] = {}
+        self._steps_per_epoch: int | None = None
         # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
 
     @property
     def takes_over(self) -> bool:
-        return self._weight_decay is None
+        return self._weight_decay is None and self.timescale_epochs is None
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"weight_decay": repr(self._weight_decay), "mode": self.mode}
+        fields = {"weight_decay": repr(self._weight_decay), "mode": self.mode}
+        if self.timescale_epochs is not None:  # only then: keys of existing checkpoints stay the same
+            fields["timescale_epochs"] = self.timescale_epochs
+        return fields
+
+    # ------------------------------------------------------------- timescale
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.timescale_epochs is None:
+            return
+        steps = steps_per_epoch(trainer)
+        if steps != self._steps_per_epoch:  # first epoch, or dataloaders reloaded with another length
+            self._steps_per_epoch = steps
+            self._derived = {}
+            for index in range(len(self._per_optimizer)):  # one info line per group, now
+                for group_index in sorted({b.group_index for b in self._buckets(index)}):
+                    self.derived_weight_decay(index, group_index)
+
+    def derived_weight_decay(self, optimizer_index: int, group_index: int) -> float:
+        """The ``lambda`` derived from ``timescale_epochs`` for one param group (computed once per epoch length).
+
+        Raises:
+            MisconfigurationException: If the group's base lr is not positive.
+        """
+        key = (optimizer_index, group_index)
+        derived = self._derived.get(key)
+        if derived is not None:
+            return derived
+        assert self.timescale_epochs is not None and self._steps_per_epoch is not None
+        optimizer = self._per_optimizer[optimizer_index].optimizer
+        group = optimizer.param_groups[group_index]
+        lr0 = group.get("initial_lr", group["lr"])
+        name = group.get("name", f"param group {group_index}")
+        if not lr0 > 0:
+            raise MisconfigurationException(
+                f"WeightDecay(timescale_epochs={self.timescale_epochs}) needs a positive base lr, but "
+                f"{type(optimizer).__name__}'s {name!r} has lr0={lr0}"
+            )
+        steps = max(self._steps_per_epoch, 1)
+        if self.timescale_epochs * steps <= 1:
+            raise MisconfigurationException(
+                f"WeightDecay(timescale_epochs={self.timescale_epochs}) with {steps} optimizer steps per epoch would "
+                "shrink the weights by 1 - 1/(tau * S) <= 0 per step: tau must exceed 1/S epochs (one step)"
+            )
+        derived = self._derived[key] = timescale_weight_decay(lr0, self.timescale_epochs, steps)
+        rank_zero_info(
+            f"WeightDecay: {type(optimizer).__name__} {name!r}: lr0={lr0:g}, S={steps} steps/epoch, "
+            f"tau={self.timescale_epochs:g} epochs -> weight_decay={derived:.6g}"
+        )
+        return derived
 
     # ------------------------------------------------------------ base hooks
     def _decays_like_weight_decay(self) -> bool:
@@ -176,6 +306,8 @@ class WeightDecay(RegularizerCallback):
 
         The schedule is evaluated (and checked) once per step, not once per bucket.
         """
+        if self.timescale_epochs is not None:
+            return lambda group_index: (self.derived_weight_decay(index, group_index), True)
         if self._weight_decay is None:
             taken = self._taken_over
             return lambda group_index: taken.get((index, group_index), (0.0, True))
@@ -194,12 +326,11 @@ class WeightDecay(RegularizerCallback):
                 continue
             group = optimizer.param_groups[b.group_index]
             lr = group["lr"]
-            if self._weight_decay is None or self.mode == "lr":
-                shrink = lr * coeff
-            elif self.mode == "lr_ratio":
-                shrink = lr / group.setdefault("initial_lr", lr) * coeff
-            else:
-                shrink = coeff
+            mode = "lr" if self._weight_decay is None else self.mode  # taking over, and timescale_epochs
+            if mode == "lr_ratio":
+                group.setdefault("initial_lr", lr)
+            name = group.get("name", b.group_index)
+            shrink = decay_shrink(mode, lr, group.get("initial_lr"), coeff, self._steps[index], name)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
             kernels.decay_(b.with_grads()[0], factor)
@@ -231,3 +362,47 @@ class WeightDecay(RegularizerCallback):
         super().load_state_dict(state_dict)
         taken = state_dict.get("taken_over", [])
         self._taken_over = {(int(i), int(g)): (float(wd), bool(dec)) for i, g, wd, dec in taken}
+
+
+def check_constant_factor(weight_decay: Any, mode: str) -> None:
+    """Refuse a constant coefficient whose factor is not positive whatever the learning rate.
+
+    ``"constant"`` shrinks by ``wd`` at every step, ``"lr_ratio"`` by ``wd`` whenever the learning rate is
+    back at its initial value (the first step, without warm-up).
+    """
+    if isinstance(weight_decay, Constant) and mode in ("constant", "lr_ratio") and weight_decay.value >= 1.0:
+        raise ValueError(
+            f"`weight_decay`={weight_decay.value} with mode={mode!r} multiplies the weights by "
+            f"1 - {weight_decay.value} <= 0 ({'at every step' if mode == 'constant' else 'at the initial lr'}): "
+            "it must be < 1"
+        )
+
+
+def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, group: Any) -> Any:
+    """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
+
+    On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
+    optimizers accept one) is passed through unchecked, since comparing it would synchronize the host.
+
+    Raises:
+        ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.
+    """
+    if mode == "constant":
+        shrink = coeff
+    elif mode == "lr_ratio":
+        if isinstance(initial_lr, (int, float)) and initial_lr == 0:
+            raise ValueError(
+                f"WeightDecay(mode='lr_ratio') at step {step}: param group {group!r} has initial lr 0, so lr / "
+                "initial_lr is undefined. Use mode='lr' for a group that starts at lr 0."
+            )
+        shrink = lr / initial_lr * coeff
+    else:
+        shrink = lr * coeff
+    if not isinstance(shrink, Tensor) and shrink >= 1.0:
+        ratio = f", initial lr {initial_lr}" if mode == "lr_ratio" else ""
+        raise ValueError(
+            f"WeightDecay(mode={mode!r}) at step {step}: param group {group!r} with lr {lr}{ratio} and "
+            f"weight_decay {coeff} gives the factor 1 - {shrink} <= 0, which would flip or zero the weights. "
+            "Lower weight_decay (AdamW-style values are about 1e-4 to 0.1 with lr about 1e-3)."
+        )
+    return shrink
