@@ -17,10 +17,18 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_decay import DecayRules, WeightDecay, WeightPenalty, decay_param_groups
+from lightning_decay import (
+    DecayRules,
+    WeightDecay,
+    WeightPenalty,
+    decay_param_groups,
+    unfreeze_and_add_decay_groups,
+)
+from lightning_decay.schedules import Linear
 from tests.test_penalty import BATCH, N_SAMPLES, Lit, dataset, loader, make_net, make_trainer, weights
 
 STEPS_PER_EPOCH = N_SAMPLES // BATCH
@@ -134,3 +142,312 @@ def test_bind_with_step_hooks_runs_the_callback_code_without_a_trainer(
     assert cb.state_dict()["steps"] == [6]
     cb.unbind()  # the optimizer is left as it was: no hook of ours on it
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+# --------------------------------------------------------------------------- 1. take-over at resume
+def test_checkpoint_without_callbacks_resumed_with_take_over_decays_once(tmp_path: Path) -> None:
+    """Trained with SGD(weight_decay=0.05), resumed with WeightDecay() taking it over: Lightning restores
+    weight_decay=0.05 into the optimizer after on_fit_start; the take-over must see it, so the decayed
+    weights shrink by exactly (1 - lr * wd) per step and biases and norms do not move."""
+    lr, wd = 0.1, 0.05
+    ckpt = checkpoint(ZeroGrad(sgd(lr, wd)), [], 1, tmp_path / "plain.ckpt")
+    resumed = ZeroGrad(sgd(lr, wd), seed=11)
+    cb = WeightDecay()
+    trainer = fit(resumed, [cb], max_epochs=3, ckpt_path=ckpt)
+    before = torch.load(ckpt, weights_only=False)["state_dict"]
+    factor = (1 - lr * wd) ** (2 * STEPS_PER_EPOCH)
+    assert_factor(before, params(resumed), {n: factor for n in decay_names(resumed)})
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.0
+    assert cb.state_dict()["taken_over"] == [[0, 0, wd, False]]  # SGD's own semantics: coupled
+
+
+def test_checkpoint_with_optimizer_decay_resumed_with_a_penalty_is_refused(tmp_path: Path) -> None:
+    """Trained with SGD(weight_decay=0.01), resumed with SGD(weight_decay=0) + WeightPenalty(l2=0.01): the
+    restored weight_decay would apply L2 twice. Refused before the first step, saying how to go on."""
+    ckpt = checkpoint(ZeroGrad(sgd(0.1, 0.01)), [], 1, tmp_path / "plain.ckpt")
+    resumed = ZeroGrad(sgd(0.1, 0.0))
+    with pytest.raises(MisconfigurationException, match=r"(?s)Double weight decay.*restored.*weight_decay=None"):
+        fit(resumed, [WeightPenalty(l2=0.01)], max_epochs=2, ckpt_path=ckpt)
+    on_disk = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert all(torch.equal(w, on_disk[n]) for n, w in params(resumed).items()), "no step ran"
+
+
+# ------------------------------------------------------------------------- 2. L2-SP keeps its reference
+def l2sp_checkpoint(tmp_path: Path, **kw: Any) -> tuple[Path, dict[str, Tensor]]:
+    """One epoch of real training with WeightPenalty(l2=0.5, reference='initial'): the weights move away
+    from where the fit started, which is the reference. Returns the checkpoint and that reference."""
+    module = Lit(sgd(0.1))  # no momentum: the resumed SGD gets the checkpoint's hyperparameters
+    start = params(module)
+    return checkpoint(module, [WeightPenalty(l2=0.5, reference="initial", **kw)], 1, tmp_path / "l2sp.ckpt"), start
+
+
+@pytest.mark.parametrize(
+    "resume_with",
+    [
+        lambda: WeightPenalty(l2=0.3, reference="initial"),  # another coefficient
+        lambda: WeightPenalty(l2=0.3, reference="initial", rules=DecayRules(exclude=["net.3.weight"])),
+    ],
+    ids=["other-l2", "other-rules"],
+)
+def test_resumed_l2sp_keeps_the_first_fits_reference_and_step_count(resume_with: Any, tmp_path: Path) -> None:
+    """With zero data gradients and plain SGD, ``w - w0`` shrinks by exactly ``(1 - lr * l2)`` per step
+    toward the first fit's start ``w0``; a lost reference (the checkpoint's weights) would not move at all."""
+    lr, l2 = 0.1, 0.3
+    ckpt, start = l2sp_checkpoint(tmp_path)
+    resumed = ZeroGrad(sgd(lr), seed=11)
+    cb = resume_with()
+    fit(resumed, [cb], max_epochs=2, ckpt_path=ckpt)
+    at_ckpt = torch.load(ckpt, weights_only=False)["state_dict"]
+    regularized = {d.name for d in cb.rules.classify(resumed).decay}
+    factor = (1 - lr * l2) ** STEPS_PER_EPOCH
+    after = params(resumed)
+    for name, w in after.items():
+        if name in regularized:
+            torch.testing.assert_close(w - start[name], (at_ckpt[name] - start[name]) * factor, rtol=1e-5, atol=1e-7)
+            assert not torch.equal(w, at_ckpt[name])
+        else:
+            assert torch.equal(w, at_ckpt[name]), name
+    assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+    assert set(cb.state_dict()["refs"]) == {d.name for d in DecayRules().classify(resumed).decay}
+
+
+@pytest.mark.parametrize(
+    ("make", "needed"),
+    [
+        (lambda **kw: WeightPenalty(l2=0.5, reference="initial", **kw), "L2-SP reference"),
+        (lambda **kw: WeightPenalty(l2=Linear(0.5, 0.0, 100), **kw), "step count of the `l2`"),
+        (lambda **kw: WeightDecay(Linear(0.5, 0.0, 100), **kw), "`weight_decay` schedule"),
+    ],
+    ids=["l2sp", "penalty-schedule", "decay-schedule"],
+)
+def test_resume_without_the_needed_state_is_refused_unless_restart_is_asked(
+    make: Any, needed: str, tmp_path: Path
+) -> None:
+    """A checkpoint written without the callback has no reference and no step count for it: refused, with
+    the way out; ``missing_state='restart'`` starts afresh from the resumed weights (and step 0)."""
+    ckpt = checkpoint(Lit(sgd()), [], 1, tmp_path / "without.ckpt")
+    with pytest.raises(MisconfigurationException, match=rf"(?s)without its saved state.*{needed}.*missing_state"):
+        fit(ZeroGrad(sgd()), [make()], max_epochs=2, ckpt_path=ckpt)
+
+    resumed = ZeroGrad(sgd(0.1))
+    cb = make(missing_state="restart")
+    with pytest.warns(UserWarning, match="afresh"):
+        fit(resumed, [cb], max_epochs=2, ckpt_path=ckpt)
+    assert cb.state_dict()["steps"] == [STEPS_PER_EPOCH]  # counted from 0 at the resume
+    if isinstance(cb, WeightPenalty) and cb.state_dict()["refs"]:
+        at_ckpt = torch.load(ckpt, weights_only=False)["state_dict"]
+        for name, ref in cb.state_dict()["refs"].items():
+            assert torch.equal(ref, at_ckpt[name]), name  # the reference: the resumed weights
+        assert all(torch.equal(w, at_ckpt[n]) for n, w in params(resumed).items()), "w == w0: nothing moves"
+
+
+def test_two_instances_of_one_class_keep_their_own_state(tmp_path: Path) -> None:
+    """Two WeightPenalty with disjoint rules: each resumes its own reference (keys from the rules); the
+    same with explicit names; two instances with one key are refused by the Trainer."""
+    first, last = DecayRules(exclude=["net.3.*"]), DecayRules(exclude=["net.0.*"])
+    module = Lit(sgd(0.1, momentum=0.9))
+    start = params(module)
+    make = [lambda: WeightPenalty(l2=0.5, reference="initial", rules=first), lambda: WeightPenalty(l1=0.01, rules=last)]
+    ckpt = checkpoint(module, [m() for m in make], 1, tmp_path / "two.ckpt")
+    callbacks = [m() for m in make]
+    fit(Lit(sgd(0.1, momentum=0.9), seed=11), callbacks, max_epochs=2, ckpt_path=ckpt)
+    assert set(callbacks[0].state_dict()["refs"]) == {"net.0.weight"}
+    assert torch.equal(callbacks[0].state_dict()["refs"]["net.0.weight"], start["net.0.weight"])
+    assert callbacks[1].state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `WeightPenalty`"):
+        make_trainer([WeightPenalty(l1=0.01), WeightPenalty(l2=0.01)])
+    named = [WeightPenalty(l1=0.01, name="a"), WeightPenalty(l1=0.02, name="b")]
+    assert named[0].state_key != named[1].state_key
+    assert WeightPenalty(l2=0.1).state_key == WeightPenalty(l2=0.9, l1=0.1).state_key == "WeightPenalty"
+
+
+# ------------------------------------------------------------------------------ 3. validated state
+@pytest.mark.parametrize(
+    ("make", "edit", "field"),
+    [
+        (lambda: WeightDecay(0.1), lambda s: {**s, "steps": ["a"]}, "'steps'"),
+        (lambda: WeightDecay(0.1), lambda s: {**s, "steps": [-1]}, "'steps'"),
+        (lambda: WeightDecay(), lambda s: {**s, "taken_over": [[0, 0, "x", True]]}, "'taken_over'"),
+        (lambda: WeightDecay(), lambda s: {**s, "taken_over": [[3, 0, 0.1, True]]}, "'taken_over'"),
+        (lambda: WeightPenalty(l2=0.1, reference="initial"), lambda s: {**s, "refs": None}, "'refs'"),
+        (lambda: WeightPenalty(l2=0.1, reference="initial"), lambda s: {**s, "refs": {"w": [1.0]}}, "'refs'"),
+    ],
+    ids=["steps-type", "steps-negative", "taken-over-type", "taken-over-index", "refs-none", "refs-type"],
+)
+def test_malformed_checkpoint_state_fails_at_load_naming_the_field(
+    make: Any, edit: Callable[[dict[str, Any]], dict[str, Any]], field: str, tmp_path: Path
+) -> None:
+    cb = make()
+    optimizer = sgd(0.1, 0.1) if cb.__class__ is WeightDecay and cb.takes_over else sgd(0.1)
+    ckpt = checkpoint(Lit(optimizer), [cb], 1, tmp_path / "good.ckpt")
+    raw = torch.load(ckpt, weights_only=False)
+    raw["callbacks"][cb.state_key] = edit(raw["callbacks"][cb.state_key])
+    torch.save(raw, tmp_path / "bad.ckpt")
+
+    class NoStep(Callback):  # the error must come at load time, before any step
+        def on_train_batch_start(self, *args: Any) -> None:
+            raise AssertionError("a step started")
+
+    with pytest.raises(ValueError, match=field):
+        fit(Lit(optimizer), [make(), NoStep()], max_epochs=2, ckpt_path=tmp_path / "bad.ckpt")
+
+
+def test_references_of_another_shape_or_too_many_steps_are_refused_before_the_first_step(tmp_path: Path) -> None:
+    ckpt, _ = l2sp_checkpoint(tmp_path)
+    raw = torch.load(ckpt, weights_only=False)
+    state = raw["callbacks"]["WeightPenalty"]
+    state["refs"]["net.0.weight"] = torch.zeros(3, 3)
+    torch.save(raw, tmp_path / "shape.ckpt")
+    with pytest.raises(ValueError, match=r"'refs\['net.0.weight'\]' has shape \(3, 3\)"):
+        fit(Lit(sgd()), [WeightPenalty(l2=0.5, reference="initial")], 2, ckpt_path=tmp_path / "shape.ckpt")
+    raw = torch.load(ckpt, weights_only=False)
+    raw["callbacks"]["WeightPenalty"]["steps"] = [STEPS_PER_EPOCH + 1]  # more than the checkpoint's global_step
+    torch.save(raw, tmp_path / "steps.ckpt")
+    with pytest.raises(ValueError, match=r"'steps'.*global_step"):
+        fit(Lit(sgd()), [WeightPenalty(l2=0.5, reference="initial")], 2, ckpt_path=tmp_path / "steps.ckpt")
+    raw = torch.load(ckpt, weights_only=False)
+    raw["callbacks"]["WeightPenalty"]["steps"] = [1, 1]  # two optimizers' counts, one optimizer
+    torch.save(raw, tmp_path / "count.ckpt")
+    with pytest.raises(ValueError, match=r"'steps' has 2 step count"):
+        fit(Lit(sgd()), [WeightPenalty(l2=0.5, reference="initial")], 2, ckpt_path=tmp_path / "count.ckpt")
+
+
+# ----------------------------------------------------------------------- 4. one callback, several fits
+def test_one_callback_object_in_two_fits_starts_clean_the_second_time() -> None:
+    """The L2-SP reference, step count and taken-over decay of the first fit are not carried into the
+    second (a model of other shapes): its reference is its own start, so with zero data gradients nothing
+    moves; the take-over reads the second optimizer, which has no decay."""
+    penalty, decay = WeightPenalty(l2=0.5, reference="initial"), WeightDecay()
+    fit(Lit(sgd(0.1, momentum=0.9)), [penalty], max_epochs=2)
+    fit(Lit(sgd(0.1, 0.05)), [decay], max_epochs=1)
+    assert decay.state_dict()["taken_over"] == [[0, 0, 0.05, False]]
+
+    second = ZeroGrad(sgd(0.1), hidden_layers=2, seed=5)  # other shapes: net.3 is 8x8 here
+    start = params(second)
+    fit(second, [penalty], max_epochs=1)
+    assert all(torch.equal(start[n], w) for n, w in params(second).items())
+    assert penalty.state_dict()["steps"] == [STEPS_PER_EPOCH]
+    assert {n: r.shape for n, r in penalty.state_dict()["refs"].items()} == {
+        d.name: d.param.shape for d in DecayRules().classify(second).decay
+    }
+    third = ZeroGrad(sgd(0.1))
+    start = params(third)
+    with pytest.warns(UserWarning, match="found no weight_decay to take over"):
+        fit(third, [decay], max_epochs=1)
+    assert decay.state_dict()["taken_over"] == []
+    assert all(torch.equal(start[n], w) for n, w in params(third).items())
+
+
+# ----------------------------------------------------------------------- 5. optimizers rebuilt mid-fit
+class RebuildOptimizersAtEpoch(Callback):
+    """At the start of epoch ``epoch``, swaps the module's optimizer factory and calls Lightning's
+    documented ``trainer.strategy.setup_optimizers(trainer)``."""
+
+    def __init__(self, epoch: int, make: Callable[[nn.Module], Any]) -> None:
+        self.epoch, self.make = epoch, make
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            pl_module.optimizer_fn = self.make
+            trainer.strategy.setup_optimizers(trainer)
+
+
+@pytest.mark.parametrize(
+    ("callback", "first", "second", "factor"),
+    [
+        (lambda: WeightDecay(), sgd(0.1, 0.05), sgd(0.1, 0.1), (1 - 0.1 * 0.05) ** 4 * (1 - 0.1 * 0.1) ** 4),
+        (lambda: WeightPenalty(l2=0.2), sgd(0.1), sgd(0.05), (1 - 0.1 * 0.2) ** 4 * (1 - 0.05 * 0.2) ** 4),
+        (lambda: WeightDecay(0.2), sgd(0.1), sgd(0.05), (1 - 0.1 * 0.2) ** 4 * (1 - 0.05 * 0.2) ** 4),
+    ],
+    ids=["take-over", "penalty", "decay"],
+)
+def test_optimizers_rebuilt_mid_fit_are_followed(callback: Any, first: Any, second: Any, factor: float) -> None:
+    """Epoch 0 with one optimizer, epoch 1 with a new one: the callback regularizes through the new one
+    (and takes its weight_decay over); only the decayed weights move, by the exact product of factors."""
+    module = ZeroGrad(first)
+    start = params(module)
+    cb = callback()
+    trainer = fit(module, [RebuildOptimizersAtEpoch(1, second), cb], max_epochs=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == second(make_net()).param_groups[0]["lr"]
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.0
+    assert_factor(start, params(module), {n: factor for n in decay_names(module)})
+    assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+
+
+# --------------------------------------------------------------------------------- 6. frozen mid-fit
+class FreezeAtEpoch(Callback):
+    def __init__(self, epoch: int, name: str) -> None:
+        self.epoch, self.name = epoch, name
+        self.at_freeze: Tensor | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            p = pl_module.get_parameter(self.name)
+            p.requires_grad_(False)
+            self.at_freeze = p.detach().clone()
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: WeightPenalty(l1=0.05, l1_mode="proximal"),
+        lambda: WeightPenalty(l1=0.05),
+        lambda: WeightPenalty(l2=0.5),
+        lambda: WeightDecay(0.5),
+    ],
+    ids=["proximal", "subgradient", "l2", "decay"],
+)
+def test_a_parameter_frozen_mid_fit_is_not_touched(callback: Any) -> None:
+    """``requires_grad=False`` at epoch 1: no gradient, so the optimizer does not step it and no regularizer
+    may move it (the proximal step soft-thresholded it before)."""
+    freeze = FreezeAtEpoch(1, "net.0.weight")
+    module = Lit(sgd(0.1, momentum=0.9))
+    fit(module, [freeze, callback()], max_epochs=2)
+    assert freeze.at_freeze is not None
+    assert torch.equal(module.net[0].weight.detach(), freeze.at_freeze)
+    assert not torch.equal(module.net[3].weight.detach(), Lit(sgd()).net[3].weight.detach())
+
+
+# ------------------------------------------------------------------------- 7. unfreezing BaseFinetuning
+class UnfreezeWithHelper(BaseFinetuning):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__()
+        self.kw = kw
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:
+        if epoch == 1:
+            unfreeze_and_add_decay_groups(pl_module.net[0], optimizer, lr=0.05, **self.kw)
+
+
+class UnfreezeFlat(UnfreezeWithHelper):
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=0.05)
+
+
+def test_unfrozen_module_joins_as_decay_and_no_decay_groups() -> None:
+    """The unfrozen ``net.0`` joins with its weight decayed at the optimizer's decay (exactly
+    ``(1 - lr * wd) ** steps`` with zero data gradients) and its bias left alone; Lightning's flat group
+    decays the bias too."""
+    lam, lr = 0.3, 0.05
+
+    def trainable(m: nn.Module) -> torch.optim.Optimizer:
+        # net.0 is frozen here: the groups leave it out. The decay group inherits the default weight_decay.
+        return torch.optim.SGD(decay_param_groups(m), lr=0.1, weight_decay=lam, foreach=False)
+
+    module = ZeroGrad(trainable)
+    start = params(module)
+    trainer = fit(module, [UnfreezeWithHelper()], max_epochs=3)
+    after = params(module)
+    torch.testing.assert_close(after["net.0.weight"], start["net.0.weight"] * (1 - lr * lam) ** 8, rtol=1e-6, atol=0.0)
+    assert torch.equal(after["net.0.bias"], start["net.0.bias"])
+    names = [g["name"] for g in trainer.optimizers[0].param_groups]
+    assert names[-2:] == ["unfrozen/decay", "unfrozen/no_decay"]
+    assert [g["weight_decay"] for g in trainer.optimizers[0].param_groups[-2:]] == [lam, 0.0]
+
+    flat = ZeroGrad(trainable)
+    fit(flat, [UnfreezeFlat()], max_epochs=3)
+    assert not torch.equal(params(flat)["net.0.bias"], start["net.0.bias"]), "the flat group decays the bias"

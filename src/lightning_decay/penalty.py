@@ -172,7 +172,8 @@ class WeightPenalty(RegularizerCallback):
         used = [(a, s) for a, s in (("l1", self._l1), ("l2", self._l2), ("l2_head", self._l2_head)) if self._uses(s)]
         if any(self._step_dependent(s) for _, s in used):
             names = ", ".join(f"`{a}`" for a, s in used if self._step_dependent(s))
-            needed.append(f"the step count of the {names} schedule")
+            plural = "s" if ", " in names else ""
+            needed.append(f"the step count of the {names} schedule{plural}")
         return needed
 
     def _prepare(self, plan: DecayPlan) -> None:
