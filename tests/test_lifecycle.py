@@ -9,6 +9,10 @@ float32 rounding of ``steps`` multiplications) while the others do not move at a
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +21,15 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_decay import (
     DecayRules,
     WeightDecay,
+    WeightNormMonitor,
     WeightPenalty,
     decay_param_groups,
     unfreeze_and_add_decay_groups,
@@ -451,3 +457,74 @@ def test_unfrozen_module_joins_as_decay_and_no_decay_groups() -> None:
     flat = ZeroGrad(trainable)
     fit(flat, [UnfreezeFlat()], max_epochs=3)
     assert not torch.equal(params(flat)["net.0.bias"], start["net.0.bias"]), "the flat group decays the bias"
+
+
+# ------------------------------------------------------------------------ SIGKILL mid-run, resume last
+KILL_AT_STEP = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # in the middle of epoch 1
+KILL_EPOCHS = 3
+
+
+def all_callbacks() -> list[Callback]:
+    """Every callback of the package at once: a decay schedule, L2-SP with proximal L1, the monitor."""
+    return [
+        WeightDecay(Linear(0.3, 0.0, 3 * STEPS_PER_EPOCH), rules=DecayRules(exclude=["net.3.*"])),
+        WeightPenalty(l2=0.5, reference="initial", l1=0.01, l1_mode="proximal", rules=DecayRules(exclude=["net.0.*"])),
+        WeightNormMonitor(),
+    ]
+
+
+def kill_fit(out: Path, ckpt_path: Any = None, kill_at: int | None = None) -> tuple[Lit, list[Callback]]:
+    """A fit with every callback and ``ModelCheckpoint(save_last=True, every_n_train_steps=STEPS_PER_EPOCH)``
+    (a checkpoint at each epoch boundary); with ``kill_at``, the process SIGKILLs itself after that step."""
+
+    class Kill(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    module = Lit(
+        lambda m: torch.optim.Adam(m.parameters(), lr=0.01, foreach=False), seed=0 if ckpt_path is None else 11
+    )
+    callbacks = all_callbacks()
+    ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=STEPS_PER_EPOCH, save_top_k=-1)
+    trainer = make_trainer(
+        [*callbacks, Kill(), ckpt],
+        max_epochs=KILL_EPOCHS,
+        logger=CSVLogger(out / "logs"),
+        log_every_n_steps=2,
+        enable_checkpointing=True,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    return module, callbacks
+
+
+def test_sigkill_mid_run_then_resume_from_last_is_bitwise_uninterrupted(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.test_lifecycle", str(tmp_path / "killed"), str(KILL_AT_STEP)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "killed" / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == STEPS_PER_EPOCH  # the epoch boundary before
+
+    resumed, resumed_cbs = kill_fit(tmp_path / "killed", ckpt_path=last)
+    full, full_cbs = kill_fit(tmp_path / "full")
+    for name, w in weights(full).items():
+        assert torch.equal(w, weights(resumed)[name]), name
+    for a, b in zip(full_cbs[:2], resumed_cbs[:2], strict=True):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa["steps"] == sb["steps"] == [KILL_EPOCHS * STEPS_PER_EPOCH]
+        for name, ref in sa.get("refs", {}).items():
+            assert torch.equal(ref, sb["refs"][name]), name
+
+
+if __name__ == "__main__":  # the process that test_sigkill_mid_run_then_resume_from_last_is_bitwise_uninterrupted kills
+    kill_fit(Path(sys.argv[1]), kill_at=int(sys.argv[2]))
+    raise SystemExit("not killed")
