@@ -54,7 +54,7 @@ class WeightPenalty(RegularizerCallback):
           heuristic for adaptive optimizers.
 
     L2-SP (Li et al., 2018): with ``reference``, the L2 term pulls toward reference weights ``w0``
-    instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights at fit start (the
+    instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights when training starts (the
     pretrained backbone when fine-tuning); a mapping of parameter names to tensors, or a module whose
     ``state_dict`` has the model's names, gives them explicitly. Parameters without a reference (a new
     head) get ``l2_head / 2 * ||w||^2``. The reference costs one extra copy of each referenced
