@@ -347,15 +347,25 @@ def test_one_callback_object_in_two_fits_starts_clean_the_second_time() -> None:
 # ----------------------------------------------------------------------- 5. optimizers rebuilt mid-fit
 class RebuildOptimizersAtEpoch(Callback):
     """At the start of epoch ``epoch``, swaps the module's optimizer factory and calls Lightning's
-    documented ``trainer.strategy.setup_optimizers(trainer)``."""
+    documented ``trainer.strategy.setup_optimizers(trainer)``. ``late``: in the epoch's first
+    ``on_train_batch_start`` instead, after the regularizer's own (placed after it in the callbacks), so
+    that the regularizer first meets the new optimizer inside its step."""
 
-    def __init__(self, epoch: int, make: Callable[[nn.Module], Any]) -> None:
-        self.epoch, self.make = epoch, make
+    def __init__(self, epoch: int, make: Callable[[nn.Module], Any], late: bool = False) -> None:
+        self.epoch, self.make, self.late = epoch, make, late
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def rebuild(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             pl_module.optimizer_fn = self.make
             trainer.strategy.setup_optimizers(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.late:
+            self.rebuild(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if self.late and i == 0:
+            self.rebuild(trainer, pl_module)
 
 
 @pytest.mark.parametrize(
@@ -367,13 +377,17 @@ class RebuildOptimizersAtEpoch(Callback):
     ],
     ids=["take-over", "penalty", "decay"],
 )
-def test_optimizers_rebuilt_mid_fit_are_followed(callback: Any, first: Any, second: Any, factor: float) -> None:
+@pytest.mark.parametrize("late", [False, True], ids=["epoch-start", "inside-step"])
+def test_optimizers_rebuilt_mid_fit_are_followed(
+    callback: Any, first: Any, second: Any, factor: float, late: bool
+) -> None:
     """Epoch 0 with one optimizer, epoch 1 with a new one: the callback regularizes through the new one
     (and takes its weight_decay over); only the decayed weights move, by the exact product of factors."""
     module = ZeroGrad(first)
     start = params(module)
     cb = callback()
-    trainer = fit(module, [RebuildOptimizersAtEpoch(1, second), cb], max_epochs=2)
+    rebuild = RebuildOptimizersAtEpoch(1, second, late)
+    trainer = fit(module, [cb, rebuild] if late else [rebuild, cb], max_epochs=2)
     assert trainer.optimizers[0].param_groups[0]["lr"] == second(make_net()).param_groups[0]["lr"]
     assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.0
     assert_factor(start, params(module), {n: factor for n in decay_names(module)})
