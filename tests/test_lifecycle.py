@@ -232,7 +232,7 @@ def test_resume_without_the_needed_state_is_refused_unless_restart_is_asked(
     """A checkpoint written without the callback has no reference and no step count for it: refused, with
     the way out; ``missing_state='restart'`` starts afresh from the resumed weights (and step 0)."""
     ckpt = checkpoint(Lit(sgd()), [], 1, tmp_path / "without.ckpt")
-    with pytest.raises(MisconfigurationException, match=rf"(?s)without its saved state.*{needed}.*missing_state"):
+    with pytest.raises(MisconfigurationException, match=rf"(?s)no saved state.*{needed}.*missing_state='restart'"):
         fit(ZeroGrad(sgd()), [make()], max_epochs=2, ckpt_path=ckpt)
 
     resumed = ZeroGrad(sgd(0.1))
@@ -245,6 +245,18 @@ def test_resume_without_the_needed_state_is_refused_unless_restart_is_asked(
         for name, ref in cb.state_dict()["refs"].items():
             assert torch.equal(ref, at_ckpt[name]), name  # the reference: the resumed weights
         assert all(torch.equal(w, at_ckpt[n]) for n, w in params(resumed).items()), "w == w0: nothing moves"
+
+
+def test_resume_from_an_entry_without_references_is_refused_for_initial_reference(tmp_path: Path) -> None:
+    """Same key, but the entry was written by a penalty without a reference: "initial" cannot get the first
+    fit's weights from it (taking the resumed weights would silently change the run)."""
+    ckpt = checkpoint(Lit(sgd()), [WeightPenalty(l2=0.5)], 1, tmp_path / "plain-l2.ckpt")
+    with pytest.raises(MisconfigurationException, match=r"(?s)lacks the L2-SP reference.*missing_state='restart'"):
+        fit(ZeroGrad(sgd()), [WeightPenalty(l2=0.5, reference="initial")], max_epochs=2, ckpt_path=ckpt)
+    cb = WeightPenalty(l2=0.5, reference="initial", missing_state="restart")
+    with pytest.warns(UserWarning, match="lacks the L2-SP reference; starting afresh"):
+        fit(ZeroGrad(sgd()), [cb], max_epochs=2, ckpt_path=ckpt)
+    assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]  # the step count of the entry goes on
 
 
 def test_two_instances_of_one_class_keep_their_own_state(tmp_path: Path) -> None:

@@ -169,6 +169,10 @@ class RegularizerCallback(Callback):
         """What this callback would lose if a resumed run found no saved state for it (empty: nothing)."""
         return []
 
+    def _missing_from_loaded_state(self) -> list[str]:
+        """What a loaded state lacks that this callback needs (an entry written under another configuration)."""
+        return []
+
     @staticmethod
     def _step_dependent(schedule: Any) -> bool:
         return not isinstance(schedule, Constant)
@@ -360,7 +364,7 @@ class RegularizerCallback(Callback):
         # Here, not in `on_fit_start`: Lightning restores the optimizers' state (param groups and their
         # `weight_decay`) after `on_fit_start`, and the checks must see what the first step will use.
         self._resumed = bool(trainer.ckpt_path)
-        if self._resumed and not self._loaded:
+        if self._resumed:
             self._refuse_missing_state(trainer)
         self.bind(pl_module, trainer.optimizers, getattr(trainer.precision_plugin, "scaler", None))
         if self._loaded:
@@ -374,23 +378,24 @@ class RegularizerCallback(Callback):
         self._check_other_callbacks(trainer)
 
     def _refuse_missing_state(self, trainer: pl.Trainer) -> None:
-        needed = self._saved_state_needed()
+        needed = self._missing_from_loaded_state() if self._loaded else self._saved_state_needed()
         if not needed:
             return
         what = " and ".join(needed)
+        where = (
+            f"its saved state (key {self.state_key!r}) lacks {what}"
+            if self._loaded
+            else (f"the checkpoint has no saved state for it (key {self.state_key!r}), which would hold {what}")
+        )
         if self.missing_state == "restart":
-            rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint has no state for this callback (key {self.state_key!r}); "
-                f"starting {what} afresh as asked (missing_state='restart')"
-            )
+            rank_zero_warn(f"{type(self).__name__}: {where}; starting afresh as asked (missing_state='restart')")
             return
         orphans = self._orphans
         found = f" It has entries {orphans} of this class, none of them unambiguously this one's." if orphans else ""
         raise MisconfigurationException(
-            f"{type(self).__name__} resumes from {trainer.ckpt_path} without its saved state (key "
-            f"{self.state_key!r}), which holds {what}.{found} Resume from a checkpoint written with this callback "
-            f"(give each instance of a class a fixed `name=` so its key stays the same), or pass "
-            f"`missing_state='restart'` to start {what} afresh from here."
+            f"{type(self).__name__} resumes from {trainer.ckpt_path}, but {where}.{found} Resume from a checkpoint "
+            "written with this callback (give each instance of a class a fixed `name=` so its key stays the same), "
+            f"or pass `missing_state='restart'` to start {what} afresh from here."
         )
 
     def on_train_batch_start(

@@ -176,6 +176,10 @@ class WeightPenalty(RegularizerCallback):
             needed.append(f"the step count of the {names} schedule{plural}")
         return needed
 
+    def _missing_from_loaded_state(self) -> list[str]:
+        # An entry without references (written with `reference=None`) cannot give "initial" its weights.
+        return ["the L2-SP reference"] if self._reference == "initial" and not self._refs else []
+
     def _prepare(self, plan: DecayPlan) -> None:
         if self._reference is None:
             self._refs = {}  # a resumed L2-SP state of a run now without a reference: plain L2
