@@ -280,6 +280,8 @@ class RegularizerCallback(Callback):
             else:  # new, or moved (its hooks know its old position): bound afresh
                 self._forget_optimizer(i)
                 entries.append(OptimizerBuckets(opt))
+        for i in range(len(optimizers), len(bound)):  # fewer optimizers than before
+            self._forget_optimizer(i)
         for e in bound:
             if all(e is not kept for kept in entries):
                 for handle in e.handles:
