@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 from lightning_decay.schedules import Constant, check_coefficient
 
 #: What a resumed run does when the checkpoint has no state for a callback that needs one.
@@ -114,13 +114,11 @@ class RegularizerCallback(Callback):
     """
 
     def __init__(self, rules: DecayRules | None, name: str | None = None, missing_state: str = "raise") -> None:
-        if rules is not None and not isinstance(rules, DecayRules):
-            raise TypeError(f"`rules` must be a DecayRules or None, got {type(rules).__name__}")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
         if missing_state not in _MISSING_STATE:
             raise ValueError(f"`missing_state` must be one of {_MISSING_STATE}, got {missing_state!r}")
-        self.rules = rules or DecayRules()
+        self.rules = as_rules(rules)
         self.name = name
         self.missing_state = missing_state
         self._plan: DecayPlan | None = None
