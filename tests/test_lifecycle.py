@@ -36,6 +36,7 @@ from lightning_decay import (
 )
 from lightning_decay.schedules import Linear
 from tests.test_penalty import BATCH, N_SAMPLES, Lit, dataset, loader, make_net, make_trainer, weights
+from tests.test_regularizer_training import EQUIVALENCE_IDS, EQUIVALENCES
 
 STEPS_PER_EPOCH = N_SAMPLES // BATCH
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,27 +112,7 @@ def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, c
 
 
 @pytest.mark.parametrize("closure", [False, True], ids=["no-closure", "closure"])
-@pytest.mark.parametrize(
-    ("callback", "plain", "reference"),
-    [
-        (
-            lambda: WeightDecay(0.1),
-            lambda m: torch.optim.Adam(m.parameters(), lr=0.01, foreach=False),
-            lambda m: torch.optim.AdamW(decay_param_groups(m, weight_decay=0.1), lr=0.01, foreach=False),
-        ),
-        (
-            lambda: WeightPenalty(l2=0.2),
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=False),
-            lambda m: torch.optim.SGD(decay_param_groups(m, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
-        ),
-        (
-            lambda: WeightDecay(),  # takes over SGD's coupled decay, on the decayed parameters only
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2, foreach=False),
-            lambda m: torch.optim.SGD(decay_param_groups(m, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
-        ),
-    ],
-    ids=["decay", "penalty", "take-over-coupled"],
-)
+@pytest.mark.parametrize(("callback", "plain", "reference"), EQUIVALENCES, ids=EQUIVALENCE_IDS)
 def test_bind_with_step_hooks_runs_the_callback_code_without_a_trainer(
     callback: Any, plain: Any, reference: Any, closure: bool
 ) -> None:
