@@ -114,9 +114,11 @@ class RegularizerCallback(Callback):
     """
 
     def __init__(self, rules: DecayRules | None, name: str | None = None, missing_state: str = "raise") -> None:
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
-        if missing_state not in _MISSING_STATE:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a string (the callback's key in checkpoints) or None, got {name!r}")
+        if name == "":
+            raise ValueError("`name` must be a non-empty string or None, got ''")
+        if not isinstance(missing_state, str) or missing_state not in _MISSING_STATE:
             raise ValueError(f"`missing_state` must be one of {_MISSING_STATE}, got {missing_state!r}")
         self.rules = as_rules(rules)
         self.name = name
