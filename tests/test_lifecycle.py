@@ -198,6 +198,22 @@ def test_resumed_l2sp_keeps_the_first_fits_reference_and_step_count(resume_with:
     assert set(cb.state_dict()["refs"]) == {d.name for d in DecayRules().classify(resumed).decay}
 
 
+def test_an_entry_under_a_key_of_the_previous_release_is_found(tmp_path: Path) -> None:
+    """Keys used to hold the coefficients (``WeightPenalty{'l1': ..., 'l2': ...}``): the only entry of the
+    class in the checkpoint is this callback's, so its reference is kept."""
+    ckpt, start = l2sp_checkpoint(tmp_path)
+    raw = torch.load(ckpt, weights_only=False)
+    old_key = (
+        "WeightPenalty{'l1': 'Constant(0.0)', 'l2': 'Constant(0.5)', 'mode': 'subgradient', 'reference': 'initial'}"
+    )
+    raw["callbacks"][old_key] = raw["callbacks"].pop("WeightPenalty")
+    torch.save(raw, tmp_path / "old.ckpt")
+    cb = WeightPenalty(l2=0.5, reference="initial")
+    fit(ZeroGrad(sgd()), [cb], max_epochs=2, ckpt_path=tmp_path / "old.ckpt")
+    assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+    assert all(torch.equal(ref, start[n]) for n, ref in cb.state_dict()["refs"].items())
+
+
 @pytest.mark.parametrize(
     ("make", "needed"),
     [
@@ -253,6 +269,13 @@ def test_two_instances_of_one_class_keep_their_own_state(tmp_path: Path) -> None
     assert set(callbacks[0].state_dict()["refs"]) == {"net.0.weight"}
     assert torch.equal(callbacks[0].state_dict()["refs"]["net.0.weight"], start["net.0.weight"])
     assert callbacks[1].state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+    # Both rules changed: two entries of the class, two callbacks without theirs; which is which is unknown.
+    moved = [
+        WeightPenalty(l2=0.5, reference="initial", rules=DecayRules(exclude=["net.3.weight"])),
+        WeightPenalty(l1=0.01, rules=DecayRules(exclude=["net.0.weight"])),
+    ]
+    with pytest.raises(MisconfigurationException, match="none of them unambiguously"):
+        fit(Lit(sgd()), moved, max_epochs=2, ckpt_path=ckpt)
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `WeightPenalty`"):
         make_trainer([WeightPenalty(l1=0.01), WeightPenalty(l2=0.01)])
     named = [WeightPenalty(l1=0.01, name="a"), WeightPenalty(l1=0.02, name="b")]

@@ -178,6 +178,10 @@ class WeightDecay(RegularizerCallback):
 
         return [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
 
+    def _prepare(self, plan: Any) -> None:
+        if not self.takes_over:
+            self._taken_over = {}  # resumed from a take-over with an explicit coefficient now: it is the one
+
     def _forget_optimizer(self, index: int) -> None:
         self._taken_over = {k: v for k, v in self._taken_over.items() if k[0] != index}
 
