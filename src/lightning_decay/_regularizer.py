@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -459,7 +460,7 @@ class RegularizerCallback(Callback):
             raise ValueError(f"{type(self).__name__}: a saved state must be a mapping, got {type(state_dict).__name__}")
         steps = state_dict.get("steps")
         if not isinstance(steps, (list, tuple)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in steps
         ):
             raise ValueError(
                 f"{type(self).__name__}: the state field 'steps' must be a list of integers >= 0 (one step count "
@@ -468,7 +469,7 @@ class RegularizerCallback(Callback):
         return dict(state_dict)
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self._steps = list(state["steps"])
+        self._steps = [int(s) for s in state["steps"]]
 
     # --------------------------------------------------------------- buckets
     def _index_of(self, optimizer: Optimizer) -> int | None:

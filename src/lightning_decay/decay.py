@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -268,8 +269,8 @@ class WeightDecay(RegularizerCallback):
             if not isinstance(e, (list, tuple)) or len(e) != 4:
                 return False
             i, g, wd, dec = e
-            indices = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (i, g))
-            number = isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0
+            indices = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in (i, g))
+            number = isinstance(wd, numbers.Real) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0
             return indices and number and isinstance(dec, bool)
 
         if not isinstance(taken, (list, tuple)) or not all(entry_ok(e) for e in taken):
