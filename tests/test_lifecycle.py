@@ -544,7 +544,7 @@ def test_sigkill_mid_run_then_resume_from_last_is_bitwise_uninterrupted(tmp_path
     last = tmp_path / "killed" / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == STEPS_PER_EPOCH  # the epoch boundary before
 
-    resumed, resumed_cbs = kill_fit(tmp_path / "killed", ckpt_path=last)
+    resumed, resumed_cbs = kill_fit(tmp_path / "resumed", ckpt_path=last)
     full, full_cbs = kill_fit(tmp_path / "full")
     for name, w in weights(full).items():
         assert torch.equal(w, weights(resumed)[name]), name
