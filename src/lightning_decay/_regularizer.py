@@ -186,7 +186,7 @@ class RegularizerCallback(Callback):
         Made of what identifies the callback, never of coefficients a resumed run may tune: the class,
         then ``name`` if given, else ``rules`` when they are not the default ones (so that two instances
         of one class with different rules coexist). Two instances of one class with the same key are
-        refused by the Trainer: give them distinct ``name``\\ s.
+        refused by the Trainer: give each its own ``name``.
         """
         if self._state_key is None:
             qualname = type(self).__qualname__
