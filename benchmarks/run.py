@@ -265,6 +265,7 @@ def make_runner(
     for cb in callbacks:
         cb.setup(trainer, module, "fit")
         cb.on_fit_start(trainer, module)
+        cb.on_train_start(trainer, module)  # where the regularizers bind to the (restored) optimizers
     return Runner(module, optimizer, list(callbacks), trainer, batch, naive)
 
 
@@ -793,6 +794,7 @@ def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Bu
                 def set_up(cb: Callback = cb, trainer: pl.Trainer = trainer, model: nn.Module = model) -> None:
                     cb.setup(trainer, model, "fit")
                     cb.on_fit_start(trainer, model)
+                    cb.on_train_start(trainer, model)  # where the regularizers bind to the optimizers
                     if isinstance(cb, WeightNormMonitor):  # its layout is built at the first logging step
                         cb._ensure_layout(trainer, model)
 
@@ -807,7 +809,7 @@ def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Bu
     _scaling_row(report, f"5.classify/{dev_tag}", "DecayRules().classify, no_weight_decay() on every block", sizes,
                  classify)  # fmt: skip
     for key, (what, _) in SCALE_CALLBACKS.items():
-        _scaling_row(report, f"5.setup/{dev_tag}/{key}", f"{what}: setup + on_fit_start", sizes, setup[key])
+        _scaling_row(report, f"5.setup/{dev_tag}/{key}", f"{what}: set-up hooks", sizes, setup[key])
         _scaling_row(report, f"5.step/{dev_tag}/{key}", f"{what}: its hooks in one step", sizes, step[key])
 
 
@@ -937,9 +939,9 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
 
 1. *Step time*: forward, backward and `optimizer.step()` ({steps} steps per sample), every optimizer with
    `foreach=True` over the `decay`/`no_decay` groups of `decay_param_groups`. The callbacks run through
-   their real code: built with a real `Trainer` object (not fitted), their `setup` and `on_fit_start`
-   hooks called, then per step `on_before_optimizer_step`, `optimizer.step()` (which runs the step
-   hooks they registered) and `on_train_batch_end` (not a logging step) -- the calls Lightning makes,
+   their real code: built with a real `Trainer` object (not fitted), their `setup`, `on_fit_start` and
+   `on_train_start` hooks called, then per step `on_before_optimizer_step`, `optimizer.step()` (which
+   runs the step hooks they registered) and `on_train_batch_end` (not a logging step) -- the calls Lightning makes,
    without the fit loop's own overhead in the ratio. Baselines: the optimizer's own `weight_decay` with
    the same semantics (AdamW for `WeightDecay`, coupled `Adam`/`SGD(weight_decay)` for
    `WeightPenalty(l2)`) and the naive loop `for p in model.parameters(): reg = reg + torch.norm(p, 2)`
@@ -964,7 +966,8 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
    except L2-SP's reference (persistent) and the update-ratio snapshot (logging steps only).
 5. *Scaling*: a model of {scale} small tensors (blocks of Linear(8, 8) + LayerNorm(8), each block
-   with a `no_weight_decay()` hook) and gradients set directly. *Set-up*: `setup` + `on_fit_start` (and
+   with a `no_weight_decay()` hook) and gradients set directly. *Set-up*: `setup`, `on_fit_start` and
+   `on_train_start` (and
    the monitor's layout, built at its first logging step), the plan cache cleared before each, so each
    classifies; *step*: the callback's hooks around one optimizer step (the step itself left out): an
    ordinary step for the regularizers, a logging step for the monitors. The least of {scale_repeats} calls

@@ -171,6 +171,34 @@ ROWS = [
         [(None, TypeError), (3, TypeError), ([""], TypeError), ({"head": 1}, TypeError)],
     ),
     Row(
+        "WeightPenalty(name=), WeightDecay(name=)",
+        lambda v: WeightPenalty(l2=0.1, name=v),
+        [None, "backbone"],
+        [("", ValueError), (1, TypeError), (["a"], TypeError)],
+        names="name",
+    ),
+    Row(
+        "WeightPenalty(name=), WeightDecay(name=)  [WeightDecay]",
+        lambda v: WeightDecay(0.1, name=v),
+        [None, "decay"],
+        [("", ValueError), (0.1, TypeError)],
+        names="name",
+    ),
+    Row(
+        "WeightPenalty(missing_state=), WeightDecay(missing_state=)",
+        lambda v: WeightPenalty(l2=0.1, missing_state=v),
+        ["raise", "restart"],
+        [("ignore", ValueError), (None, ValueError), (True, ValueError)],
+        names="missing_state",
+    ),
+    Row(
+        "WeightPenalty(missing_state=), WeightDecay(missing_state=)  [WeightDecay]",
+        lambda v: WeightDecay(0.1, missing_state=v),
+        ["raise", "restart"],
+        [("Raise", ValueError)],
+        names="missing_state",
+    ),
+    Row(
         "WeightPenalty(log_penalty=)",
         lambda v: WeightPenalty(l2=0.1, log_penalty=v),
         [True, False],
@@ -648,6 +676,10 @@ RULES = "rules: {{class_path: lightning_decay.DecayRules, init_args: {{{}}}}}"
         (_cb("WeightDecay", "weight_decay: null"), lambda cb: cb.takes_over),
         (_cb("WeightDecay", "weight_decay: 0.05, mode: lr_ratio"), lambda cb: cb.mode == "lr_ratio"),
         (
+            _cb("WeightDecay", "name: backbone, missing_state: restart"),
+            lambda cb: cb.state_key == "WeightDecay{'name': 'backbone'}" and cb.missing_state == "restart",
+        ),
+        (
             _cb("WeightDecay", "weight_decay: 0.05, " + RULES.format("exclude_modules: [torch.nn.LayerNorm]")),
             lambda cb: cb.rules.exclude_modules == (nn.LayerNorm,),
         ),
@@ -701,6 +733,7 @@ def test_yaml_values_that_are_accepted(yaml: str, check: Callable[[Any], bool]) 
         (_cb("WeightPenalty", "l2: 0.1, " + RULES.format("decay_bias: maybe")), "decay_bias"),
         (_cb("WeightPenalty", "l2: 0.1, " + RULES.format("exclude_bias: true")), "exclude_bias"),
         (_cb("WeightDecay", "weight_decay: 2.0, mode: constant"), "weight_decay"),
+        (_cb("WeightPenalty", "l2: 0.1, missing_state: ignore"), "missing_state"),
         (_cb("WeightDecay", "weight_decay: 0.1, mode: cosine"), "mode"),
         (_cb("WeightNormMonitor", "norm_type: 3"), "norm_type"),
         (_cb("WeightNormMonitor", "logging_interval: 2.5"), "logging_interval"),
