@@ -15,14 +15,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
@@ -143,7 +142,7 @@ class RegularizerCallback(Callback):
     # -------------------------------------------------------------- lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy:
+        if is_deepspeed(trainer.strategy):
             raise MisconfigurationException(
                 f"{type(self).__name__} does not support {strategy}: under ZeRO `p.grad` is not the real gradient "
                 "and `on_before_optimizer_step` fires on every micro-batch. Use the optimizer's own weight_decay "

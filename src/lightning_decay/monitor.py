@@ -14,14 +14,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_decay import norms as K
+from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, is_deepspeed
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay.rules import DecayRules
 
@@ -197,7 +195,7 @@ class WeightNormMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."
             )
-        if self.log_grad_norm and type(trainer.strategy).__name__.startswith("DeepSpeed"):
+        if self.log_grad_norm and is_deepspeed(trainer.strategy):
             rank_zero_warn(
                 "WeightNormMonitor(log_grad_norm=True) under DeepSpeed: `p.grad` is not the real gradient "
                 "there (ZeRO partitions it), so grad norms are not meaningful."
@@ -435,7 +433,7 @@ class WeightNormMonitor(Callback):
                 )
 
     def _log_histograms(self, trainer: pl.Trainer, layout: Layout, step: int) -> None:
-        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         if not tb_loggers:
             return
         members: dict[int, list[Tensor]] = {}
