@@ -92,6 +92,8 @@ class WeightDecay(RegularizerCallback):
         self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
         # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
+        # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
+        self._last_coefficient: dict[int, float] = {}
 
     @property
     def takes_over(self) -> bool:
@@ -180,6 +182,7 @@ class WeightDecay(RegularizerCallback):
             taken = self._taken_over
             return lambda group_index: taken.get((index, group_index), (0.0, True))
         wd = coefficient(self._weight_decay, self._steps[index], "weight_decay")
+        self._last_coefficient[index] = wd
         return lambda group_index: (wd, True)
 
     def _has_coupled(self, index: int) -> bool:
@@ -222,6 +225,39 @@ class WeightDecay(RegularizerCallback):
         # Decay multiplies NaN/Inf weights along silently; say so once, on logging steps only.
         if self._per_optimizer and should_log(trainer):
             self._check_finite()
+            # What is applied, where the optimizer's own `weight_decay` (which `LearningRateMonitor(
+            # log_weight_decay=True)` reads) is 0 once taken over. Python floats, handed to the loggers as
+            # LearningRateMonitor does (no float32 round trip, no host copy), with the step label
+            # `self.log` gives this batch's metrics.
+            values = self.applied_weight_decay()
+            if values:
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                for logger in trainer.loggers:
+                    logger.log_metrics(values, step=step)
+
+    def applied_weight_decay(self) -> dict[str, float]:
+        """``weight_decay/{group}`` -> the coefficient applied to the group's decayed weights at the last step.
+
+        One entry per optimizer param group holding weights this callback decays, named by the group's
+        ``"name"`` (``pg{i}`` counting from 1 for an unnamed one, as ``LearningRateMonitor`` does), prefixed
+        with the optimizer's class when there are several optimizers. Taking over, the value is the group's
+        taken-over ``weight_decay``; otherwise the (scheduled) ``weight_decay`` of the optimizer's last step.
+        ``WeightDecay`` logs these on the Trainer's logging steps.
+        """
+        values: dict[str, float] = {}
+        several = len(self._per_optimizer) > 1
+        for index, entry in enumerate(self._per_optimizer):
+            if self.takes_over:
+                applied = {gi: wd for (i, gi), (wd, _) in self._taken_over.items() if i == index}
+            elif index in self._last_coefficient:
+                applied = dict.fromkeys({b.group_index for b in entry.buckets}, self._last_coefficient[index])
+            else:
+                continue  # no step yet
+            groups = entry.optimizer.param_groups
+            prefix = f"{type(entry.optimizer).__name__}-{index}/" if several else ""
+            for gi in sorted({b.group_index for b in entry.buckets}):
+                values[f"weight_decay/{prefix}{groups[gi].get('name', f'pg{gi + 1}')}"] = applied.get(gi, 0.0)
+        return values
 
     def state_dict(self) -> dict[str, Any]:
         taken = [[i, g, wd, dec] for (i, g), (wd, dec) in self._taken_over.items()]
