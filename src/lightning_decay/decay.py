@@ -58,6 +58,10 @@ class WeightDecay(RegularizerCallback):
     weights at 0.05 and leaves biases and normalization parameters alone. With an explicit
     ``weight_decay``, an optimizer group that also decays the same weights is an error: never both.
 
+    On the Trainer's logging steps it logs ``weight_decay/{group}``, the coefficient it applied to each
+    param group's decayed weights ([`applied_weight_decay`][lightning_decay.WeightDecay.applied_weight_decay]):
+    taking over, ``LearningRateMonitor(log_weight_decay=True)`` reads the optimizer's ``weight_decay``, 0.
+
     Args:
         weight_decay: The decay coefficient (number, schedule or ``step -> float``), or ``None`` to take
             over each optimizer group's ``weight_decay``.
