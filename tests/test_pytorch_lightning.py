@@ -8,6 +8,9 @@ decay groups in a plain loop, norms recomputed from the weights, TensorBoard eve
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +182,16 @@ def test_decay_cli_runs_a_pytorch_lightning_module_with_callbacks_from_the_comma
     final = adamw_loop()[-1]
     for name, param in cli.model.net.named_parameters():
         assert torch.equal(param.detach(), final[name]), name
+
+
+def test_importing_the_package_leaves_lightning_logging_alone() -> None:
+    """The two namespaces share the logger of their rank-zero messages; importing ``pytorch_lightning`` (as
+    the package does to know its classes) must not move ``lightning.pytorch`` users' messages away."""
+    code = (
+        "import lightning.pytorch, lightning_utilities.core.rank_zero as r; before = r.log.name; "
+        "import lightning_decay, pytorch_lightning; print(before, r.log.name)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    before, after = out.split()
+    assert before == after == "lightning.pytorch.utilities.rank_zero"

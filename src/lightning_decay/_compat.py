@@ -43,10 +43,18 @@ def _available(module: str) -> bool:
 PL_AVAILABLE = _available("pytorch_lightning")
 
 if PL_AVAILABLE:
+    import lightning_utilities.core.rank_zero as _rank_zero
+
+    # Both namespaces point the logger of the rank-zero messages they share (`lightning_utilities`) at their
+    # own on import: importing `pytorch_lightning` here must not move `lightning.pytorch` users' messages
+    # ("`Trainer.fit` stopped ...") to the `pytorch_lightning` logger, whose level they do not set.
+    _log = _rank_zero.log
     import pytorch_lightning as _pl
     from pytorch_lightning.loggers import TensorBoardLogger as _PLTensorBoardLogger
     from pytorch_lightning.strategies import DeepSpeedStrategy as _PLDeepSpeed
     from pytorch_lightning.utilities.exceptions import MisconfigurationException as _PLMisconfiguration
+
+    _rank_zero.log = _log
 
     LIGHTNING_MODULES: tuple[type, ...] = (_LModule, _pl.LightningModule)
     TRAINERS: tuple[type, ...] = (_LTrainer, _pl.Trainer)
