@@ -84,7 +84,7 @@ def load_data() -> tuple[Tensor, Tensor]:
 
 
 def trainer(args: argparse.Namespace, epochs: int, logger: Any, callbacks: list[Any], every: int) -> Trainer:
-    fast = {"max_steps": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0} if args.fast else {}
+    fast = {"max_steps": 3, "limit_val_batches": 1} if args.fast else {}
     return Trainer(
         max_epochs=epochs,
         logger=logger,
@@ -139,7 +139,7 @@ def finetune(
     elif run == "l2_sp":
         callbacks.append(WeightPenalty(l2=args.alpha, reference=reference, l2_head=args.beta))
     logger = TensorBoardLogger(save_dir=args.out, name=f"{run}/seed{seed}", default_hp_metric=False)
-    fit = trainer(args, args.epochs, logger, callbacks, every=25)
+    fit = trainer(args, args.epochs, logger, callbacks, every=10)
     fit.fit(model, DataLoader(train, batch_size=len(train), shuffle=True), DataLoader(test, batch_size=1024))
     return {
         "run": run,
@@ -205,10 +205,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/finetune_l2sp"), help="TensorBoard save_dir")
     p.add_argument("--labels-per-class", type=int, default=10, help="labelled images per digit 5-9 (default 10)")
-    p.add_argument("--seeds", type=int, default=5, help="draws of the labelled images (default 5)")
+    p.add_argument("--seeds", type=int, default=3, help="draws of the labelled images (default 3)")
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--pretrain-epochs", type=int, default=30)
-    p.add_argument("--epochs", type=int, default=100, help="fine-tuning epochs, one full batch each (default 100)")
+    p.add_argument("--pretrain-epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs, one full batch each (default 60)")
     p.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate (default 0.05)")
     p.add_argument("--l2", type=float, default=0.01, help="L2 toward zero of the l2 run (default 0.01)")
     p.add_argument("--alpha", type=float, default=0.01, help="L2-SP pull toward the pretrained backbone (default 0.01)")
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.setLevel(logging.WARNING)  # keep the output to the table
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
+            quiet = "does not have many workers|LeafSpec|logging interval|val_dataloader"
+            warnings.filterwarnings("ignore", message=f".*({quiet}).*")
             x, y = load_data()
             pretrained, source_acc = pretrain(args, x, y)
             results = []
