@@ -122,3 +122,16 @@ def test_finetune_l2sp_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     # The three runs share the pretrained backbone, the new head and the batches: only the penalty differs,
     # so after the same few steps the runs are apart, and L2-SP is the one closest to the pretrained weights.
     assert rows["l2_sp"]["distance"] < rows["none"]["distance"] < rows["l2"]["distance"]
+
+
+def test_vit_tensorboard_fast(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    example = load(EXAMPLES / "vit_tensorboard.py")
+    out = example.main(["--fast", "--out", str(tmp_path)])
+    assert out["trainer"].global_step == 3
+    acc = EventAccumulator(out["log_dir"], size_guidance={"tensors": 0})
+    acc.Reload()
+    assert len(acc.Tensors("custom_scalars__config__")) == 1  # the layout the screenshot in the docs shows
+    charts = list(out["layout"]["weight_norm"])
+    assert charts.index("blocks.2") < charts.index("blocks.10") and charts[0] == "totals"
