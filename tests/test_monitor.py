@@ -589,3 +589,61 @@ def test_logging_step_uses_the_layout_lists_and_float32_kernels(
         assert sorted(calls["kernel_dtypes"], key=str) == sorted(weights + snapshot * 3, key=str)
         row = _read_csv(logger)[5]
         assert row["update_ratio/net.0.weight"] > 0 and ("angular_update/net.0.weight" in row) == angle
+
+
+class ZeroWeights(pl.LightningModule):
+    """A LayerNorm bias at zero (its init), a parameter that stays zero, a weight proximal L1 sets to zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 1))
+        self.dead = nn.Parameter(torch.zeros(3))  # gets a zero gradient every step: stays zero
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y) + 0.0 * self.dead.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _update_metrics_by_definition(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """The documented definitions, per tensor in float64: ratio 0 / 1 and angle 0 where a norm is zero."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    na, nb, nd = a.norm().item(), b.norm().item(), (b - a).norm().item()
+    ratio = nd / na if na > 0 else (1.0 if nd > 0 else 0.0)
+    angle = 0.0 if na == 0 or nb == 0 else math.acos(max(-1.0, min(1.0, (a @ b).item() / (na * nb))))
+    return ratio, angle
+
+
+def test_update_ratio_and_angle_of_zero_tensors_are_defined_not_inf_or_nan(tmp_path: Path) -> None:
+    from lightning_decay import WeightPenalty
+
+    snaps = Snapshots()
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = WeightNormMonitor(log_update_ratio=True, log_angular_update=True)
+    # A threshold of lr * l1 = 100 zeroes the last layer's weight at every step.
+    prox = WeightPenalty(l1=1e3, l1_mode="proximal", rules=DecayRules(exclude=["net.0.*"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, ZeroWeights(), [snaps, prox, monitor], logger=logger, max_steps=3, log_every_n_steps=1)
+    assert not [w for w in caught if "WeightNormMonitor" in str(w.message)]  # no non-finite report
+    rows = _read_csv(logger)
+    assert sorted(s for s, row in rows.items() if "update_ratio/dead" in row) == [0, 1, 2]
+    for step in (0, 1, 2):
+        for name, before in snaps.before[step].items():
+            ratio, angle = _update_metrics_by_definition(before, snaps.after[step][name])
+            got_ratio, got_angle = rows[step][f"update_ratio/{name}"], rows[step][f"angular_update/{name}"]
+            assert math.isfinite(got_ratio) and math.isfinite(got_angle), (step, name)
+            assert got_ratio == pytest.approx(ratio, rel=1e-6), (step, name)
+            assert got_angle == pytest.approx(angle, rel=1e-5, abs=1e-4), (step, name)
+    # The zero cases themselves, exactly: they are definitions, not roundings.
+    assert not snaps.before[0]["net.1.bias"].any() and snaps.after[0]["net.1.bias"].any()
+    assert (rows[0]["update_ratio/net.1.bias"], rows[0]["angular_update/net.1.bias"]) == (1.0, 0.0)  # leaves zero
+    assert (rows[0]["update_ratio/dead"], rows[0]["angular_update/dead"]) == (0.0, 0.0)  # stays zero
+    assert snaps.before[0]["net.3.weight"].any() and not snaps.after[0]["net.3.weight"].any()
+    assert rows[0]["angular_update/net.3.weight"] == 0.0  # pruned to zero: no direction after
+    assert rows[0]["update_ratio/net.3.weight"] == pytest.approx(1.0, rel=1e-6)  # Δw = -w_before
+    assert (rows[1]["update_ratio/net.3.weight"], rows[1]["angular_update/net.3.weight"]) == (0.0, 0.0)

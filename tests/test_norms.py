@@ -239,3 +239,14 @@ def test_fsdp2_shards_reduce_to_the_global_norm(tmp_path: Any) -> None:
         out, want = torch.load(tmp_path / f"rank{rank}.pt")
         for norm_type, values in out.items():
             assert values == pytest.approx(want[norm_type], rel=1e-9)
+
+
+def test_update_ratios_and_angles_are_defined_for_zero_norms() -> None:
+    """Squared norms ``(||a||², ||b||², ||b - a||²)``: zero norms give 0 / 1 ratios and 0 angles, never inf or NaN."""
+    a2 = torch.tensor([4.0, 0.0, 0.0, 4.0, 1.0], dtype=torch.float64)
+    b2 = torch.tensor([4.0, 0.0, 9.0, 0.0, 1.0], dtype=torch.float64)
+    d2 = torch.tensor([8.0, 0.0, 9.0, 4.0, 0.0], dtype=torch.float64)  # a ⊥ b, both 0, 0 -> b, a -> 0, a == b
+    ratio = K.update_ratios(a2, d2)
+    angle = K.angular_updates(a2, b2, d2)
+    assert ratio.tolist() == [math.sqrt(2.0), 0.0, 1.0, 1.0, 0.0]
+    torch.testing.assert_close(angle, torch.tensor([math.pi / 2, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))

@@ -305,3 +305,21 @@ def test_no_decay_group_not_decayed_by_adamw() -> None:
 def test_group_kwargs_reserved_keys_raise(key) -> None:
     with pytest.raises(ValueError, match=key):
         DecayRules().classify(make_cnn()).param_groups(0.1, **{key: []})
+
+
+def test_unknown_names_suggest_the_closest_and_frozen_names_say_so() -> None:
+    model = nn.Module()
+    model.net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    model.net.head = nn.Linear(2, 2)
+    model.net[0].requires_grad_(False)
+    plan = DecayRules().classify(model)
+    with pytest.raises(KeyError, match=r"'head.weight' is not .*did you mean 'net.head.weight'"):
+        plan.explain("head.weight")  # the prefix is missing
+    with pytest.raises(KeyError, match=r"did you mean 'net.head.weight'"):
+        plan["model.net.head.weight"]  # one too many
+    with pytest.raises(KeyError, match=r"did you mean 'net.head.bias'"):
+        plan["net.head.bais"]
+    with pytest.raises(KeyError, match=r"'net.0.weight' is frozen"):
+        plan["net.0.weight"]
+    with pytest.raises(KeyError, match=r"the names are 'net.1.weight', 'net.1.bias', 'net.head.weight'"):
+        plan["zzz"]  # nothing close: the names

@@ -62,13 +62,13 @@ def test_callables_and_numbers_become_schedules() -> None:
         as_schedule(-1.0, "l1")
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_bad_step_counts_raise(bad: Any) -> None:
-    with pytest.raises(ValueError, match="`steps`"):
+@pytest.mark.parametrize(("bad", "error"), [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_step_counts_raise(bad: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="`steps`"):
         Linear(1.0, 0.0, bad)
-    with pytest.raises(ValueError, match="`steps`"):
+    with pytest.raises(error, match="`steps`"):
         Cosine(1.0, 0.0, bad)
-    with pytest.raises(ValueError, match="`warmup_steps`"):
+    with pytest.raises(error, match="`warmup_steps`"):
         Warmup(1.0, bad)
 
 

@@ -24,7 +24,7 @@ from lightning_decay import kernels
 from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 from lightning_decay.schedules import check_coefficient
 
 
@@ -98,9 +98,7 @@ class RegularizerCallback(Callback):
     """Base of the regularization callbacks: buckets, hooks, refusals, double-decay checks, resume."""
 
     def __init__(self, rules: DecayRules | None) -> None:
-        if rules is not None and not isinstance(rules, DecayRules):
-            raise TypeError(f"`rules` must be a DecayRules or None, got {type(rules).__name__}")
-        self.rules = rules or DecayRules()
+        self.rules = as_rules(rules)
         self._plan: DecayPlan | None = None
         self._per_optimizer: list[OptimizerBuckets] = []
         self._steps: list[int] = []

@@ -14,7 +14,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_decay._compat import uses_pytorch_lightning
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayLightningCLI"]
 
@@ -23,7 +23,7 @@ class _DecayGroupsCLI:
     """What the ``LightningCLI`` of either namespace gets: the automatic optimizer over decay groups."""
 
     def __init__(self, *args: Any, decay_rules: DecayRules | None = None, **kwargs: Any) -> None:
-        self.decay_rules = decay_rules
+        self.decay_rules = None if decay_rules is None else as_rules(decay_rules, "decay_rules")
         super().__init__(*args, **kwargs)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
@@ -31,7 +31,8 @@ class _DecayGroupsCLI:
         # with the decay groups (an instance attribute, removed right after), so the optimizer and the
         # scheduler built on it see the groups. Everything else about the automatic optimizer is unchanged.
         model = self.model  # type: ignore[attr-defined]
-        rules = getattr(model, "decay_rules", None) or self.decay_rules or DecayRules()
+        rules = getattr(model, "decay_rules", None)
+        rules = as_rules(self.decay_rules if rules is None else rules, f"{type(model).__name__}.decay_rules")
 
         def decay_groups(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
             return rules.classify(model).param_groups(weight_decay=None)

@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
 from lightning_decay.rules import DecayRules
-from lightning_decay.schedules import ScheduleLike, as_schedule
+from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
 __all__ = ["WeightDecay"]
 
@@ -50,6 +50,11 @@ class WeightDecay(RegularizerCallback):
           (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the peak learning rate.
         - ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
 
+    A factor ``1 - shrink <= 0`` would flip the weights' signs (or zero them): it is refused with an error
+    naming the step, the learning rate and the coefficient, never applied. ``mode="constant"`` (and
+    ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a constant ``wd >= 1`` at
+    once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
+
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
     with the optimizer's own semantics -- decoupled for AdamW-style optimizers, an L2 gradient term
@@ -70,7 +75,10 @@ class WeightDecay(RegularizerCallback):
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
-            or ``mode`` is unknown.
+            ``mode`` is unknown, or the decay factor ``1 - shrink`` is not positive (at once for a constant
+            ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step).
+        TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, or ``rules`` not a
+            ``DecayRules``.
         MisconfigurationException: At fit start, on double decay (the optimizer's own ``weight_decay`` on
             the same weights, or another regularizer callback), or under DeepSpeed.
 
@@ -90,10 +98,11 @@ class WeightDecay(RegularizerCallback):
         rules: DecayRules | None = None,
     ) -> None:
         super().__init__(rules)
-        if mode not in _MODES:
+        if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
         self.mode = mode
         self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
+        check_constant_factor(self._weight_decay, mode)
         # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
         # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
@@ -201,12 +210,11 @@ class WeightDecay(RegularizerCallback):
                 continue
             group = optimizer.param_groups[b.group_index]
             lr = group["lr"]
-            if self._weight_decay is None or self.mode == "lr":
-                shrink = lr * coeff
-            elif self.mode == "lr_ratio":
-                shrink = lr / group.setdefault("initial_lr", lr) * coeff
-            else:
-                shrink = coeff
+            mode = "lr" if self._weight_decay is None else self.mode
+            if mode == "lr_ratio":
+                group.setdefault("initial_lr", lr)
+            name = group.get("name", b.group_index)
+            shrink = decay_shrink(mode, lr, group.get("initial_lr"), coeff, self._steps[index], name)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
             kernels.decay_(b.with_grads()[0], factor)
@@ -271,3 +279,47 @@ class WeightDecay(RegularizerCallback):
         super().load_state_dict(state_dict)
         taken = state_dict.get("taken_over", [])
         self._taken_over = {(int(i), int(g)): (float(wd), bool(dec)) for i, g, wd, dec in taken}
+
+
+def check_constant_factor(weight_decay: Any, mode: str) -> None:
+    """Refuse a constant coefficient whose factor is not positive whatever the learning rate.
+
+    ``"constant"`` shrinks by ``wd`` at every step, ``"lr_ratio"`` by ``wd`` whenever the learning rate is
+    back at its initial value (the first step, without warm-up).
+    """
+    if isinstance(weight_decay, Constant) and mode in ("constant", "lr_ratio") and weight_decay.value >= 1.0:
+        raise ValueError(
+            f"`weight_decay`={weight_decay.value} with mode={mode!r} multiplies the weights by "
+            f"1 - {weight_decay.value} <= 0 ({'at every step' if mode == 'constant' else 'at the initial lr'}): "
+            "it must be < 1"
+        )
+
+
+def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, group: Any) -> Any:
+    """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
+
+    On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
+    optimizers accept one) is passed through unchecked, since comparing it would synchronize the host.
+
+    Raises:
+        ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.
+    """
+    if mode == "constant":
+        shrink = coeff
+    elif mode == "lr_ratio":
+        if isinstance(initial_lr, (int, float)) and initial_lr == 0:
+            raise ValueError(
+                f"WeightDecay(mode='lr_ratio') at step {step}: param group {group!r} has initial lr 0, so lr / "
+                "initial_lr is undefined. Use mode='lr' for a group that starts at lr 0."
+            )
+        shrink = lr / initial_lr * coeff
+    else:
+        shrink = lr * coeff
+    if not isinstance(shrink, Tensor) and shrink >= 1.0:
+        ratio = f", initial lr {initial_lr}" if mode == "lr_ratio" else ""
+        raise ValueError(
+            f"WeightDecay(mode={mode!r}) at step {step}: param group {group!r} with lr {lr}{ratio} and "
+            f"weight_decay {coeff} gives the factor 1 - {shrink} <= 0, which would flip or zero the weights. "
+            "Lower weight_decay (AdamW-style values are about 1e-4 to 0.1 with lr about 1e-3)."
+        )
+    return shrink

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["decay_param_groups"]
 
@@ -31,6 +31,10 @@ def decay_param_groups(
             [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
         **group_kwargs: Options for every group.
 
+    Raises:
+        TypeError: If ``rules`` is not a ``DecayRules`` or ``None``, or ``module`` not an ``nn.Module``.
+        ValueError: If ``weight_decay`` is negative or not finite.
+
     Examples:
         ```python
         import torch
@@ -41,4 +45,4 @@ def decay_param_groups(
         [g["name"] for g in opt.param_groups]  # ['decay', 'no_decay']
         ```
     """
-    return (rules or DecayRules()).classify(module).param_groups(weight_decay, overrides, **group_kwargs)
+    return as_rules(rules).classify(module).param_groups(weight_decay, overrides, **group_kwargs)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay.plan import DecayPlan
-from lightning_decay.rules import DecayRules
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayGroupsMixin"]
 
@@ -60,7 +60,9 @@ class DecayGroupsMixin:
 
     def decay_plan(self, rules: DecayRules | None = None) -> DecayPlan:
         """Classify this module's trainable parameters (``rules`` beats ``self.decay_rules``)."""
-        return (rules or self.decay_rules or DecayRules()).classify(self._as_module())
+        if rules is None:
+            rules = as_rules(self.decay_rules, f"{type(self).__name__}.decay_rules")
+        return as_rules(rules).classify(self._as_module())
 
     def decay_param_groups(
         self,

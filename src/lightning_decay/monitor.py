@@ -23,7 +23,8 @@ from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, Misconfigurat
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_param_name
-from lightning_decay.rules import DecayRules
+from lightning_decay.plan import few_names
+from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["WeightNormMonitor"]
 
@@ -47,7 +48,9 @@ class WeightNormMonitor(Callback):
       Parameters without a gradient that step (frozen, unused) are skipped;
     - ``update_ratio/{name}`` (``log_update_ratio=True``): ``||w_after - w_before||_2 / ||w_before||_2``
       over the optimizer step (about ``1e-3`` is the usual rule of thumb). The weights are snapshotted
-      (one foreach copy) only on logging steps, right before the step;
+      (one foreach copy) only on logging steps, right before the step. Where ``w_before`` is zero (a
+      LayerNorm bias at init, a weight pruned by proximal L1) the ratio is 0 if the tensor stays zero
+      and 1 if it moves (all of ``w_after`` is update), never ``inf`` or ``NaN``;
     - ``angular_update/{name}`` (``log_angular_update=True``): the angle in radians between ``w_before``
       and ``w_after``, ``arccos`` of their cosine similarity clamped to ``[-1, 1]``, computed in float64.
       For weights followed by a normalization layer the loss is scale invariant, so this angle *is* the
@@ -55,7 +58,8 @@ class WeightNormMonitor(Callback):
       ``sqrt(2 * lr * weight_decay)`` for plain SGD (Kosson et al., "Rotational equilibrium"). The cosine
       comes from ``||w_before||``, ``||w_after||`` and ``||Δw||`` (foreach norms that add up across
       shards, no per-tensor dot product); ``Δw`` is exact in the weights' dtype unless an entry changes
-      by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``;
+      by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``.
+      A zero vector has no direction: the angle is 0 when ``w_before`` or ``w_after`` is zero;
     - ``sparsity/{name}`` (``log_sparsity=True``): the fraction of entries exactly equal to zero;
     - TensorBoard histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through
       ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.
@@ -159,9 +163,7 @@ class WeightNormMonitor(Callback):
             raise ValueError("`blocks` and `granularity='module'` exclude each other: give one of them")
         self.granularity = granularity
         self.blocks = _compile_blocks(blocks)
-        if rules is not None and not isinstance(rules, DecayRules):
-            raise TypeError(f"`rules` must be a lightning_decay.DecayRules or None, got {type(rules).__name__}")
-        self.rules = rules if rules is not None else DecayRules()
+        self.rules = as_rules(rules)
         if logging_interval is not None and (
             isinstance(logging_interval, bool) or not isinstance(logging_interval, int) or logging_interval < 1
         ):
@@ -325,6 +327,19 @@ class WeightNormMonitor(Callback):
             plan = self.rules.classify(pl_module, include_frozen=True)
             device = trainer.strategy.root_device
             self._layout = build_layout(plan, trainer.optimizers, device, self._bucket_name, self.include_frozen)
+            self._warn_empty_blocks(plan, self._layout)
+
+    def _warn_empty_blocks(self, plan: Any, layout: Layout) -> None:
+        """Warn once per ``blocks`` entry whose regex matches no monitored parameter (it is never logged)."""
+        if self.blocks is None:
+            return
+        for block, pattern in self.blocks.items():
+            if block not in layout.bucket_names and ("blocks", block) not in self._warned:
+                self._warned.add(("blocks", block))
+                rank_zero_warn(
+                    f"WeightNormMonitor: `blocks[{block!r}]` ({pattern.pattern!r}) matches no monitored parameter, "
+                    f"so it is never logged; the parameter names are {few_names([d.name for d in plan])}"
+                )
 
     def _bucket_name(self, name: str, aliases: tuple[str, ...]) -> str | None:
         if self.blocks is not None:
@@ -444,10 +459,9 @@ class WeightNormMonitor(Callback):
                 K.combine_partials(values[k][usub.members], usub.buckets, size, 2) for k in ("a2", "b2", "d2")
             )
             if self.log_update_ratio:
-                emit(usub.metric_keys("update_ratio", sep), d2.sqrt() / a2.sqrt())
+                emit(usub.metric_keys("update_ratio", sep), K.update_ratios(a2, d2))
             if self.log_angular_update:
-                cos = (a2 + b2 - d2) / (2 * (a2 * b2).sqrt())
-                emit(usub.metric_keys("angular_update", sep), torch.arccos(cos.clamp(-1.0, 1.0)))
+                emit(usub.metric_keys("angular_update", sep), K.angular_updates(a2, b2, d2))
 
         if "zeros" in values:
             zeros = K.combine_partials(values["zeros"][wsub.members], wsub.buckets, len(wsub.names), 1)

@@ -32,6 +32,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 __all__ = [
     "TensorGroups",
     "all_reduce_partials",
+    "angular_updates",
     "clone_tensors",
     "combine_all_partials",
     "combine_partials",
@@ -46,6 +47,7 @@ __all__ = [
     "reduce_op",
     "sub_tensors",
     "sub_tensors_",
+    "update_ratios",
     "wide_dtype",
 ]
 
@@ -240,6 +242,28 @@ def masked_norms(norms: Tensor, mask: Tensor, norm_type: float, zero: Tensor | N
     if zero is None:
         zero = norms.new_zeros(())
     return torch.linalg.vector_norm(torch.where(mask, norms, zero), norm_type, dim=1)
+
+
+def update_ratios(before_sq: Tensor, delta_sq: Tensor) -> Tensor:
+    """``||Δw|| / ||w_before||`` from squared norms, defined where ``w_before`` is zero.
+
+    A zero tensor that stays zero moved by nothing: 0. A zero tensor that moves is all update,
+    ``||Δw|| / ||w_after|| = 1`` (then ``Δw = w_after``). Elementwise on the device, no host sync.
+    """
+    ratio = delta_sq.sqrt() / before_sq.sqrt()
+    return torch.where(before_sq > 0, ratio, (delta_sq > 0).to(ratio.dtype))
+
+
+def angular_updates(before_sq: Tensor, after_sq: Tensor, delta_sq: Tensor) -> Tensor:
+    """The angle in radians between ``w_before`` and ``w_after`` from squared norms (law of cosines).
+
+    With ``a = ||w_before||``, ``b = ||w_after||``, ``d = ||Δw||``: ``arccos((a² + b² - d²) / (2ab))``, the
+    cosine clamped to ``[-1, 1]``. A zero vector has no direction: the angle is 0 when either is zero.
+    """
+    denominator = 2 * (before_sq * after_sq).sqrt()
+    cos = (before_sq + after_sq - delta_sq) / denominator
+    angle = torch.arccos(cos.clamp(-1.0, 1.0))
+    return torch.where(denominator > 0, angle, torch.zeros_like(angle))
 
 
 def clone_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -20,8 +23,8 @@ from lightning_decay._regularizer import (
 )
 from lightning_decay.names import clean_param_name
 from lightning_decay.norms import is_dtensor, local_tensor
-from lightning_decay.plan import ParamDecision
-from lightning_decay.rules import DecayRules
+from lightning_decay.plan import DecayPlan, ParamDecision, closest_names, unknown_name_message
+from lightning_decay.rules import DecayRules, _patterns
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
 __all__ = ["WeightPenalty"]
@@ -55,9 +58,21 @@ class WeightPenalty(RegularizerCallback):
     instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights at fit start (the
     pretrained backbone when fine-tuning); a mapping of parameter names to tensors, or a module whose
     ``state_dict`` has the model's names, gives them explicitly. Parameters without a reference (a new
-    head) get ``l2_head / 2 * ||w||^2``. The reference costs one extra copy of each referenced
-    parameter on its device, in its dtype (a local shard under FSDP2), and is saved in checkpoints
-    (whole: under FSDP2 gathered to the host of every rank when saving, and sharded again on resume).
+    head) get ``l2_head / 2 * ||w||^2``. Say which parameters are new with ``head`` (glob patterns on
+    parameter names, as in [`DecayRules`][lightning_decay.DecayRules]): those never get a reference, even
+    with ``reference="initial"``, and always get ``l2_head`` toward zero; without a ``reference``, ``head``
+    gives them ``l2_head`` and the other parameters ``l2``. References are checked at fit start, before
+    any weight changes: tensors (not lists or arrays) of a floating dtype, finite, of the parameter's
+    shape; names the model does not have are reported with the closest ones. The reference costs one
+    extra copy of each referenced parameter on its device, in its dtype (a local shard under FSDP2), and
+    is saved in checkpoints (whole: under FSDP2 gathered to the host of every rank when saving, and
+    sharded again on resume).
+
+    Every argument is keyword-only: ``WeightPenalty(1e-4)`` would not say whether ``1e-4`` is L1 or L2.
+    A penalty whose coefficients are all 0, ``l2_head`` without ``reference`` or ``head`` (or with
+    ``reference="initial"`` and no ``head``, where every decayed parameter has a reference), and
+    ``l1_mode="proximal"`` with ``l1=0`` do nothing and warn; so does a ``head`` pattern that matches no
+    parameter (at fit start).
 
     Args:
         l1: L1 coefficient, a number, a [`schedules`][lightning_decay.schedules] schedule or
@@ -65,13 +80,20 @@ class WeightPenalty(RegularizerCallback):
         l2: L2 (or L2-SP) coefficient, same forms.
         l1_mode: ``"subgradient"`` or ``"proximal"``.
         reference: ``None``, ``"initial"``, a ``{name: tensor}`` mapping or an ``nn.Module`` (L2-SP).
-        l2_head: L2 coefficient toward zero for decayed parameters without a reference; default ``l2``.
+        l2_head: L2 coefficient toward zero for the new parameters: those matching ``head``, and with a
+            ``reference`` the decayed parameters without one. Default ``l2``.
+        head: Glob patterns (or one pattern) naming the new parameters, such as ``["head.*"]``.
         rules: Which parameters are regularized; default [`DecayRules`][lightning_decay.DecayRules].
         log_penalty: Log ``penalty/l1`` and ``penalty/l2`` (the current penalty values) on logging steps.
 
     Raises:
         ValueError: If a coefficient is negative or not finite (a schedule: at the step it returns one),
-            ``l1_mode`` is unknown, or ``reference`` is neither ``None``, ``"initial"``, a mapping nor a module.
+            ``l1_mode`` is unknown, or ``reference`` is a string other than ``"initial"``. At fit start, if a
+            reference tensor is not finite or has another shape than its parameter, or no reference name
+            is a regularized parameter of the model.
+        TypeError: If an argument has the wrong type (a string for ``rules``, ``"false"`` for
+            ``log_penalty``, a list or NumPy array as a reference tensor); at fit start, a reference
+            tensor of a non-floating dtype.
         MisconfigurationException: At fit start, if an optimizer's own ``weight_decay`` would decay the
             same parameters (double decay), or under DeepSpeed.
 
@@ -86,11 +108,13 @@ class WeightPenalty(RegularizerCallback):
 
     def __init__(
         self,
+        *,
         l1: ScheduleLike = 0.0,
         l2: ScheduleLike = 0.0,
         l1_mode: Literal["subgradient", "proximal"] = "subgradient",
         reference: Literal["initial"] | Mapping[str, Tensor] | nn.Module | None = None,
         l2_head: ScheduleLike | None = None,
+        head: Sequence[str] | str = (),
         rules: DecayRules | None = None,
         log_penalty: bool = True,
     ) -> None:
@@ -98,16 +122,16 @@ class WeightPenalty(RegularizerCallback):
         self._l1 = as_schedule(l1, "l1")
         self._l2 = as_schedule(l2, "l2")
         self._l2_head = self._l2 if l2_head is None else as_schedule(l2_head, "l2_head")
-        if l1_mode not in _L1_MODES:
+        if not isinstance(l1_mode, str) or l1_mode not in _L1_MODES:
             raise ValueError(f"`l1_mode` must be one of {_L1_MODES}, got {l1_mode!r}")
         self.l1_mode = l1_mode
-        if not (reference is None or reference == "initial" or isinstance(reference, (Mapping, nn.Module))):
-            raise ValueError(
-                "`reference` must be None, 'initial', a mapping of parameter names to tensors or an nn.Module, "
-                f"got {reference!r}"
-            )
-        self._reference = reference
+        self._reference = check_reference_argument(reference)
+        self.head = _patterns(head, "head")
+        if not isinstance(log_penalty, bool):
+            raise TypeError(f"`log_penalty` must be True or False, got {log_penalty!r}")
         self.log_penalty = log_penalty
+        self._warn_no_ops(l2_head)
+        self._head_checked = False
         # name -> reference for L2-SP, on the parameter's device. For a DTensor parameter a DTensor with its
         # layout around this rank's shard, so that ``state_dict`` can gather the full tensor; a full tensor
         # (from a checkpoint or the user) until the buckets cut this rank's shard out of it.
@@ -122,7 +146,34 @@ class WeightPenalty(RegularizerCallback):
             "mode": self.l1_mode,
             "reference": reference,
             "l2_head": repr(self._l2_head),
+            **({"head": list(self.head)} if self.head else {}),
         }
+
+    def _warn_no_ops(self, l2_head: ScheduleLike | None) -> None:
+        """Warn about arguments that can have no effect, naming them."""
+        if not any(self._uses(s) for s in (self._l1, self._l2, self._l2_head)):
+            rank_zero_warn("WeightPenalty: `l1`, `l2` and `l2_head` are all 0, so the callback does nothing")
+        if l2_head is not None and self._reference is None and not self.head:
+            rank_zero_warn(
+                "WeightPenalty: `l2_head` is ignored without `reference` or `head`: it applies to new parameters, "
+                "those matching `head` or, with a `reference`, those without one. Use `l2` alone, or name the new "
+                "parameters with `head=[...]`."
+            )
+        if l2_head is not None and self._reference == "initial" and not self.head:
+            rank_zero_warn(
+                "WeightPenalty: `l2_head` never applies with reference='initial' and no `head`: every decayed "
+                "parameter gets its fit-start weights as reference. Name the new parameters with `head=[...]` "
+                "(for instance head=['head.*']) to pull them toward zero with `l2_head`."
+            )
+        if self.l1_mode == "proximal" and not self._uses(self._l1):
+            rank_zero_warn("WeightPenalty: `l1_mode='proximal'` does nothing with `l1=0`")
+
+    def _is_head(self, decision: ParamDecision) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for p in self.head for n in (decision.name, *decision.aliases))
+
+    def _l2_of(self, tag: str) -> Any:
+        """The L2 schedule of a bucket: ``l2`` toward a reference or toward zero, ``l2_head`` for new parameters."""
+        return self._l2_head if tag == "head" else self._l2
 
     # ------------------------------------------------------------ base hooks
     def _uses(self, schedule: Any) -> bool:
@@ -132,7 +183,10 @@ class WeightPenalty(RegularizerCallback):
         return self._uses(self._l2) or self._uses(self._l2_head)
 
     def _bucket_tag(self, decision: ParamDecision) -> Any:
-        return "sp" if decision.name in self._refs else "zero"
+        if decision.name in self._refs:
+            return "sp"
+        # New parameters: named by `head`, or (L2-SP) decayed ones left without a reference.
+        return "head" if self._is_head(decision) or self._reference is not None else "zero"
 
     def _on_buckets_built(self, index: int, entry: OptimizerBuckets) -> None:
         for b in entry.buckets:
@@ -159,27 +213,43 @@ class WeightPenalty(RegularizerCallback):
         if not self._refs and self._reference is not None:
             self._refs = self._collect_references(pl_module)
         super().on_fit_start(trainer, pl_module)
+        if self.head and not self._head_checked and self._plan is not None:
+            self._head_checked = True
+            names = [n for d in self._plan for n in (d.name, *d.aliases)]
+            for pattern in self.head:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    rank_zero_warn(
+                        f"WeightPenalty: `head` pattern {pattern!r} matches no parameter; "
+                        + unknown_name_message(pattern, names, "a parameter name").split("; ", 1)[1]
+                    )
 
     def _collect_references(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         plan = self.rules.classify(pl_module, include_frozen=True)
         if self._reference == "initial":
             # A DTensor parameter's clone is a DTensor too: this rank's shard, with the layout to gather it.
-            return {d.name: d.param.detach().clone() for d in plan if d.decay}
+            return {d.name: d.param.detach().clone() for d in plan if d.decay and not self._is_head(d)}
         source = self._reference.state_dict() if isinstance(self._reference, nn.Module) else self._reference
         given = {clean_param_name(k): v for k, v in dict(source).items()}  # type: ignore[union-attr]
-        refs: dict[str, Tensor] = {}
+        # Every check before the first copy: a bad reference leaves the callback and the model untouched.
+        matched: list[tuple[ParamDecision, Tensor]] = []
         for d in plan:
             ref = next((given[n] for n in (d.name, *d.aliases) if n in given), None)
-            if ref is None or not d.decay:
+            if ref is None or not d.decay or self._is_head(d):
                 continue
-            if tuple(ref.shape) != tuple(d.param.shape):
-                raise ValueError(
-                    f"`reference[{d.name!r}]` has shape {tuple(ref.shape)}, the parameter {tuple(d.param.shape)}"
-                )
+            check_reference_tensor(f"reference[{d.name!r}]", ref, tuple(d.param.shape))
+            matched.append((d, ref))
+        if not matched:
+            regularized = [d.name for d in plan if d.decay and not self._is_head(d)]
+            first = next(iter(given), "")
+            raise ValueError(
+                "`reference` names none of the regularized parameters of the model: "
+                + unknown_name_message(first, regularized, "one of them")
+            )
+        report_unknown_reference_names(given, plan, pl_module)
+        refs: dict[str, Tensor] = {}
+        for d, ref in matched:
             self._ref_for(d.name, d.param, ref)
             refs[d.name] = self._refs[d.name]  # as stored: a sharded parameter's keeps its layout
-        if not refs:
-            raise ValueError("`reference` names none of the regularized parameters of the model")
         return refs
 
     def _ref_for(self, name: str, param: nn.Parameter, ref: Tensor | None = None) -> Tensor:
@@ -250,7 +320,7 @@ class WeightPenalty(RegularizerCallback):
         l1 = coefficient(self._l1, step, "l1") if self.l1_mode == "subgradient" else 0.0
         scale = self._grad_scale(optimizer)  # fused optimizers: the gradients are still scaled here
         for b in self._buckets(index):
-            c2 = l2 if b.tag == "sp" else l2_head
+            c2 = l2_head if b.tag == "head" else l2
             if not (c2 or l1):
                 continue
             weights, grads, idx = b.with_grads()
@@ -297,7 +367,7 @@ class WeightPenalty(RegularizerCallback):
             else:
                 parts, nm, cf = local_parts, names, coeffs
             if use_l2:
-                c2 = coefficient(self._l2 if b.tag == "sp" else self._l2_head, step, "l2")
+                c2 = coefficient(self._l2_of(b.tag), step, "l2_head" if b.tag == "head" else "l2")
                 parts += kernels.squared_distances(weights, b.refs, b.chunks)
                 nm += b.names
                 cf += [("penalty/l2", c2 / 2)] * len(weights)
@@ -314,3 +384,71 @@ class WeightPenalty(RegularizerCallback):
         for (key, c), v in zip(coeffs + sharded_coeffs, host, strict=True):
             out[key] += c * v
         return out
+
+
+# ------------------------------------------------------------------------------ reference checks
+def check_reference_argument(reference: Any) -> Any:
+    """The ``reference`` argument, checked for what can be checked without the model.
+
+    Raises:
+        ValueError: A string other than ``"initial"``.
+        TypeError: Anything but ``None``, ``"initial"``, a mapping of names to tensors or an ``nn.Module``;
+            a mapping with a key that is not a string or a value that is not a tensor.
+    """
+    if reference is None or isinstance(reference, nn.Module):
+        return reference
+    if isinstance(reference, str):
+        if reference != "initial":
+            raise ValueError(f"`reference` must be None, 'initial', a mapping or an nn.Module, got {reference!r}")
+        return reference
+    if not isinstance(reference, Mapping):
+        raise TypeError(
+            "`reference` must be None, 'initial', a mapping of parameter names to tensors or an nn.Module, "
+            f"got {type(reference).__name__}: {reference!r}"
+        )
+    for key, value in reference.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`reference` keys must be parameter names (str), got {key!r}")
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"`reference[{key!r}]` must be a torch.Tensor, got {type(value).__name__}; "
+                "convert it with torch.as_tensor(...)"
+            )
+    return reference
+
+
+def check_reference_tensor(argument: str, ref: Any, shape: tuple[int, ...]) -> None:
+    """Refuse a reference that is not a finite floating tensor of ``shape`` (one host sync, at fit start)."""
+    if not isinstance(ref, Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(ref).__name__}")
+    if not (ref.is_floating_point()):
+        raise TypeError(f"`{argument}` must have a floating dtype like its parameter, got {ref.dtype}")
+    if tuple(ref.shape) != shape:
+        raise ValueError(f"`{argument}` has shape {tuple(ref.shape)}, the parameter {shape}")
+    if not bool(torch.isfinite(ref).all()):
+        bad = int((~torch.isfinite(ref)).sum())
+        raise ValueError(f"`{argument}` has {bad} non-finite value(s) (NaN or inf): every weight would become NaN")
+
+
+def report_unknown_reference_names(given: Mapping[str, Any], plan: DecayPlan, module: nn.Module) -> None:
+    """Warn once about reference names the model has neither as a parameter nor as a buffer.
+
+    A pretrained ``state_dict`` often carries a classifier the new model replaced, so unknown names are
+    not an error; but a name that misses by a prefix or a typo silently leaves its parameter without a
+    reference, so the warning names the closest names of the model.
+    """
+    known = [n for d in plan for n in (d.name, *d.aliases)] + list(plan.frozen)
+    buffers = {clean_param_name(n) for n, _ in module.named_buffers()}
+    unknown = [k for k in given if k not in buffers and k not in set(known)]
+    if not unknown:
+        return
+    lines = []
+    for k in unknown[:5]:
+        close = closest_names(k, known)
+        lines.append(f"{k!r}" + (f" (closest: {', '.join(repr(c) for c in close)})" if close else ""))
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    rank_zero_warn(
+        f"WeightPenalty: {len(unknown)} `reference` name(s) are not parameters of the model and are ignored: "
+        + "; ".join(lines)
+        + more
+    )

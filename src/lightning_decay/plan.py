@@ -6,6 +6,7 @@ holds references to the parameters, never copies, and knows nothing about Lightn
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 import warnings
@@ -110,11 +111,18 @@ class DecayPlan:
         return len(self.decisions)
 
     def __getitem__(self, name: str) -> ParamDecision:
-        """The decision for a (cleaned) parameter name or any of its tied aliases."""
+        """The decision for a (cleaned) parameter name or any of its tied aliases.
+
+        Raises:
+            KeyError: If no parameter has that name; the message suggests the closest names.
+        """
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not a trainable parameter of this plan") from None
+            if name in self.frozen:
+                raise KeyError(f"{name!r} is frozen (requires_grad=False): the plan left it out") from None
+            message = unknown_name_message(name, list(self._by_name), "a trainable parameter of this plan")
+            raise KeyError(message) from None
 
     def __contains__(self, param: object) -> bool:
         return id(param) in self._by_id
@@ -129,7 +137,11 @@ class DecayPlan:
         return d is not None and d.decay
 
     def explain(self, name: str) -> str:
-        """One line saying which group ``name`` is in and the rule that put it there."""
+        """One line saying which group ``name`` is in and the rule that put it there.
+
+        Raises:
+            KeyError: If no parameter has that name; the message suggests the closest names.
+        """
         d = self[name]
         return f"{d.name}: {d.group} ({d.reason})"
 
@@ -186,11 +198,17 @@ class DecayPlan:
         Raises:
             ValueError: If ``weight_decay`` is negative or not finite, or an override sets ``params``
                 or ``name``.
+            TypeError: If ``weight_decay`` is not a number, or ``overrides`` not a mapping of mappings.
         """
         validate_weight_decay(weight_decay)
         reserved = {"params", "name"} & set(group_kwargs)
         if reserved:
             raise ValueError(f"param_groups may not take {sorted(reserved)} as group options: they are set per group")
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(
+                "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
+                f"or None, got {type(overrides).__name__}: {overrides!r}"
+            )
         overrides = dict(overrides or {})
         for pattern, options in overrides.items():
             if not isinstance(options, Mapping):
@@ -275,6 +293,28 @@ class DecayPlan:
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
+
+
+def closest_names(name: str, known: Sequence[str], n: int = 3) -> list[str]:
+    """The known names most like ``name``: first those that differ only by leading components (a prefix
+    such as ``net.`` added or missing), then the closest by ``difflib``."""
+    suffix_of = [k for k in known if k.endswith("." + name) or name.endswith("." + k)]
+    similar = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    return list(dict.fromkeys(suffix_of + similar))[:n]
+
+
+def unknown_name_message(name: str, known: Sequence[str], what: str) -> str:
+    """``'{name}' is not {what}``, with the closest known names, or a few of them when none is close."""
+    close = closest_names(name, known)
+    if close:
+        return f"{name!r} is not {what}; did you mean {', '.join(repr(c) for c in close)}?"
+    return f"{name!r} is not {what}; the names are {few_names(known)}"
+
+
+def few_names(names: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` names, quoted, and how many more."""
+    shown = ", ".join(repr(x) for x in list(names)[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _matches_any(pattern: str, d: ParamDecision) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 from lightning_decay.names import clean_param_name
 from lightning_decay.plan import DecayPlan, ParamDecision
 
-__all__ = ["DecayRules", "Predicate", "is_norm_module", "logical_shape"]
+__all__ = ["DecayRules", "Predicate", "as_rules", "is_norm_module", "logical_shape"]
 
 #: ``(name, param, module) -> True (decay) | False (no decay) | None (no opinion)``
 Predicate = Callable[[str, nn.Parameter, nn.Module], "bool | None"]
@@ -157,8 +157,8 @@ class DecayRules:
 
     def __init__(
         self,
-        exclude: Sequence[str] = (),
-        include: Sequence[str] = (),
+        exclude: Sequence[str] | str = (),
+        include: Sequence[str] | str = (),
         exclude_modules: Sequence[type[nn.Module]] = (),
         predicate: Predicate | None = None,
         decay_bias: bool = False,
@@ -174,12 +174,7 @@ class DecayRules:
             )
         self.exclude = _patterns(exclude, "exclude")
         self.include = _patterns(include, "include")
-        if isinstance(exclude_modules, type):
-            exclude_modules = (exclude_modules,)
-        for t in exclude_modules:
-            if not (isinstance(t, type) and issubclass(t, nn.Module)):
-                raise TypeError(f"`exclude_modules` must hold nn.Module subclasses, got {t!r}")
-        self.exclude_modules = tuple(exclude_modules)
+        self.exclude_modules = _module_types(exclude_modules, "exclude_modules")
         if predicate is not None and not callable(predicate):
             raise TypeError(f"`predicate` must be callable (name, param, module) -> bool | None, got {predicate!r}")
         self.predicate = predicate
@@ -216,11 +211,13 @@ class DecayRules:
 
         Raises:
             ValueError: If ``module`` has no trainable parameter, or the predicate raises.
-            TypeError: If ``module`` is not a ``torch.nn.Module``, or the predicate returns something other
-                than ``True``, ``False`` or ``None``.
+            TypeError: If ``module`` is not a ``torch.nn.Module``, ``include_frozen`` not a bool, or the
+                predicate returns something other than ``True``, ``False`` or ``None``.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(include_frozen, bool):
+            raise TypeError(f"`include_frozen` must be True or False, got {include_frozen!r}")
         owners = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
@@ -321,13 +318,51 @@ class DecayRules:
 
 
 def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
+    """Glob patterns as a tuple; one string is one pattern. Shared by the callbacks' pattern arguments."""
     if isinstance(value, str):
         value = (value,)
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise TypeError(
+            f"`{argument}` must be a list of glob pattern strings (or one string), "
+            f"got {type(value).__name__}: {value!r}"
+        )
     out = tuple(value)
     for p in out:
         if not isinstance(p, str) or not p:
             raise TypeError(f"`{argument}` must hold non-empty glob pattern strings, got {p!r}")
     return out
+
+
+def _module_types(value: Any, argument: str) -> tuple[type[nn.Module], ...]:
+    """A tuple of ``nn.Module`` subclasses; one class is accepted as a tuple of one."""
+    if isinstance(value, type):
+        value = (value,)
+    if isinstance(value, str) or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise TypeError(
+            f"`{argument}` must be a list of nn.Module subclasses (the classes, such as torch.nn.LayerNorm, "
+            f"not their names), got {type(value).__name__}: {value!r}"
+        )
+    out = tuple(value)
+    for t in out:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"`{argument}` must hold nn.Module subclasses (the classes, not their names), got {t!r}")
+    return out
+
+
+def as_rules(value: Any, argument: str = "rules") -> DecayRules:
+    """``value`` if it is a [`DecayRules`][lightning_decay.DecayRules], ``DecayRules()`` for ``None``.
+
+    Raises:
+        TypeError: For anything else (a string, a dict, a list of patterns), naming ``argument``.
+    """
+    if value is None:
+        return DecayRules()
+    if not isinstance(value, DecayRules):
+        raise TypeError(
+            f"`{argument}` must be a lightning_decay.DecayRules or None, got {type(value).__name__}: {value!r}. "
+            "Build one with DecayRules(exclude=[...], ...) (in YAML: class_path: lightning_decay.DecayRules)."
+        )
+    return value
 
 
 def _owners(module: nn.Module) -> dict[nn.Parameter, list[tuple[str, nn.Module]]]:

@@ -8,6 +8,7 @@ the count in checkpoints, so a resumed run continues the schedule where it stopp
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 __all__ = [
@@ -34,10 +35,15 @@ ScheduleLike = float | int | Schedule | Callable[[int], float]
 
 
 class Constant(Schedule):
-    """The same value at every step."""
+    """The same value at every step.
+
+    Raises:
+        TypeError: If ``value`` is not a number.
+        ValueError: If ``value`` is negative or not finite.
+    """
 
     def __init__(self, value: float) -> None:
-        self.value = float(value)
+        self.value = check_coefficient(value, "value")
 
     def __call__(self, step: int) -> float:
         return self.value
@@ -47,11 +53,17 @@ class Constant(Schedule):
 
 
 class Linear(Schedule):
-    """From ``start`` to ``end`` linearly over ``steps`` steps, then ``end``."""
+    """From ``start`` to ``end`` linearly over ``steps`` steps, then ``end``.
+
+    Raises:
+        TypeError: If ``start`` or ``end`` is not a number, or ``steps`` not an int.
+        ValueError: If ``start`` or ``end`` is negative or not finite, or ``steps < 1``.
+    """
 
     def __init__(self, start: float, end: float, steps: int) -> None:
-        _positive_steps(steps, "steps")
-        self.start, self.end, self.steps = float(start), float(end), int(steps)
+        # Both ends >= 0 keep every value in between >= 0: nothing can go negative at a later step.
+        self.start, self.end = check_coefficient(start, "start"), check_coefficient(end, "end")
+        self.steps = _positive_steps(steps, "steps")
 
     def __call__(self, step: int) -> float:
         t = min(step / self.steps, 1.0)
@@ -62,11 +74,17 @@ class Linear(Schedule):
 
 
 class Cosine(Schedule):
-    """From ``start`` to ``end`` along a half cosine over ``steps`` steps, then ``end``."""
+    """From ``start`` to ``end`` along a half cosine over ``steps`` steps, then ``end``.
+
+    Raises:
+        TypeError: If ``start`` or ``end`` is not a number, or ``steps`` not an int.
+        ValueError: If ``start`` or ``end`` is negative or not finite, or ``steps < 1``.
+    """
 
     def __init__(self, start: float, end: float, steps: int) -> None:
-        _positive_steps(steps, "steps")
-        self.start, self.end, self.steps = float(start), float(end), int(steps)
+        # Both ends >= 0 keep every value in between >= 0: nothing can go negative at a later step.
+        self.start, self.end = check_coefficient(start, "start"), check_coefficient(end, "end")
+        self.steps = _positive_steps(steps, "steps")
 
     def __call__(self, step: int) -> float:
         t = min(step / self.steps, 1.0)
@@ -80,12 +98,15 @@ class Warmup(Schedule):
     """Linear ramp from 0 over ``warmup_steps``, then ``after`` (a value or another schedule).
 
     The schedule ``after`` sees the step count since the end of the warm-up.
+
+    Raises:
+        TypeError: If ``after`` is not a number, schedule or callable, or ``warmup_steps`` not an int.
+        ValueError: If ``after`` is a negative or non-finite number, or ``warmup_steps < 1``.
     """
 
     def __init__(self, after: ScheduleLike, warmup_steps: int) -> None:
-        _positive_steps(warmup_steps, "warmup_steps")
+        self.warmup_steps = _positive_steps(warmup_steps, "warmup_steps")
         self.after = as_schedule(after, "after")
-        self.warmup_steps = int(warmup_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -101,7 +122,10 @@ class _Callable(Schedule):
         self.fn = fn
 
     def __call__(self, step: int) -> float:
-        return float(self.fn(step))
+        value = self.fn(step)
+        # Numbers of any kind (NumPy, a 0-dim tensor) become Python floats; a string or a bool is handed
+        # on as it is, for the callbacks' check to refuse naming the argument and the step.
+        return value if isinstance(value, (str, bool)) or not hasattr(value, "__float__") else float(value)
 
     def __repr__(self) -> str:
         return f"{getattr(self.fn, '__name__', type(self.fn).__name__)}(step)"
@@ -109,10 +133,10 @@ class _Callable(Schedule):
 
 def check_coefficient(value: float, argument: str, step: int | None = None) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` naming ``argument`` if negative or not finite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__}: {value!r}")
+    where = "" if step is None else f" (the schedule returned it at step {step})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NumPy scalars are Real too
+        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__}: {value!r}{where}")
     if not math.isfinite(value) or value < 0:
-        where = "" if step is None else f" (the schedule returned it at step {step})"
         raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}{where}")
     return float(value)
 
@@ -128,13 +152,16 @@ def as_schedule(value: ScheduleLike, argument: str) -> Schedule:
     """
     if isinstance(value, Schedule):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return Constant(check_coefficient(value, argument))
     if callable(value):
         return _Callable(value)
     raise TypeError(f"`{argument}` must be a number >= 0, a Schedule or a callable step -> float, got {value!r}")
 
 
-def _positive_steps(steps: int, argument: str) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"`{argument}` must be a positive integer, got {steps!r}")
+def _positive_steps(steps: int, argument: str) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"`{argument}` must be a positive int, got {type(steps).__name__}: {steps!r}")
+    if steps <= 0:
+        raise ValueError(f"`{argument}` must be a positive int, got {steps!r}")
+    return int(steps)
