@@ -233,6 +233,7 @@ def make_runner(
     for cb in callbacks:
         cb.setup(trainer, module, "fit")
         cb.on_fit_start(trainer, module)
+        cb.on_train_start(trainer, module)  # where the regularizers bind to the (restored) optimizers
     return Runner(module, optimizer, list(callbacks), trainer, batch, naive)
 
 
@@ -516,7 +517,8 @@ class HookTimer(Callback):
             setattr(kernels, name, fn)
         self._kernels.clear()
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the regularizers (earlier in the callback list) registered their step hooks there.
         for opt in trainer.optimizers:
             for hooks in (opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks):
                 for key, fn in list(hooks.items()):
@@ -750,9 +752,9 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
 
 1. *Step time*: forward, backward and `optimizer.step()` ({steps} steps per sample), every optimizer with
    `foreach=True` over the `decay`/`no_decay` groups of `decay_param_groups`. The callbacks run through
-   their real code: built with a real `Trainer` object (not fitted), their `setup` and `on_fit_start`
-   hooks called, then per step `on_before_optimizer_step`, `optimizer.step()` (which runs the step
-   hooks they registered) and `on_train_batch_end` (not a logging step) -- the calls Lightning makes,
+   their real code: built with a real `Trainer` object (not fitted), their `setup`, `on_fit_start` and
+   `on_train_start` hooks called, then per step `on_before_optimizer_step`, `optimizer.step()` (which
+   runs the step hooks they registered) and `on_train_batch_end` (not a logging step) -- the calls Lightning makes,
    without the fit loop's own overhead in the ratio. Baselines: the optimizer's own `weight_decay` with
    the same semantics (AdamW for `WeightDecay`, coupled `Adam`/`SGD(weight_decay)` for
    `WeightPenalty(l2)`) and the naive loop `for p in model.parameters(): reg = reg + torch.norm(p, 2)`

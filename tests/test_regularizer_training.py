@@ -293,27 +293,29 @@ class GAN(pl.LightningModule):
         return [self.make_opt(self.gen), self.make_opt(self.disc)]
 
 
-@pytest.mark.parametrize(
-    ("callback", "plain", "reference"),
-    [
-        (
-            lambda: WeightDecay(0.2),
-            lambda mod: torch.optim.Adam(mod.parameters(), lr=0.01, foreach=False),
-            lambda mod: torch.optim.AdamW(decay_param_groups(mod, weight_decay=0.2), lr=0.01, foreach=False),
-        ),
-        (
-            lambda: WeightPenalty(l2=0.2),
-            lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1, momentum=0.9, foreach=False),
-            lambda mod: torch.optim.SGD(decay_param_groups(mod, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
-        ),
-        (  # the closure Lightning hands `step` in manual optimization gets the L2 term, as SGD would
-            lambda: WeightDecay(),
-            lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2, foreach=False),
-            lambda mod: torch.optim.SGD(decay_param_groups(mod, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
-        ),
-    ],
-    ids=["decay", "penalty", "take-over-coupled"],
-)
+# (callback, optimizer alone, the optimizer's own decay on the decay / no-decay groups): bitwise equal runs.
+# Take-over: the closure Lightning hands `step` in manual optimization gets the L2 term, as SGD would.
+EQUIVALENCES = [
+    (
+        lambda: WeightDecay(0.2),
+        lambda mod: torch.optim.Adam(mod.parameters(), lr=0.01, foreach=False),
+        lambda mod: torch.optim.AdamW(decay_param_groups(mod, weight_decay=0.2), lr=0.01, foreach=False),
+    ),
+    (
+        lambda: WeightPenalty(l2=0.2),
+        lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1, momentum=0.9, foreach=False),
+        lambda mod: torch.optim.SGD(decay_param_groups(mod, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
+    ),
+    (
+        lambda: WeightDecay(),
+        lambda mod: torch.optim.SGD(mod.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2, foreach=False),
+        lambda mod: torch.optim.SGD(decay_param_groups(mod, weight_decay=0.2), lr=0.1, momentum=0.9, foreach=False),
+    ),
+]
+EQUIVALENCE_IDS = ["decay", "penalty", "take-over-coupled"]
+
+
+@pytest.mark.parametrize(("callback", "plain", "reference"), EQUIVALENCES, ids=EQUIVALENCE_IDS)
 def test_manual_optimization_two_optimizers_each_param_regularized_once(
     callback: Any, plain: Any, reference: Any
 ) -> None:

@@ -93,9 +93,10 @@ class MixinClassifier(DecayGroupsMixin, Classifier):
 
 
 class PrintGroups(Callback):
-    """Print the optimizer's param groups once at fit start, to see what was built."""
+    """Print the optimizer's param groups once training starts, to see what was built (after a resumed
+    optimizer was restored and ``WeightDecay()`` took its decay over)."""
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for opt in trainer.optimizers:
             for g in opt.param_groups:
                 print(

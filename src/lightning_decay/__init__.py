@@ -2,6 +2,7 @@
 
 from lightning_decay.cli import DecayLightningCLI
 from lightning_decay.decay import WeightDecay
+from lightning_decay.finetuning import unfreeze_and_add_decay_groups
 from lightning_decay.groups import decay_param_groups
 from lightning_decay.mixin import DecayGroupsMixin
 from lightning_decay.monitor import WeightNormMonitor
@@ -21,6 +22,7 @@ __all__ = [
     "WeightPenalty",
     "clean_param_name",
     "decay_param_groups",
+    "unfreeze_and_add_decay_groups",
 ]
 
 __version__ = "0.1.0"

@@ -8,14 +8,15 @@ only Python work is gathering ``.grad`` of each bucket, as torch's optimizers do
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -25,7 +26,10 @@ from lightning_decay._compat import Callback, MisconfigurationException, is_deep
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules, as_rules
-from lightning_decay.schedules import check_coefficient
+from lightning_decay.schedules import Constant, check_coefficient
+
+#: What a resumed run does when the checkpoint has no state for a callback that needs one.
+_MISSING_STATE = ("raise", "restart")
 
 
 @dataclass
@@ -95,17 +99,38 @@ class OptimizerBuckets:
 
 
 class RegularizerCallback(Callback):
-    """Base of the regularization callbacks: buckets, hooks, refusals, double-decay checks, resume."""
+    """Base of the regularization callbacks: buckets, hooks, refusals, double-decay checks, resume.
 
-    def __init__(self, rules: DecayRules | None) -> None:
+    The work lives in methods that need no ``Trainer`` -- ``bind`` (to a module, its optimizers and a
+    GradScaler), ``follow`` (optimizers replaced), ``before_step`` (the per-step work before the update),
+    ``unbind`` and ``reset`` -- so that the same code runs under a Trainer and attached to a plain
+    optimizer; the Trainer hooks are thin glue around them.
+
+    Lifecycle under a Trainer: ``setup`` starts every fit from a clean state; a resumed fit loads the
+    saved state (``load_state_dict``); ``on_train_start``, after Lightning restored the optimizers
+    (param groups and their ``weight_decay`` included), binds to the optimizers as the first step will
+    find them, so the take-over and the double-decay checks see the restored ones.
+    """
+
+    def __init__(self, rules: DecayRules | None, name: str | None = None, missing_state: str = "raise") -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
+        if missing_state not in _MISSING_STATE:
+            raise ValueError(f"`missing_state` must be one of {_MISSING_STATE}, got {missing_state!r}")
         self.rules = as_rules(rules)
+        self.name = name
+        self.missing_state = missing_state
         self._plan: DecayPlan | None = None
         self._per_optimizer: list[OptimizerBuckets] = []
         self._steps: list[int] = []
         self._scaler: Any = None
-        self._pl_module: nn.Module | None = None
+        self._module: nn.Module | None = None
+        self._step_hooks = False
         self._warned_nonfinite: set[str] = set()
         self._state_key: str | None = None
+        self._loaded = False  # a saved state was loaded for the current run
+        self._orphans: list[str] = []  # a resumed checkpoint's entries of this class that no callback claims
+        self._resumed = False  # the current fit resumed from a checkpoint (messages only)
 
     # ------------------------------------------------------------- subclass API
     def _regularizes(self, decision: ParamDecision) -> bool:
@@ -125,19 +150,206 @@ class RegularizerCallback(Callback):
     def _register_optimizer_hooks(self, index: int, optimizer: Optimizer) -> list[RemovableHandle]:
         return []
 
-    def _state_key_fields(self) -> dict[str, Any]:
-        """What tells two instances apart in a checkpoint (with ``rules``, added here)."""
-        return {}
+    def _before_step(self, index: int, optimizer: Optimizer) -> None:
+        """The per-step work on optimizer ``index`` after its gradients are final, before its update."""
 
+    def _prepare(self, plan: DecayPlan) -> None:
+        """At ``bind``, before the buckets are built: per-run state that depends on the model (references)."""
+
+    def _reset_state(self) -> None:
+        """Forget the subclass's per-run state (a new run starts clean)."""
+
+    def _forget_optimizer(self, index: int) -> None:
+        """Optimizer ``index`` was replaced: drop what was learnt from the old one (taken-over decay)."""
+
+    def _saved_state_needed(self) -> list[str]:
+        """What this callback would lose if a resumed run found no saved state for it (empty: nothing)."""
+        return []
+
+    def _missing_from_loaded_state(self) -> list[str]:
+        """What a loaded state lacks that this callback needs (an entry written under another configuration)."""
+        return []
+
+    @staticmethod
+    def _step_dependent(schedule: Any) -> bool:
+        return not isinstance(schedule, Constant)
+
+    # ---------------------------------------------------------------- state key
     @property
     def state_key(self) -> str:
-        # Computed once: Lightning asks for it in every hook call, and two instances that differ only
-        # in `rules` (or a reference) must not share a key.
+        """The key of this callback's entry in a checkpoint.
+
+        Made of what identifies the callback, never of coefficients a resumed run may tune: the class,
+        then ``name`` if given, else ``rules`` when they are not the default ones (so that two instances
+        of one class with different rules coexist). Two instances of one class with the same key are
+        refused by the Trainer: give them distinct ``name``\\ s.
+        """
         if self._state_key is None:
-            self._state_key = self._generate_state_key(**self._state_key_fields(), rules=repr(self.rules))
+            qualname = type(self).__qualname__
+            if self.name is not None:
+                self._state_key = self._generate_state_key(name=self.name)
+            elif repr(self.rules) != repr(DecayRules()):
+                self._state_key = self._generate_state_key(rules=repr(self.rules))
+            else:
+                self._state_key = qualname
         return self._state_key
 
-    # -------------------------------------------------------------- lifecycle
+    # ---------------------------------------------------- binding (no Trainer)
+    def bind(
+        self,
+        module: nn.Module,
+        optimizers: Sequence[Optimizer],
+        scaler: Any = None,
+        *,
+        step_hooks: bool = False,
+    ) -> None:
+        """Attach to ``module`` and its ``optimizers``: classify, bucket, check, register step hooks.
+
+        Binding again replaces the previous binding; the state (step counts, references, taken-over
+        decay) is kept: ``reset`` forgets it, ``load_state_dict`` restores it.
+
+        Args:
+            module: The model whose parameters the optimizers step (names as the rules see them).
+            optimizers: The optimizers, in a stable order (step counts are kept per position).
+            scaler: The ``torch.amp.GradScaler`` stepping them, or ``None``.
+            step_hooks: Also run the per-step work (``before_step``) from a step pre-hook of each
+                optimizer, after its closure if it is given one: for loops without Lightning's
+                ``on_before_optimizer_step`` (Fabric, plain PyTorch). Under a Trainer, ``False``.
+
+        Raises:
+            MisconfigurationException: On double decay (an optimizer's own ``weight_decay`` on parameters
+                this callback also decays).
+            ValueError: If the state holds step counts for another number of optimizers, or references
+                of other shapes than the parameters.
+        """
+        self.unbind()
+        self._module = module
+        self._scaler = scaler
+        self._step_hooks = step_hooks
+        self._plan = self.rules.classify(module, include_frozen=True)
+        self._prepare(self._plan)
+        if not self._steps:
+            self._steps = [0] * len(optimizers)
+        elif len(self._steps) != len(optimizers):
+            raise ValueError(
+                f"{type(self).__name__}: the state field 'steps' has {len(self._steps)} step count(s) "
+                f"({self._steps}), the run has {len(optimizers)} optimizer(s). A checkpoint of another "
+                "configuration? Resume with the optimizers it was written with."
+            )
+        self._per_optimizer = [OptimizerBuckets(opt) for opt in optimizers]
+        for i, entry in enumerate(self._per_optimizer):
+            self._attach(i, entry)
+
+    def _attach(self, index: int, entry: OptimizerBuckets) -> None:
+        self._rebuild(index, entry)
+        entry.handles = [entry.optimizer.register_step_pre_hook(self._step_pre_hook)] if self._step_hooks else []
+        entry.handles += self._register_optimizer_hooks(index, entry.optimizer)
+
+    def unbind(self) -> None:
+        """Remove the step hooks and forget the optimizers (the state is kept)."""
+        for entry in self._per_optimizer:
+            for handle in entry.handles:
+                handle.remove()
+        self._per_optimizer = []
+
+    def reset(self) -> None:
+        """Forget the state of a previous run (step counts, references, taken-over decay): a new run."""
+        self._steps = []
+        self._warned_nonfinite = set()
+        self._loaded = False
+        self._orphans = []
+        self._reset_state()
+
+    def follow(self, optimizers: Sequence[Optimizer]) -> bool:
+        """Re-bind to ``optimizers`` where they are not the bound ones; ``True`` if anything changed.
+
+        An identity check per optimizer, cheap enough for every step. A replaced optimizer (Lightning's
+        ``trainer.strategy.setup_optimizers(trainer)``) gets fresh buckets and hooks, and its own
+        ``weight_decay`` is checked (or taken over) again; step counts stay with the position.
+        """
+        bound = self._per_optimizer
+        if len(bound) == len(optimizers) and all(e.optimizer is o for e, o in zip(bound, optimizers, strict=True)):
+            return False
+        entries: list[OptimizerBuckets] = []
+        for i, opt in enumerate(optimizers):
+            if i < len(bound) and bound[i].optimizer is opt:
+                entries.append(bound[i])
+            else:  # new, or moved (its hooks know its old position): bound afresh
+                self._forget_optimizer(i)
+                entries.append(OptimizerBuckets(opt))
+        for i in range(len(optimizers), len(bound)):  # fewer optimizers than before
+            self._forget_optimizer(i)
+        for e in bound:
+            if all(e is not kept for kept in entries):
+                for handle in e.handles:
+                    handle.remove()
+        self._steps = (self._steps + [0] * len(optimizers))[: len(optimizers)]
+        self._per_optimizer = entries
+        for i, entry in enumerate(entries):
+            if all(entry is not e for e in bound):
+                self._attach(i, entry)
+        rank_zero_info(f"{type(self).__name__}: the optimizers changed; now regularizing through the new ones")
+        return True
+
+    def before_step(self, optimizer: Optimizer) -> None:
+        """The per-step work for ``optimizer``, once its gradients are final and before it updates the weights.
+
+        Under a Trainer, called from ``on_before_optimizer_step``; with ``bind(..., step_hooks=True)``,
+        from the optimizer's step pre-hook. An optimizer that is not bound is ignored.
+        """
+        index = self._index_of(optimizer)
+        if index is not None:
+            self._before_step(index, optimizer)
+
+    def _step_pre_hook(self, opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # `args` starts with the optimizer itself: `step(self, closure=None)`.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.before_step(opt)
+            return None
+
+        def closure_then_work() -> Any:  # the gradients exist once the closure returns
+            loss = closure()
+            self.before_step(opt)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_work}
+        return (args[0], closure_then_work, *args[2:]), kwargs
+
+    # ------------------------------------------------ Fabric and plain PyTorch
+    def attach(self, model: nn.Module, optimizers: Any, scaler: Any = None) -> Any:
+        """Regularize ``model`` through ``optimizers`` without a Trainer (Fabric, plain PyTorch); a new run.
+
+        The same per-step code as under a Trainer, run from the optimizers' step hooks: see
+        [`attach`][lightning_decay.attach.attach], which this calls.
+
+        Args:
+            model: The model (a Fabric-wrapped one is unwrapped).
+            optimizers: One optimizer or a sequence of them (Fabric-wrapped ones are unwrapped).
+            scaler: The ``torch.amp.GradScaler`` stepping them, if any (found by itself under Fabric).
+
+        Returns:
+            An [`Attachment`][lightning_decay.attach.Attachment]: ``remove()``, ``state_dict()``,
+            ``load_state_dict()``.
+        """
+        from lightning_decay.attach import attach
+
+        return attach(self, model, optimizers, scaler)
+
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
+        hook has this name). A regularizer that is not attached would silently do nothing there: refused."""
+        if not (self._step_hooks and self._per_optimizer):
+            name = type(self).__name__
+            raise MisconfigurationException(
+                f"{name} was given to Fabric(callbacks=...), which calls only the hooks your loop names: as a "
+                f"Fabric callback it regularizes nothing. Attach it to the model and optimizer instead, after "
+                f"`fabric.setup`: `{name.lower()} = {name}(...); {name.lower()}.attach(model, optimizer)` (see the "
+                "'Fabric and plain PyTorch' docs page)."
+            )
+
+    # ----------------------------------------------------------- Trainer glue
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
         if is_deepspeed(trainer.strategy):
@@ -147,19 +359,97 @@ class RegularizerCallback(Callback):
                 "with the decay / no-decay groups of `DecayGroupsMixin` or `decay_param_groups`, which DeepSpeed "
                 "honors."
             )
+        if stage == "fit":
+            # A new fit starts clean (a callback reused across Trainers carries nothing over); a resumed
+            # one gets its saved state from `load_state_dict`, which Lightning calls after `setup`.
+            self.unbind()
+            self.reset()
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pl_module = pl_module
-        self._plan = self.rules.classify(pl_module, include_frozen=True)
-        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
-        optimizers = list(trainer.optimizers)
-        if len(self._steps) != len(optimizers):
-            self._steps = [self._steps[0] if self._steps else 0] * len(optimizers)
-        self._per_optimizer = [OptimizerBuckets(opt) for opt in optimizers]
-        for i, entry in enumerate(self._per_optimizer):
-            self._rebuild(i, entry)
-            entry.handles = self._register_optimizer_hooks(i, entry.optimizer)
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this callback's entry when its key changed (written under another ``rules`` or by a version
+        whose keys held the coefficients): adopted if it is the only unclaimed entry of this class."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        live = [cb for cb in trainer.callbacks if type(cb) is type(self)]  # type: ignore[attr-defined]
+        claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        qualname = type(self).__qualname__
+        orphans = [
+            k
+            for k in states
+            if isinstance(k, str) and (k == qualname or k.startswith(qualname + "{")) and k not in claimed
+        ]
+        missing = [cb for cb in live if cb.state_key not in states]
+        if len(orphans) == 1 and len(missing) == 1:
+            rank_zero_info(
+                f"{type(self).__name__}: the checkpoint's entry {orphans[0]!r} is taken as this callback's "
+                f"(key {self.state_key!r}): the only one of its class"
+            )
+            self.load_state_dict(copy.deepcopy(states[orphans[0]]))
+        else:
+            self._orphans = orphans
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in `on_fit_start`: Lightning restores the optimizers' state (param groups and their
+        # `weight_decay`) after `on_fit_start`, and the checks must see what the first step will use.
+        self._resumed = bool(trainer.ckpt_path)
+        if self._resumed:
+            self._refuse_missing_state(trainer)
+        self.bind(pl_module, trainer.optimizers, getattr(trainer.precision_plugin, "scaler", None))
+        if self._loaded:
+            too_many = [s for s in self._steps if s > trainer.global_step]
+            if too_many:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint's state field 'steps' ({self._steps}) counts more "
+                    f"optimizer steps than the checkpoint's global_step ({trainer.global_step}): the entry belongs "
+                    "to another run. Resume from that run's checkpoint, or start a new fit."
+                )
         self._check_other_callbacks(trainer)
+
+    def _refuse_missing_state(self, trainer: pl.Trainer) -> None:
+        needed = self._missing_from_loaded_state() if self._loaded else self._saved_state_needed()
+        if not needed:
+            return
+        what = " and ".join(needed)
+        where = (
+            f"its saved state (key {self.state_key!r}) lacks {what}"
+            if self._loaded
+            else (f"the checkpoint has no saved state for it (key {self.state_key!r}), which would hold {what}")
+        )
+        if self.missing_state == "restart":
+            rank_zero_warn(f"{type(self).__name__}: {where}; starting afresh as asked (missing_state='restart')")
+            return
+        orphans = self._orphans
+        found = f" It has entries {orphans} of this class, none of them unambiguously this one's." if orphans else ""
+        raise MisconfigurationException(
+            f"{type(self).__name__} resumes from {trainer.ckpt_path}, but {where}.{found} Resume from a checkpoint "
+            "written with this callback (give each instance of a class a fixed `name=` so its key stays the same), "
+            f"or pass `missing_state='restart'` to start {what} afresh from here."
+        )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._per_optimizer:
+            self.follow(trainer.optimizers)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # After the closure (backward, unscale) and before clipping and the update. Not a step pre-hook:
+        # without AMP, Lightning runs the closure inside `optimizer.step`, after the pre-hooks.
+        index = self._index_of(optimizer)
+        if index is None and self._per_optimizer and self.follow(trainer.optimizers):
+            index = self._index_of(optimizer)
+            if index is not None:
+                self._attached_late(index, optimizer)
+        if index is not None:
+            self._before_step(index, optimizer)
+
+    def _attached_late(self, index: int, optimizer: Optimizer) -> None:
+        """Optimizer ``index`` was bound inside its own step (replaced within ``training_step``)."""
 
     def _regularized_ids(self) -> set[int]:
         return {id(p) for entry in self._per_optimizer for b in entry.buckets for p in b.params}
@@ -178,16 +468,36 @@ class RegularizerCallback(Callback):
                 )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for entry in self._per_optimizer:
-            for handle in entry.handles:
-                handle.remove()
-        self._per_optimizer = []
+        if stage == "fit":
+            self.unbind()
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self._steps)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._steps = list(state_dict.get("steps", []))
+        """Restore a saved state, validated field by field (a bad one fails here, not in a kernel)."""
+        self._load_state(self._validated(state_dict))
+        self._loaded = True
+        if self._per_optimizer and self._module is not None:  # loaded after `bind`: bind again with it
+            optimizers = [e.optimizer for e in self._per_optimizer]
+            self.bind(self._module, optimizers, self._scaler, step_hooks=self._step_hooks)
+
+    def _validated(self, state_dict: Any) -> dict[str, Any]:
+        """Check the fields of a saved state; subclasses extend. Returns the state to load."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{type(self).__name__}: a saved state must be a mapping, got {type(state_dict).__name__}")
+        steps = state_dict.get("steps")
+        if not isinstance(steps, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: the state field 'steps' must be a list of integers >= 0 (one step count "
+                f"per optimizer), got {steps!r}"
+            )
+        return dict(state_dict)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._steps = list(state["steps"])
 
     # --------------------------------------------------------------- buckets
     def _index_of(self, optimizer: Optimizer) -> int | None:
@@ -207,9 +517,9 @@ class RegularizerCallback(Callback):
         plan = self._plan
         optimizer = entry.optimizer
         unknown = any(plan.decision_for(p) is None for g in optimizer.param_groups for p in g["params"])
-        if unknown and self._pl_module is not None:
+        if unknown and self._module is not None:
             # Parameters created after fit start (rare): classify again, the plan is cheap.
-            plan = self._plan = self.rules.classify(self._pl_module, include_frozen=True)
+            plan = self._plan = self.rules.classify(self._module, include_frozen=True)
         buckets: list[Bucket] = []
         for gi, group in enumerate(optimizer.param_groups):
             keyed: dict[tuple[Any, ...], list[ParamDecision]] = {}
@@ -240,7 +550,7 @@ class RegularizerCallback(Callback):
                     f"parameters that {type(self).__name__} also regularizes ({_few(bucket.names)}). Set "
                     "weight_decay=0 in the optimizer for those parameters (the 'no_decay'/'decay' groups of "
                     "decay_param_groups help), or let WeightDecay(weight_decay=None) take the optimizer's "
-                    "weight_decay over."
+                    "weight_decay over." + (_RESTORED_HINT if self._resumed else "")
                 )
 
     def _all_buckets(self) -> Iterator[tuple[int, Bucket]]:
@@ -305,6 +615,13 @@ class RegularizerCallback(Callback):
             if not math.isfinite(v) and name not in self._warned_nonfinite:
                 self._warned_nonfinite.add(name)
                 rank_zero_warn(f"{type(self).__name__}: parameter {name!r} has non-finite values ({v})")
+
+
+_RESTORED_HINT = (
+    " This run resumes from a checkpoint, and Lightning restored the optimizer's param groups (their "
+    "weight_decay included) from it: the run that wrote it decayed in the optimizer. To go on with the same "
+    "decay, resume with WeightDecay(weight_decay=None), which takes it over (on the decayed parameters only)."
+)
 
 
 def should_log(trainer: pl.Trainer) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -72,15 +73,23 @@ class WeightDecay(RegularizerCallback):
             over each optimizer group's ``weight_decay``.
         mode: ``"lr"``, ``"lr_ratio"`` or ``"constant"`` (ignored when taking over).
         rules: Which parameters are decayed; default [`DecayRules`][lightning_decay.DecayRules].
+        name: The callback's key in checkpoints (``WeightDecay{'name': ...}``); needed only to keep two
+            instances with the same ``rules`` apart, or a key fixed across changes of ``rules``.
+        missing_state: What a resumed fit does when the checkpoint has no state for this callback and the
+            state matters (a ``weight_decay`` schedule's step count): ``"raise"`` (default) or
+            ``"restart"`` (the schedule starts again from step 0).
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
-            ``mode`` is unknown, or the decay factor ``1 - shrink`` is not positive (at once for a constant
-            ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step).
+            ``mode`` or ``missing_state`` is unknown, the decay factor ``1 - shrink`` is not positive (at once
+            for a constant ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step),
+            or a loaded state is malformed (naming the field).
         TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, or ``rules`` not a
             ``DecayRules``.
-        MisconfigurationException: At fit start, on double decay (the optimizer's own ``weight_decay`` on
-            the same weights, or another regularizer callback), or under DeepSpeed.
+        MisconfigurationException: At train start (after a resumed optimizer is restored) or when param
+            groups change, on double decay (the optimizer's own ``weight_decay`` on the same weights, or
+            another regularizer callback); when resuming without the saved state of a schedule; under
+            DeepSpeed.
 
     Examples:
         ```python
@@ -96,8 +105,10 @@ class WeightDecay(RegularizerCallback):
         weight_decay: ScheduleLike | None = None,
         mode: Literal["lr", "lr_ratio", "constant"] = "lr",
         rules: DecayRules | None = None,
+        name: str | None = None,
+        missing_state: Literal["raise", "restart"] = "raise",
     ) -> None:
-        super().__init__(rules)
+        super().__init__(rules, name=name, missing_state=missing_state)
         if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
         self.mode = mode
@@ -112,9 +123,6 @@ class WeightDecay(RegularizerCallback):
     def takes_over(self) -> bool:
         return self._weight_decay is None
 
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"weight_decay": repr(self._weight_decay), "mode": self.mode}
-
     # ------------------------------------------------------------ base hooks
     def _decays_like_weight_decay(self) -> bool:
         return True
@@ -126,9 +134,9 @@ class WeightDecay(RegularizerCallback):
         optimizer = entry.optimizer
         for gi, group in enumerate(optimizer.param_groups):
             wd = group.get("weight_decay", 0.0)
-            if (index, gi) in self._taken_over:
-                group["weight_decay"] = 0.0  # resumed: the checkpoint says it was taken over
-                continue
+            # The group as the next step will use it: a non-zero weight_decay is the optimizer's own decay
+            # (a fresh optimizer, one restored from a checkpoint written without this callback, a group
+            # just added), taken over now; zero with an entry was taken over before (a resumed run's).
             if not wd:
                 continue
             self._taken_over[(index, gi)] = (float(wd), uses_decoupled_decay(optimizer, group))
@@ -137,7 +145,7 @@ class WeightDecay(RegularizerCallback):
                 f"WeightDecay took over weight_decay={wd} of {type(optimizer).__name__} param group "
                 f"{group.get('name', gi)!r}: applied to the decayed parameters only"
             )
-        if not self._taken_over:
+        if not any(i == index for i, _ in self._taken_over):
             rank_zero_warn(
                 f"WeightDecay(weight_decay=None) found no weight_decay to take over in {type(optimizer).__name__}"
             )
@@ -176,15 +184,29 @@ class WeightDecay(RegularizerCallback):
 
         return [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
 
+    def _forget_optimizer(self, index: int) -> None:
+        self._taken_over = {k: v for k, v in self._taken_over.items() if k[0] != index}
+
+    def _reset_state(self) -> None:
+        self._taken_over = {}
+        self._last_coefficient = {}
+
+    def _saved_state_needed(self) -> list[str]:
+        # A take-over needs nothing: the coefficient is still in the restored optimizer, or in the entry.
+        if self._weight_decay is not None and self._step_dependent(self._weight_decay):
+            return ["the step count of the `weight_decay` schedule"]
+        return []
+
     # --------------------------------------------------------------- steps
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        # After the closure (backward, unscale) and before the update. Not a step pre-hook: without AMP,
-        # Lightning runs the closure inside `optimizer.step`, after the pre-hooks.
-        index = self._index_of(optimizer)
-        if index is not None and not self._unscaled_in_step(optimizer):
+    def _before_step(self, index: int, optimizer: Optimizer) -> None:
+        if not self._unscaled_in_step(optimizer):  # fused under a GradScaler: in the step pre-hook
             self._apply_decoupled(index, optimizer)
+
+    def _attached_late(self, index: int, optimizer: Optimizer) -> None:
+        # Replaced inside training_step: without a GradScaler the closure runs inside `step`, after the
+        # pre-hook that adds the coupled term would have run; add it now (before clipping, this once).
+        if self._scaler is None and self._has_coupled(index):
+            self._apply_coupled(index, optimizer)
 
     def _coefficients(self, index: int) -> Callable[[int], tuple[float, bool]]:
         """``group index -> (coefficient, decoupled)`` for optimizer ``index`` this step.
@@ -275,9 +297,33 @@ class WeightDecay(RegularizerCallback):
         taken = [[i, g, wd, dec] for (i, g), (wd, dec) in self._taken_over.items()]
         return {**super().state_dict(), "taken_over": taken}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        taken = state_dict.get("taken_over", [])
+    def _validated(self, state_dict: Any) -> dict[str, Any]:
+        state = super()._validated(state_dict)
+        taken = state.get("taken_over", [])
+
+        def entry_ok(e: Any) -> bool:
+            if not isinstance(e, (list, tuple)) or len(e) != 4:
+                return False
+            i, g, wd, dec = e
+            indices = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (i, g))
+            number = isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0
+            return indices and number and isinstance(dec, bool)
+
+        if not isinstance(taken, (list, tuple)) or not all(entry_ok(e) for e in taken):
+            raise ValueError(
+                "WeightDecay: the state field 'taken_over' must be a list of [optimizer index, group index, "
+                f"weight_decay >= 0, decoupled (bool)] entries, got {taken!r}"
+            )
+        n = len(state["steps"])
+        if any(e[0] >= n for e in taken):
+            raise ValueError(
+                f"WeightDecay: the state field 'taken_over' ({taken!r}) names optimizers beyond the {n} of 'steps'"
+            )
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        taken = state.get("taken_over", [])
         self._taken_over = {(int(i), int(g)): (float(wd), bool(dec)) for i, g, wd, dec in taken}
 
 

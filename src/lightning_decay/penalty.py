@@ -17,6 +17,7 @@ from lightning_decay import kernels
 from lightning_decay._regularizer import (
     OptimizerBuckets,
     RegularizerCallback,
+    _few,
     coefficient,
     should_log,
     to_host,
@@ -55,13 +56,13 @@ class WeightPenalty(RegularizerCallback):
           heuristic for adaptive optimizers.
 
     L2-SP (Li et al., 2018): with ``reference``, the L2 term pulls toward reference weights ``w0``
-    instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights at fit start (the
+    instead of zero, ``l2 / 2 * ||w - w0||^2``. ``"initial"`` takes the weights when training starts (the
     pretrained backbone when fine-tuning); a mapping of parameter names to tensors, or a module whose
     ``state_dict`` has the model's names, gives them explicitly. Parameters without a reference (a new
     head) get ``l2_head / 2 * ||w||^2``. Say which parameters are new with ``head`` (glob patterns on
     parameter names, as in [`DecayRules`][lightning_decay.DecayRules]): those never get a reference, even
     with ``reference="initial"``, and always get ``l2_head`` toward zero; without a ``reference``, ``head``
-    gives them ``l2_head`` and the other parameters ``l2``. References are checked at fit start, before
+    gives them ``l2_head`` and the other parameters ``l2``. References are checked when training starts, before
     any weight changes: tensors (not lists or arrays) of a floating dtype, finite, of the parameter's
     shape; names the model does not have are reported with the closest ones. The reference costs one
     extra copy of each referenced parameter on its device, in its dtype (a local shard under FSDP2), and
@@ -72,7 +73,7 @@ class WeightPenalty(RegularizerCallback):
     A penalty whose coefficients are all 0, ``l2_head`` without ``reference`` or ``head`` (or with
     ``reference="initial"`` and no ``head``, where every decayed parameter has a reference), and
     ``l1_mode="proximal"`` with ``l1=0`` do nothing and warn; so does a ``head`` pattern that matches no
-    parameter (at fit start).
+    parameter (when training starts).
 
     Args:
         l1: L1 coefficient, a number, a [`schedules`][lightning_decay.schedules] schedule or
@@ -85,17 +86,25 @@ class WeightPenalty(RegularizerCallback):
         head: Glob patterns (or one pattern) naming the new parameters, such as ``["head.*"]``.
         rules: Which parameters are regularized; default [`DecayRules`][lightning_decay.DecayRules].
         log_penalty: Log ``penalty/l1`` and ``penalty/l2`` (the current penalty values) on logging steps.
+        name: The callback's key in checkpoints (``WeightPenalty{'name': ...}``); needed only to keep two
+            instances with the same ``rules`` apart, or a key fixed across changes of ``rules``.
+        missing_state: What a resumed fit does when the checkpoint has no state for this callback and the
+            state matters (``reference="initial"``'s reference, a schedule's step count): ``"raise"``
+            (default) or ``"restart"`` (the reference becomes the resumed weights, schedules start again
+            from step 0).
 
     Raises:
         ValueError: If a coefficient is negative or not finite (a schedule: at the step it returns one),
-            ``l1_mode`` is unknown, or ``reference`` is a string other than ``"initial"``. At fit start, if a
-            reference tensor is not finite or has another shape than its parameter, or no reference name
-            is a regularized parameter of the model.
+            ``l1_mode`` or ``missing_state`` is unknown, ``reference`` is a string other than ``"initial"``,
+            or a loaded state is malformed (naming the field). At train start, if a reference tensor is not
+            finite or has another shape than its parameter, or no reference name is a regularized parameter
+            of the model.
         TypeError: If an argument has the wrong type (a string for ``rules``, ``"false"`` for
-            ``log_penalty``, a list or NumPy array as a reference tensor); at fit start, a reference
+            ``log_penalty``, a list or NumPy array as a reference tensor); at train start, a reference
             tensor of a non-floating dtype.
-        MisconfigurationException: At fit start, if an optimizer's own ``weight_decay`` would decay the
-            same parameters (double decay), or under DeepSpeed.
+        MisconfigurationException: At train start (after a resumed optimizer is restored) or when param
+            groups change, if an optimizer's own ``weight_decay`` would decay the same parameters (double
+            decay); when resuming without the saved reference or schedule step; under DeepSpeed.
 
     Examples:
         ```python
@@ -117,8 +126,10 @@ class WeightPenalty(RegularizerCallback):
         head: Sequence[str] | str = (),
         rules: DecayRules | None = None,
         log_penalty: bool = True,
+        name: str | None = None,
+        missing_state: Literal["raise", "restart"] = "raise",
     ) -> None:
-        super().__init__(rules)
+        super().__init__(rules, name=name, missing_state=missing_state)
         self._l1 = as_schedule(l1, "l1")
         self._l2 = as_schedule(l2, "l2")
         self._l2_head = self._l2 if l2_head is None else as_schedule(l2_head, "l2_head")
@@ -136,18 +147,6 @@ class WeightPenalty(RegularizerCallback):
         # layout around this rank's shard, so that ``state_dict`` can gather the full tensor; a full tensor
         # (from a checkpoint or the user) until the buckets cut this rank's shard out of it.
         self._refs: dict[str, Tensor] = {}
-
-    def _state_key_fields(self) -> dict[str, Any]:
-        ref = self._reference
-        reference = ref if ref is None or isinstance(ref, str) else type(ref).__name__
-        return {
-            "l1": repr(self._l1),
-            "l2": repr(self._l2),
-            "mode": self.l1_mode,
-            "reference": reference,
-            "l2_head": repr(self._l2_head),
-            **({"head": list(self.head)} if self.head else {}),
-        }
 
     def _warn_no_ops(self, l2_head: ScheduleLike | None) -> None:
         """Warn about arguments that can have no effect, naming them."""
@@ -202,29 +201,72 @@ class WeightPenalty(RegularizerCallback):
                 if l1:
                     for b in self._buckets(index):
                         lr = opt.param_groups[b.group_index]["lr"]
-                        # In the bucket's precomputed chunks: the temporary is one chunk, not a copy.
-                        kernels.soft_threshold_(b.weights(), lr * l1, b.chunks)
+                        # Only the parameters the optimizer stepped (those with a gradient): a frozen or
+                        # unused one is left alone, as the optimizer leaves it. The gradients are still
+                        # there (zero_grad comes after the step). In the bucket's precomputed chunks when
+                        # all have one: the temporary is one chunk, not a copy.
+                        weights, _, idx = b.with_grads()
+                        if weights:
+                            chunks = b.chunks if len(idx) == len(b.params) else None
+                            kernels.soft_threshold_(weights, lr * l1, chunks)
             self._steps[index] += 1
 
         return [optimizer.register_step_post_hook(after_step)]
 
     # ----------------------------------------------------------- lifecycle
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._refs and self._reference is not None:
-            self._refs = self._collect_references(pl_module)
-        super().on_fit_start(trainer, pl_module)
-        if self.head and not self._head_checked and self._plan is not None:
+    def _reset_state(self) -> None:
+        self._refs = {}
+
+    def _saved_state_needed(self) -> list[str]:
+        needed = []
+        if self._reference == "initial":
+            needed.append("the L2-SP reference (the weights where the first fit started)")
+        used = [(a, s) for a, s in (("l1", self._l1), ("l2", self._l2), ("l2_head", self._l2_head)) if self._uses(s)]
+        if any(self._step_dependent(s) for _, s in used):
+            names = ", ".join(f"`{a}`" for a, s in used if self._step_dependent(s))
+            plural = "s" if ", " in names else ""
+            needed.append(f"the step count of the {names} schedule{plural}")
+        return needed
+
+    def _missing_from_loaded_state(self) -> list[str]:
+        # An entry without references (written with `reference=None`) cannot give "initial" its weights.
+        return ["the L2-SP reference"] if self._reference == "initial" and not self._refs else []
+
+    def _prepare(self, plan: DecayPlan) -> None:
+        if self.head and not self._head_checked:
             self._head_checked = True
-            names = [n for d in self._plan for n in (d.name, *d.aliases)]
+            names = [n for d in plan for n in (d.name, *d.aliases)]
             for pattern in self.head:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     rank_zero_warn(
                         f"WeightPenalty: `head` pattern {pattern!r} matches no parameter; "
                         + unknown_name_message(pattern, names, "a parameter name").split("; ", 1)[1]
                     )
+        if self._reference is None:
+            self._refs = {}  # a resumed L2-SP state of a run now without a reference: plain L2
+        elif self._reference == "initial" and self._refs:
+            self._check_loaded_references(plan)  # resumed: the first fit's weights, not today's
+        else:
+            # A fresh fit, or an explicit reference (a mapping or module: it is what the user asks for now).
+            self._refs = {}
+            self._refs = self._collect_references(plan)
 
-    def _collect_references(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        plan = self.rules.classify(pl_module, include_frozen=True)
+    def _check_loaded_references(self, plan: DecayPlan) -> None:
+        shapes = {d.name: tuple(d.param.shape) for d in plan if d.decay and not self._is_head(d)}
+        for name, ref in self._refs.items():
+            if name in shapes and tuple(ref.shape) != shapes[name]:
+                raise ValueError(
+                    f"WeightPenalty: the state field 'refs[{name!r}]' has shape {tuple(ref.shape)}, the parameter "
+                    f"{shapes[name]}: a checkpoint of another model? Pass `reference=` explicitly to start over."
+                )
+        without = [n for n in shapes if n not in self._refs]
+        if without:
+            rank_zero_warn(
+                f"WeightPenalty: the resumed L2-SP reference has no entry for {_few(without)}, regularized "
+                "now (other `rules`?): they are pulled toward zero with `l2_head`"
+            )
+
+    def _collect_references(self, plan: DecayPlan) -> dict[str, Tensor]:
         if self._reference == "initial":
             # A DTensor parameter's clone is a DTensor too: this rank's shard, with the layout to gather it.
             return {d.name: d.param.detach().clone() for d in plan if d.decay and not self._is_head(d)}
@@ -245,7 +287,8 @@ class WeightPenalty(RegularizerCallback):
                 "`reference` names none of the regularized parameters of the model: "
                 + unknown_name_message(first, regularized, "one of them")
             )
-        report_unknown_reference_names(given, plan, pl_module)
+        assert self._module is not None  # bound
+        report_unknown_reference_names(given, plan, self._module)
         refs: dict[str, Tensor] = {}
         for d, ref in matched:
             self._ref_for(d.name, d.param, ref)
@@ -299,21 +342,28 @@ class WeightPenalty(RegularizerCallback):
         refs = {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in self._refs.items()}
         return {**super().state_dict(), "refs": refs}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._refs = dict(state_dict.get("refs", {}))
-        # Strategies that restore callbacks after `on_fit_start` (ModelParallelStrategy) find the buckets
-        # built with the fresh model's references: rebuild them with the checkpoint's (tags included).
-        for index, entry in enumerate(self._per_optimizer):
-            self._rebuild(index, entry)
+    def _validated(self, state_dict: Any) -> dict[str, Any]:
+        state = super()._validated(state_dict)
+        refs = state.get("refs", {})
+        typed = isinstance(refs, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in refs.items())
+        if not typed:
+            raise ValueError(
+                "WeightPenalty: the state field 'refs' must be a mapping of parameter names to tensors (the L2-SP "
+                f"reference; empty without one), got {_summary(refs)}"
+            )
+        bad = [k for k, v in refs.items() if not v.is_floating_point()]
+        if bad:
+            raise ValueError(f"WeightPenalty: the state field 'refs[{bad[0]!r}]' is not a floating-point tensor")
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        # Bound again at train start (after any restore), where the references are checked against the
+        # parameters' shapes and cut into shards.
+        self._refs = dict(state.get("refs", {}))
 
     # --------------------------------------------------------------- steps
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        index = self._index_of(optimizer)
-        if index is None:
-            return
+    def _before_step(self, index: int, optimizer: Optimizer) -> None:
         step = self._steps[index]
         l2 = coefficient(self._l2, step, "l2")
         l2_head = coefficient(self._l2_head, step, "l2_head")
@@ -386,6 +436,14 @@ class WeightPenalty(RegularizerCallback):
         return out
 
 
+def _summary(value: Any) -> str:
+    """A short description of a malformed state field (not a dump of a large mapping of tensors)."""
+    if isinstance(value, Mapping):
+        kinds = sorted({f"{type(k).__name__} -> {type(v).__name__}" for k, v in value.items()})
+        return f"a mapping of {', '.join(kinds)}"
+    return f"{type(value).__name__}: {value!r}"[:200]
+
+
 # ------------------------------------------------------------------------------ reference checks
 def check_reference_argument(reference: Any) -> Any:
     """The ``reference`` argument, checked for what can be checked without the model.
@@ -418,7 +476,7 @@ def check_reference_argument(reference: Any) -> Any:
 
 
 def check_reference_tensor(argument: str, ref: Any, shape: tuple[int, ...]) -> None:
-    """Refuse a reference that is not a finite floating tensor of ``shape`` (one host sync, at fit start)."""
+    """Refuse a reference that is not a finite floating tensor of ``shape`` (one host sync, when training starts)."""
     if not isinstance(ref, Tensor):
         raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(ref).__name__}")
     if not (ref.is_floating_point()):

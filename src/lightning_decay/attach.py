@@ -1,0 +1,113 @@
+"""Regularization without a ``Trainer``: ``WeightDecay`` / ``WeightPenalty`` attached to a plain optimizer.
+
+Fabric and plain PyTorch loops have no ``on_before_optimizer_step``. ``attach`` binds a regularizer to
+the model and its optimizers and runs its per-step work from a step pre-hook of each optimizer (after the
+step's closure when it is given one), its post-step work (step counts, proximal L1) from a step post-hook:
+the same code the Trainer hooks call, not a second implementation. Step hooks run only when a step really
+runs, so a step the ``GradScaler`` skips is neither regularized nor counted.
+
+``Fabric(callbacks=[WeightDecay(...)])`` alone would do nothing: Fabric calls only the hooks its loop
+names, and after each optimizer step ``on_after_optimizer_step``, which the regularizers answer with an
+error that points here unless they are attached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_decay._regularizer import RegularizerCallback
+
+__all__ = ["Attachment", "attach"]
+
+
+class Attachment:
+    """What ``attach`` returns: the bound regularizer, its state for checkpoints, and ``remove``.
+
+    Also a context manager: ``with decay.attach(model, optimizer): ...`` removes the hooks on exit.
+
+    Attributes:
+        regularizer: The attached ``WeightDecay`` or ``WeightPenalty``.
+    """
+
+    def __init__(self, regularizer: RegularizerCallback) -> None:
+        self.regularizer = regularizer
+
+    @property
+    def steps(self) -> list[int]:
+        """Optimizer steps taken so far with the regularizer attached, per optimizer (schedules read these)."""
+        return list(self.regularizer._steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The regularizer's state (step counts, references, taken-over decay), to save beside the optimizer's."""
+        return self.regularizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict`` (after the optimizer's own ``load_state_dict``)."""
+        self.regularizer.load_state_dict(state_dict)
+
+    def remove(self) -> None:
+        """Remove the step hooks: the optimizers step as if the regularizer had never been attached."""
+        self.regularizer.unbind()
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach(
+    regularizer: RegularizerCallback,
+    model: nn.Module,
+    optimizers: Optimizer | Sequence[Optimizer],
+    scaler: Any = None,
+) -> Attachment:
+    """Attach ``regularizer`` to ``model`` and its optimizers through their step hooks; a new run.
+
+    Args:
+        regularizer: A ``WeightDecay`` or ``WeightPenalty``.
+        model: The model the optimizers step; a Fabric-wrapped module (``fabric.setup``) is unwrapped.
+        optimizers: One optimizer or a sequence (Fabric-wrapped ones are unwrapped).
+        scaler: The ``torch.amp.GradScaler`` that steps them, if any; under Fabric the precision plugin's
+            is found by itself.
+
+    Returns:
+        The `Attachment`.
+
+    Raises:
+        TypeError: If ``regularizer``, ``model`` or ``optimizers`` has the wrong type.
+        MisconfigurationException: On double decay (an optimizer's own ``weight_decay`` on the weights the
+            regularizer also decays).
+    """
+    if not isinstance(regularizer, RegularizerCallback):
+        raise TypeError(f"`regularizer` must be a WeightDecay or WeightPenalty, got {type(regularizer).__name__}")
+    if scaler is None:
+        precision = getattr(getattr(model, "_strategy", None), "precision", None)
+        scaler = getattr(precision, "scaler", None)
+    module = _unwrap_module(model)
+    opts = [_unwrap_optimizer(o) for o in ([optimizers] if isinstance(optimizers, Optimizer) else optimizers)]
+    if not opts or not all(isinstance(o, Optimizer) for o in opts):
+        raise TypeError(f"`optimizers` must be a torch optimizer or a non-empty sequence of them, got {optimizers!r}")
+    regularizer.unbind()
+    regularizer.reset()
+    regularizer.bind(module, opts, scaler, step_hooks=True)
+    return Attachment(regularizer)
+
+
+def _unwrap_module(model: Any) -> nn.Module:
+    # Fabric's `_FabricModule` (either namespace): `.module` is the user's module, with its own names.
+    if type(model).__name__ == "_FabricModule":
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    # Fabric's `_FabricOptimizer` steps the optimizer it wraps, whose step hooks are the ones that run.
+    inner = getattr(optimizer, "_optimizer", None)
+    return inner if isinstance(inner, Optimizer) and hasattr(optimizer, "_strategy") else optimizer
