@@ -322,7 +322,7 @@ class RegularizerCallback(Callback):
         """Regularize ``model`` through ``optimizers`` without a Trainer (Fabric, plain PyTorch); a new run.
 
         The same per-step code as under a Trainer, run from the optimizers' step hooks: see
-        [`attach`][lightning_decay.attach.attach], which this calls.
+        [`attach`][lightning_decay.attach], which this calls.
 
         Args:
             model: The model (a Fabric-wrapped one is unwrapped).
@@ -330,10 +330,10 @@ class RegularizerCallback(Callback):
             scaler: The ``torch.amp.GradScaler`` stepping them, if any (found by itself under Fabric).
 
         Returns:
-            An [`Attachment`][lightning_decay.attach.Attachment]: ``remove()``, ``state_dict()``,
+            An [`Attachment`][lightning_decay.Attachment]: ``remove()``, ``state_dict()``,
             ``load_state_dict()``.
         """
-        from lightning_decay.attach import attach
+        from lightning_decay._attach import attach
 
         return attach(self, model, optimizers, scaler)
 

@@ -68,6 +68,9 @@ def attach(
 ) -> Attachment:
     """Attach ``regularizer`` to ``model`` and its optimizers through their step hooks; a new run.
 
+    ``regularizer.attach(model, optimizers)`` is the same. Call it after ``fabric.setup`` under Fabric;
+    in a plain loop, after building the optimizer. Every ``optimizer.step()`` then regularizes first.
+
     Args:
         regularizer: A ``WeightDecay`` or ``WeightPenalty``.
         model: The model the optimizers step; a Fabric-wrapped module (``fabric.setup``) is unwrapped.
@@ -76,12 +79,25 @@ def attach(
             is found by itself.
 
     Returns:
-        The `Attachment`.
+        The [`Attachment`][lightning_decay.Attachment].
 
     Raises:
         TypeError: If ``regularizer``, ``model`` or ``optimizers`` has the wrong type.
         MisconfigurationException: On double decay (an optimizer's own ``weight_decay`` on the weights the
             regularizer also decays).
+
+    Examples:
+        ```python
+        import torch
+        from lightning_decay import WeightDecay, attach, decay_param_groups
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+        optimizer = torch.optim.Adam(decay_param_groups(model, weight_decay=0.0), lr=1e-3)
+        handle = attach(WeightDecay(0.05), model, optimizer)  # Adam + decoupled decay = AdamW
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        handle.steps  # [1]
+        ```
     """
     if not isinstance(regularizer, RegularizerCallback):
         raise TypeError(f"`regularizer` must be a WeightDecay or WeightPenalty, got {type(regularizer).__name__}")
