@@ -200,3 +200,45 @@ def test_remove_and_resume_from_the_attachment_state() -> None:
     want = (snapshot["0.weight"] * factor).add(grad, alpha=-0.1)  # decayed with the schedule's value at STEPS
     torch.testing.assert_close(model[0].weight.detach(), want, rtol=1e-6, atol=0)
     assert resumed.steps == [STEPS + 1]
+
+
+# ------------------------------------------------------------------------------------- monitor
+def test_attached_monitor_logs_norms_and_layout_to_fabric_tensorboard_logger(tmp_path: Path) -> None:
+    from lightning.fabric.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_decay import WeightNormMonitor
+
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(tmp_path, name="tb"))
+    model = make_model()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    monitor = WeightNormMonitor(logging_interval=2, log_update_ratio=True)
+    handle = monitor.attach(model, optimizer, fabric.loggers)
+    before: list[dict[str, Tensor]] = []
+    original = model.module
+    for x, y in batches():
+        before.append({n: p.detach().clone() for n, p in original.named_parameters()})
+        optimizer.zero_grad()
+        fabric.backward(nn.functional.mse_loss(model(x), y))
+        optimizer.step()
+    after = [*before[1:], {n: p.detach().clone() for n, p in original.named_parameters()}]
+    fabric.loggers[0].finalize("success")
+    assert handle.steps == [STEPS]
+
+    acc = EventAccumulator(fabric.loggers[0].log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    for name, _ in original.named_parameters():
+        norms = {e.step: e.value for e in acc.Scalars(f"weight_norm/{name}")}
+        ratios = {e.step: e.value for e in acc.Scalars(f"update_ratio/{name}")}
+        assert sorted(norms) == sorted(ratios) == [1, 3]  # labels: the steps before the one measured
+        for step in (1, 3):
+            w0, w1 = before[step][name].double(), after[step][name].double()
+            assert norms[step] == pytest.approx(torch.linalg.vector_norm(w1).item(), rel=1e-6)
+            want = (torch.linalg.vector_norm(w1 - w0) / torch.linalg.vector_norm(w0)).item()
+            assert ratios[step] == pytest.approx(want, rel=1e-5)
+    assert len(acc.Tensors("custom_scalars__config__")) == 1
+
+    # Removed: no more logging; and unattached, Fabric's hook refuses it.
+    handle.remove()
+    with pytest.raises(MisconfigurationException, match="attach"):
+        fabric_run(lambda m: torch.optim.SGD(m.parameters(), lr=0.1), callbacks=[WeightNormMonitor()])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from lightning.fabric.loggers import TensorBoardLogger as _LFTensorBoardLogger
 from lightning.pytorch import LightningModule as _LModule
 from lightning.pytorch import Trainer as _LTrainer
 from lightning.pytorch.callbacks import Callback as _LCallback
@@ -50,6 +51,7 @@ if PL_AVAILABLE:
     # ("`Trainer.fit` stopped ...") to the `pytorch_lightning` logger, whose level they do not set.
     _log = _rank_zero.log
     import pytorch_lightning as _pl
+    from lightning_fabric.loggers import TensorBoardLogger as _PLFTensorBoardLogger
     from pytorch_lightning.loggers import TensorBoardLogger as _PLTensorBoardLogger
     from pytorch_lightning.strategies import DeepSpeedStrategy as _PLDeepSpeed
     from pytorch_lightning.utilities.exceptions import MisconfigurationException as _PLMisconfiguration
@@ -58,7 +60,13 @@ if PL_AVAILABLE:
 
     LIGHTNING_MODULES: tuple[type, ...] = (_LModule, _pl.LightningModule)
     TRAINERS: tuple[type, ...] = (_LTrainer, _pl.Trainer)
-    TENSORBOARD_LOGGERS: tuple[type, ...] = (_LTensorBoardLogger, _PLTensorBoardLogger)
+    # The Trainer's loggers subclass Fabric's: Fabric's own (`fabric.loggers`) count too.
+    TENSORBOARD_LOGGERS: tuple[type, ...] = (
+        _LTensorBoardLogger,
+        _PLTensorBoardLogger,
+        _LFTensorBoardLogger,
+        _PLFTensorBoardLogger,
+    )
     DEEPSPEED_STRATEGIES: tuple[type, ...] = (_LDeepSpeed, _PLDeepSpeed)
 
     class Callback(_LCallback, _pl.Callback):
@@ -72,7 +80,7 @@ if PL_AVAILABLE:
 else:
     LIGHTNING_MODULES = (_LModule,)
     TRAINERS = (_LTrainer,)
-    TENSORBOARD_LOGGERS = (_LTensorBoardLogger,)
+    TENSORBOARD_LOGGERS = (_LTensorBoardLogger, _LFTensorBoardLogger)
     DEEPSPEED_STRATEGIES = (_LDeepSpeed,)
 
     class Callback(_LCallback):  # type: ignore[no-redef]

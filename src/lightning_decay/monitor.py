@@ -195,6 +195,7 @@ class WeightNormMonitor(Callback):
         self._decided_batch: int | None = None
         self._warned: set[tuple[str, str]] = set()
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
+        self._standalone: Any = None  # what `attach` gives the hooks in place of a Trainer
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -225,6 +226,38 @@ class WeightNormMonitor(Callback):
         for writer in writers:
             writer.add_custom_scalars(layout)
             self._custom_scalars_written.add(id(writer))
+
+    def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Any:
+        """Monitor ``model`` without a Trainer (Fabric, plain PyTorch): the same hooks, run from the step hooks.
+
+        Every ``logging_interval`` optimizer steps (50 if ``None``) the metrics go to ``loggers``
+        (``fabric.loggers``, or any objects with ``log_metrics(metrics, step)``; a TensorBoard logger also
+        gets the Custom Scalars layout and, when asked, the histograms), labelled with the number of steps
+        before the one measured, as under a Trainer.
+
+        Args:
+            model: The model (a Fabric-wrapped one is unwrapped).
+            optimizers: One optimizer or a sequence; a step of the last one ends a logging step.
+            loggers: One logger or a list of them.
+            scaler: The ``torch.amp.GradScaler`` stepping them, if any (found by itself under Fabric).
+
+        Returns:
+            An [`Attachment`][lightning_decay.Attachment]; ``remove()`` takes the hooks off.
+        """
+        from lightning_decay._attach import attach_monitor
+
+        return attach_monitor(self, model, optimizers, loggers, scaler)
+
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
+        hook has this name). A monitor that is not attached would silently log nothing there: refused."""
+        if self._standalone is None:
+            raise MisconfigurationException(
+                "WeightNormMonitor was given to Fabric(callbacks=...), which calls only the hooks your loop names: "
+                "as a Fabric callback it logs nothing. Attach it instead, after `fabric.setup`: "
+                "`WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)` (see the "
+                "'Fabric and plain PyTorch' docs page)."
+            )
 
     def custom_scalars(self, module: nn.Module) -> dict[str, dict[str, list[Any]]]:
         """The TensorBoard Custom Scalars layout of this monitor's metrics for ``module``.
