@@ -77,10 +77,6 @@ def checkpoint(module: pl.LightningModule, callbacks: list[Callback], epochs: in
     return path
 
 
-def params(module: nn.Module) -> dict[str, Tensor]:
-    return weights(module)
-
-
 def assert_factor(before: dict[str, Tensor], after: dict[str, Tensor], factors: dict[str, float]) -> None:
     """``after[n] == before[n] * factors[n]`` (float32 rounding of the repeated products: rtol 1e-6);
     names without a factor did not move at all (bitwise)."""
@@ -143,7 +139,7 @@ def test_checkpoint_without_callbacks_resumed_with_take_over_decays_once(tmp_pat
     trainer = fit(resumed, [cb], max_epochs=3, ckpt_path=ckpt)
     before = torch.load(ckpt, weights_only=False)["state_dict"]
     factor = (1 - lr * wd) ** (2 * STEPS_PER_EPOCH)
-    assert_factor(before, params(resumed), {n: factor for n in decay_names(resumed)})
+    assert_factor(before, weights(resumed), {n: factor for n in decay_names(resumed)})
     assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.0
     assert cb.state_dict()["taken_over"] == [[0, 0, wd, False]]  # SGD's own semantics: coupled
 
@@ -156,7 +152,7 @@ def test_checkpoint_with_optimizer_decay_resumed_with_a_penalty_is_refused(tmp_p
     with pytest.raises(MisconfigurationException, match=r"(?s)Double weight decay.*restored.*weight_decay=None"):
         fit(resumed, [WeightPenalty(l2=0.01)], max_epochs=2, ckpt_path=ckpt)
     on_disk = torch.load(ckpt, weights_only=False)["state_dict"]
-    assert all(torch.equal(w, on_disk[n]) for n, w in params(resumed).items()), "no step ran"
+    assert all(torch.equal(w, on_disk[n]) for n, w in weights(resumed).items()), "no step ran"
 
 
 # ------------------------------------------------------------------------- 2. L2-SP keeps its reference
@@ -164,7 +160,7 @@ def l2sp_checkpoint(tmp_path: Path, **kw: Any) -> tuple[Path, dict[str, Tensor]]
     """One epoch of real training with WeightPenalty(l2=0.5, reference='initial'): the weights move away
     from where the fit started, which is the reference. Returns the checkpoint and that reference."""
     module = Lit(sgd(0.1))  # no momentum: the resumed SGD gets the checkpoint's hyperparameters
-    start = params(module)
+    start = weights(module)
     return checkpoint(module, [WeightPenalty(l2=0.5, reference="initial", **kw)], 1, tmp_path / "l2sp.ckpt"), start
 
 
@@ -187,7 +183,7 @@ def test_resumed_l2sp_keeps_the_first_fits_reference_and_step_count(resume_with:
     at_ckpt = torch.load(ckpt, weights_only=False)["state_dict"]
     regularized = {d.name for d in cb.rules.classify(resumed).decay}
     factor = (1 - lr * l2) ** STEPS_PER_EPOCH
-    after = params(resumed)
+    after = weights(resumed)
     for name, w in after.items():
         if name in regularized:
             torch.testing.assert_close(w - start[name], (at_ckpt[name] - start[name]) * factor, rtol=1e-5, atol=1e-7)
@@ -196,6 +192,22 @@ def test_resumed_l2sp_keeps_the_first_fits_reference_and_step_count(resume_with:
             assert torch.equal(w, at_ckpt[name]), name
     assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
     assert set(cb.state_dict()["refs"]) == {d.name for d in DecayRules().classify(resumed).decay}
+
+
+def test_an_entry_under_a_key_of_the_previous_release_is_found(tmp_path: Path) -> None:
+    """Keys used to hold the coefficients (``WeightPenalty{'l1': ..., 'l2': ...}``): the only entry of the
+    class in the checkpoint is this callback's, so its reference is kept."""
+    ckpt, start = l2sp_checkpoint(tmp_path)
+    raw = torch.load(ckpt, weights_only=False)
+    old_key = (
+        "WeightPenalty{'l1': 'Constant(0.0)', 'l2': 'Constant(0.5)', 'mode': 'subgradient', 'reference': 'initial'}"
+    )
+    raw["callbacks"][old_key] = raw["callbacks"].pop("WeightPenalty")
+    torch.save(raw, tmp_path / "old.ckpt")
+    cb = WeightPenalty(l2=0.5, reference="initial")
+    fit(ZeroGrad(sgd()), [cb], max_epochs=2, ckpt_path=tmp_path / "old.ckpt")
+    assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+    assert all(torch.equal(ref, start[n]) for n, ref in cb.state_dict()["refs"].items())
 
 
 @pytest.mark.parametrize(
@@ -225,7 +237,7 @@ def test_resume_without_the_needed_state_is_refused_unless_restart_is_asked(
         at_ckpt = torch.load(ckpt, weights_only=False)["state_dict"]
         for name, ref in cb.state_dict()["refs"].items():
             assert torch.equal(ref, at_ckpt[name]), name  # the reference: the resumed weights
-        assert all(torch.equal(w, at_ckpt[n]) for n, w in params(resumed).items()), "w == w0: nothing moves"
+        assert all(torch.equal(w, at_ckpt[n]) for n, w in weights(resumed).items()), "w == w0: nothing moves"
 
 
 def test_resume_from_an_entry_without_references_is_refused_for_initial_reference(tmp_path: Path) -> None:
@@ -245,7 +257,7 @@ def test_two_instances_of_one_class_keep_their_own_state(tmp_path: Path) -> None
     same with explicit names; two instances with one key are refused by the Trainer."""
     first, last = DecayRules(exclude=["net.3.*"]), DecayRules(exclude=["net.0.*"])
     module = Lit(sgd(0.1, momentum=0.9))
-    start = params(module)
+    start = weights(module)
     make = [lambda: WeightPenalty(l2=0.5, reference="initial", rules=first), lambda: WeightPenalty(l1=0.01, rules=last)]
     ckpt = checkpoint(module, [m() for m in make], 1, tmp_path / "two.ckpt")
     callbacks = [m() for m in make]
@@ -253,6 +265,13 @@ def test_two_instances_of_one_class_keep_their_own_state(tmp_path: Path) -> None
     assert set(callbacks[0].state_dict()["refs"]) == {"net.0.weight"}
     assert torch.equal(callbacks[0].state_dict()["refs"]["net.0.weight"], start["net.0.weight"])
     assert callbacks[1].state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
+    # Both rules changed: two entries of the class, two callbacks without theirs; which is which is unknown.
+    moved = [
+        WeightPenalty(l2=0.5, reference="initial", rules=DecayRules(exclude=["net.3.weight"])),
+        WeightPenalty(l1=0.01, rules=DecayRules(exclude=["net.0.weight"])),
+    ]
+    with pytest.raises(MisconfigurationException, match="none of them unambiguously"):
+        fit(Lit(sgd()), moved, max_epochs=2, ckpt_path=ckpt)
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `WeightPenalty`"):
         make_trainer([WeightPenalty(l1=0.01), WeightPenalty(l2=0.01)])
     named = [WeightPenalty(l1=0.01, name="a"), WeightPenalty(l1=0.02, name="b")]
@@ -322,19 +341,19 @@ def test_one_callback_object_in_two_fits_starts_clean_the_second_time() -> None:
     assert decay.state_dict()["taken_over"] == [[0, 0, 0.05, False]]
 
     second = ZeroGrad(sgd(0.1), hidden_layers=2, seed=5)  # other shapes: net.3 is 8x8 here
-    start = params(second)
+    start = weights(second)
     fit(second, [penalty], max_epochs=1)
-    assert all(torch.equal(start[n], w) for n, w in params(second).items())
+    assert all(torch.equal(start[n], w) for n, w in weights(second).items())
     assert penalty.state_dict()["steps"] == [STEPS_PER_EPOCH]
     assert {n: r.shape for n, r in penalty.state_dict()["refs"].items()} == {
         d.name: d.param.shape for d in DecayRules().classify(second).decay
     }
     third = ZeroGrad(sgd(0.1))
-    start = params(third)
+    start = weights(third)
     with pytest.warns(UserWarning, match="found no weight_decay to take over"):
         fit(third, [decay], max_epochs=1)
     assert decay.state_dict()["taken_over"] == []
-    assert all(torch.equal(start[n], w) for n, w in params(third).items())
+    assert all(torch.equal(start[n], w) for n, w in weights(third).items())
 
 
 # ----------------------------------------------------------------------- 5. optimizers rebuilt mid-fit
@@ -377,13 +396,13 @@ def test_optimizers_rebuilt_mid_fit_are_followed(
     """Epoch 0 with one optimizer, epoch 1 with a new one: the callback regularizes through the new one
     (and takes its weight_decay over); only the decayed weights move, by the exact product of factors."""
     module = ZeroGrad(first)
-    start = params(module)
+    start = weights(module)
     cb = callback()
     rebuild = RebuildOptimizersAtEpoch(1, second, late)
     trainer = fit(module, [cb, rebuild] if late else [rebuild, cb], max_epochs=2)
     assert trainer.optimizers[0].param_groups[0]["lr"] == second(make_net()).param_groups[0]["lr"]
     assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.0
-    assert_factor(start, params(module), {n: factor for n in decay_names(module)})
+    assert_factor(start, weights(module), {n: factor for n in decay_names(module)})
     assert cb.state_dict()["steps"] == [2 * STEPS_PER_EPOCH]
 
 
@@ -452,9 +471,9 @@ def test_unfrozen_module_joins_as_decay_and_no_decay_groups() -> None:
         return torch.optim.SGD(decay_param_groups(m), lr=0.1, weight_decay=lam, foreach=False)
 
     module = ZeroGrad(trainable)
-    start = params(module)
+    start = weights(module)
     trainer = fit(module, [UnfreezeWithHelper()], max_epochs=3)
-    after = params(module)
+    after = weights(module)
     torch.testing.assert_close(after["net.0.weight"], start["net.0.weight"] * (1 - lr * lam) ** 8, rtol=1e-6, atol=0.0)
     assert torch.equal(after["net.0.bias"], start["net.0.bias"])
     names = [g["name"] for g in trainer.optimizers[0].param_groups]
@@ -463,7 +482,7 @@ def test_unfrozen_module_joins_as_decay_and_no_decay_groups() -> None:
 
     flat = ZeroGrad(trainable)
     fit(flat, [UnfreezeFlat()], max_epochs=3)
-    assert not torch.equal(params(flat)["net.0.bias"], start["net.0.bias"]), "the flat group decays the bias"
+    assert not torch.equal(weights(flat)["net.0.bias"], start["net.0.bias"]), "the flat group decays the bias"
 
 
 # ------------------------------------------------------------------------ SIGKILL mid-run, resume last
@@ -521,7 +540,7 @@ def test_sigkill_mid_run_then_resume_from_last_is_bitwise_uninterrupted(tmp_path
     last = tmp_path / "killed" / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == STEPS_PER_EPOCH  # the epoch boundary before
 
-    resumed, resumed_cbs = kill_fit(tmp_path / "killed", ckpt_path=last)
+    resumed, resumed_cbs = kill_fit(tmp_path / "resumed", ckpt_path=last)
     full, full_cbs = kill_fit(tmp_path / "full")
     for name, w in weights(full).items():
         assert torch.equal(w, weights(resumed)[name]), name

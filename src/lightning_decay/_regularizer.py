@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from lightning_decay import kernels
 from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
-from lightning_decay.rules import DecayRules, as_rules
+from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import Constant, check_coefficient
 
 #: What a resumed run does when the checkpoint has no state for a callback that needs one.
@@ -113,13 +114,17 @@ class RegularizerCallback(Callback):
     """
 
     def __init__(self, rules: DecayRules | None, name: str | None = None, missing_state: str = "raise") -> None:
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
-        if missing_state not in _MISSING_STATE:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a string (the callback's key in checkpoints) or None, got {name!r}")
+        if name == "":
+            raise ValueError("`name` must be a non-empty string or None, got ''")
+        if not isinstance(missing_state, str) or missing_state not in _MISSING_STATE:
             raise ValueError(f"`missing_state` must be one of {_MISSING_STATE}, got {missing_state!r}")
         self.rules = as_rules(rules)
         self.name = name
         self.missing_state = missing_state
+        # `None`: the LightningModule's `decay_rules` at setup (one set of rules for the run), else defaults.
+        self._given_rules = rules
         self._plan: DecayPlan | None = None
         self._per_optimizer: list[OptimizerBuckets] = []
         self._steps: list[int] = []
@@ -182,14 +187,15 @@ class RegularizerCallback(Callback):
         Made of what identifies the callback, never of coefficients a resumed run may tune: the class,
         then ``name`` if given, else ``rules`` when they are not the default ones (so that two instances
         of one class with different rules coexist). Two instances of one class with the same key are
-        refused by the Trainer: give them distinct ``name``\\ s.
+        refused by the Trainer: give each its own ``name``.
         """
         if self._state_key is None:
             qualname = type(self).__qualname__
             if self.name is not None:
                 self._state_key = self._generate_state_key(name=self.name)
-            elif repr(self.rules) != repr(DecayRules()):
-                self._state_key = self._generate_state_key(rules=repr(self.rules))
+            elif self._given_rules is not None and repr(self._given_rules) != repr(DecayRules()):
+                # the given rules, not the module's: the key must not move at setup
+                self._state_key = self._generate_state_key(rules=repr(self._given_rules))
             else:
                 self._state_key = qualname
         return self._state_key
@@ -226,6 +232,7 @@ class RegularizerCallback(Callback):
         self._module = module
         self._scaler = scaler
         self._step_hooks = step_hooks
+        self.rules = module_rules(module, self._given_rules)  # the module's `decay_rules` when given none
         self._plan = self.rules.classify(module, include_frozen=True)
         self._prepare(self._plan)
         if not self._steps:
@@ -351,6 +358,7 @@ class RegularizerCallback(Callback):
 
     # ----------------------------------------------------------- Trainer glue
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.rules = module_rules(pl_module, self._given_rules)
         strategy = type(trainer.strategy).__name__
         if is_deepspeed(trainer.strategy):
             raise MisconfigurationException(
@@ -407,6 +415,7 @@ class RegularizerCallback(Callback):
                     "to another run. Resume from that run's checkpoint, or start a new fit."
                 )
         self._check_other_callbacks(trainer)
+        self._check_group_names()
 
     def _refuse_missing_state(self, trainer: pl.Trainer) -> None:
         needed = self._missing_from_loaded_state() if self._loaded else self._saved_state_needed()
@@ -467,6 +476,37 @@ class RegularizerCallback(Callback):
                     "parameters toward zero. Give them disjoint `rules`, or keep one of them."
                 )
 
+    def _check_group_names(self) -> None:
+        """Warn when the optimizer's groups say otherwise: decayed weights in a ``no_decay`` group, or vice versa.
+
+        Named groups (``decay_param_groups``, the mixin, timm's ``layer_3_no_decay``) tell which rules built
+        them; rules of this callback that disagree usually mean two different sets of rules for one run.
+        """
+        assert self._plan is not None
+        in_no_decay: list[str] = []
+        in_decay: list[str] = []
+        for entry in self._per_optimizer:
+            for group in entry.optimizer.param_groups:
+                kind = group_kind(group.get("name"))
+                if kind is None:
+                    continue
+                for p in group["params"]:
+                    d = self._plan.decision_for(p)
+                    if d is None or not p.requires_grad:
+                        continue
+                    if kind == "no_decay" and self._regularizes(d):
+                        in_no_decay.append(d.name)
+                    elif kind == "decay" and not self._regularizes(d):
+                        in_decay.append(d.name)
+        where = "rules=" if self._given_rules is not None else "rules (the LightningModule's decay_rules or defaults)"
+        for names, verb, kind in ((in_no_decay, "regularizes", "no_decay"), (in_decay, "leaves alone", "decay")):
+            if names:
+                rank_zero_warn(
+                    f"{type(self).__name__} {verb} {_few(names)}, which the optimizer holds in a {kind!r} group: its "
+                    f"{where} and the rules that built the groups differ. Use one DecayRules for both (set the "
+                    "LightningModule's `decay_rules` and give the callback no `rules`)."
+                )
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.unbind()
@@ -488,7 +528,7 @@ class RegularizerCallback(Callback):
             raise ValueError(f"{type(self).__name__}: a saved state must be a mapping, got {type(state_dict).__name__}")
         steps = state_dict.get("steps")
         if not isinstance(steps, (list, tuple)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in steps
         ):
             raise ValueError(
                 f"{type(self).__name__}: the state field 'steps' must be a list of integers >= 0 (one step count "
@@ -497,7 +537,7 @@ class RegularizerCallback(Callback):
         return dict(state_dict)
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self._steps = list(state["steps"])
+        self._steps = [int(s) for s in state["steps"]]
 
     # --------------------------------------------------------------- buckets
     def _index_of(self, optimizer: Optimizer) -> int | None:
@@ -622,6 +662,17 @@ _RESTORED_HINT = (
     "weight_decay included) from it: the run that wrote it decayed in the optimizer. To go on with the same "
     "decay, resume with WeightDecay(weight_decay=None), which takes it over (on the decayed parameters only)."
 )
+
+
+def group_kind(name: Any) -> str | None:
+    """``"decay"`` / ``"no_decay"`` for a param group named so (``"no_decay"``, ``"layer_3/decay"``,
+    timm's ``"layer_3_no_decay"``), else ``None``."""
+    if not isinstance(name, str):
+        return None
+    for kind in ("no_decay", "decay"):  # "no_decay" first: it ends in "decay" too
+        if name == kind or name.endswith((f"/{kind}", f"_{kind}")):
+            return kind
+    return None
 
 
 def should_log(trainer: pl.Trainer) -> bool:

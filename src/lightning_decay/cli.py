@@ -9,33 +9,45 @@ optimizer the groups of [`DecayRules`][lightning_decay.DecayRules] instead, befo
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_decay._compat import uses_pytorch_lightning
+from lightning_decay.layers import apply_lr_scale, validate_layer_decay
 from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayLightningCLI"]
 
 
 class _DecayGroupsCLI:
-    """What the ``LightningCLI`` of either namespace gets: the automatic optimizer over decay groups."""
+    """What the ``LightningCLI`` of either namespace gets: the ``decay`` section and the automatic optimizer
+    over decay groups. ``DecayLightningCLI`` puts it on ``lightning.pytorch``'s ``LightningCLI``; a
+    ``pytorch_lightning`` model gets it on that namespace's."""
 
     def __init__(self, *args: Any, decay_rules: DecayRules | None = None, **kwargs: Any) -> None:
         self.decay_rules = None if decay_rules is None else as_rules(decay_rules, "decay_rules")
         super().__init__(*args, **kwargs)
+
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_default_arguments_to_parser(parser)  # type: ignore[misc]
+        add_decay_section(parser)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI builds the automatic optimizer with `self.model.parameters()`. Shadow that one call
         # with the decay groups (an instance attribute, removed right after), so the optimizer and the
         # scheduler built on it see the groups. Everything else about the automatic optimizer is unchanged.
         model = self.model  # type: ignore[attr-defined]
-        rules = getattr(model, "decay_rules", None)
-        rules = as_rules(self.decay_rules if rules is None else rules, f"{type(model).__name__}.decay_rules")
+        rules, layer_decay = self._apply_decay_section(model)
+        base_lr = self._automatic_optimizer_lr(subcommand) if layer_decay is not None else None
 
         def decay_groups(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-            return rules.classify(model).param_groups(weight_decay=None)
+            groups = rules.classify(model).param_groups(
+                weight_decay=None, layer_decay=layer_decay, layer_of=getattr(model, "layer_of", None)
+            )
+            apply_lr_scale(groups, base_lr)  # the automatic scheduler is built right after the optimizer
+            return groups
 
         model.__dict__["parameters"] = decay_groups
         try:
@@ -43,14 +55,61 @@ class _DecayGroupsCLI:
         finally:
             del model.__dict__["parameters"]
 
+    def _apply_decay_section(self, model: Any) -> tuple[DecayRules, float | None]:
+        """Write the ``decay`` section to the model; return the run's rules and layer decay."""
+        section = self._get(self.config_init, "decay", None)
+        given = getattr(section, "rules", None) if section is not None else None
+        layer_decay = getattr(section, "layer_decay", None) if section is not None else None
+        if isinstance(given, DecayRules) and repr(given) != repr(DecayRules()):
+            rules = given
+        else:
+            rules = getattr(model, "decay_rules", None)
+            rules = as_rules(self.decay_rules if rules is None else rules, f"{type(model).__name__}.decay_rules")
+        if getattr(model, "decay_rules", None) is not rules:
+            model.decay_rules = rules  # one set of rules: the callbacks given no `rules` read it
+        if layer_decay is not None:
+            validate_layer_decay(layer_decay, "decay.layer_decay")
+            model.layer_decay = layer_decay
+        return rules, layer_decay
+
+    def _automatic_optimizer_lr(self, subcommand: str | None) -> float | None:
+        """The lr the automatic optimizer will be built with (its config, else its class default)."""
+        parser = self._parser(subcommand)
+        keys = [k for k, (_, link) in parser._optimizers.items() if link == "AUTOMATIC"]
+        init = self._get(self.config_init, keys[0], None) if keys else None
+        if init is None:
+            return None
+        # `{class_path, init_args}` for a subclass-mode optimizer, the arguments themselves otherwise.
+        args = getattr(init, "init_args", None) or init
+        lr = args.get("lr") if hasattr(args, "get") else None
+        if lr is None:
+            cls = parser._optimizers[keys[0]][0]
+            param = inspect.signature(cls).parameters.get("lr") if isinstance(cls, type) else None
+            lr = None if param is None or param.default is inspect.Parameter.empty else param.default
+        return lr
+
 
 class DecayLightningCLI(_DecayGroupsCLI, LightningCLI):
     """A ``LightningCLI`` for which ``--optimizer AdamW --optimizer.weight_decay 0.05`` means decay groups.
 
     The optimizer's ``weight_decay`` (its own default or the value given on the command line) applies
-    to the ``"decay"`` group; the ``"no_decay"`` group gets ``weight_decay=0.0``. The rules come from
-    ``model.decay_rules`` when the model defines it (as [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin]
-    models do), else from ``decay_rules`` given here, else the defaults.
+    to the ``"decay"`` group; the ``"no_decay"`` group gets ``weight_decay=0.0``.
+
+    The ``decay`` config section holds the run's rules and layer-wise lr decay:
+
+    ```yaml
+    decay:
+      rules: {exclude: ["head.*"], decay_embeddings: false}   # DecayRules options
+      layer_decay: 0.75
+    ```
+
+    Rules set there are written to ``model.decay_rules``, so the automatic optimizer, a
+    [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin] model's ``configure_optimizers`` and the callbacks
+    given no ``rules`` all use the same ones. Left at their defaults, the rules come from
+    ``model.decay_rules`` when the model defines it, else from ``decay_rules`` given here, else the
+    defaults. ``decay.layer_decay`` is written to ``model.layer_decay`` (used by the mixin) and, for the
+    automatic optimizer, splits the groups by layer with ``lr = optimizer lr * layer_decay ** (L - 1 - i)``
+    before the automatic scheduler is built.
 
     The ``LightningCLI`` of the model's namespace is used: with a ``pytorch_lightning.LightningModule``
     (or a ``pytorch_lightning`` data module or Trainer class), ``DecayLightningCLI(...)`` returns the same
@@ -71,7 +130,8 @@ class DecayLightningCLI(_DecayGroupsCLI, LightningCLI):
 
         ```bash
         python main.py fit --optimizer AdamW --optimizer.lr 1e-3 --optimizer.weight_decay 0.05 \\
-            --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 100
+            --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 100 \\
+            --decay.rules.exclude '[head.*]' --decay.layer_decay 0.75
         ```
     """
 
@@ -95,3 +155,14 @@ def _pytorch_lightning_flavour() -> type:
     from pytorch_lightning.cli import LightningCLI as PLLightningCLI
 
     return type("DecayLightningCLI", (_DecayGroupsCLI, PLLightningCLI), {"__module__": __name__})
+
+
+def add_decay_section(parser: LightningArgumentParser) -> None:
+    """Add the ``decay`` section (``decay.rules.*`` from ``DecayRules``, ``decay.layer_decay``) to ``parser``."""
+    parser.add_class_arguments(DecayRules, "decay.rules", instantiate=True, skip={"predicate"})
+    parser.add_argument(
+        "--decay.layer_decay",
+        type=float | None,
+        default=None,
+        help="Layer-wise lr decay in (0, 1]: layer i of L gets lr * layer_decay ** (L - 1 - i). Default: none.",
+    )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -17,7 +19,7 @@ from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, 
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
-__all__ = ["WeightDecay"]
+__all__ = ["WeightDecay", "steps_per_epoch", "timescale_weight_decay"]
 
 _MODES = ("lr", "lr_ratio", "constant")
 
@@ -34,6 +36,47 @@ def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
         return bool(flag)
     name = type(optimizer).__name__
     return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
+
+
+def timescale_weight_decay(lr0: float, timescale_epochs: float, steps_per_epoch: int) -> float:
+    """``lambda = 1 / (lr0 * tau * S)``: the decay whose EMA timescale ``1 / (lr * lambda)`` is ``tau`` epochs.
+
+    With ``mode="lr"`` the weights then shrink by ``1 - lr / (lr0 * tau * S)`` per step: ``1 - 1 / (tau * S)``
+    at the base learning rate (Wang & Aitchison 2024; see ``docs/choosing-lambda.md``).
+
+    Args:
+        lr0: The group's base learning rate (a scheduler's ``initial_lr``, else ``lr``); > 0.
+        timescale_epochs: ``tau``, in epochs; > 0.
+        steps_per_epoch: ``S``, optimizer steps per epoch (after gradient accumulation); >= 1.
+
+    Examples:
+        ```python
+        from lightning_decay.decay import timescale_weight_decay
+
+        timescale_weight_decay(lr0=1e-3, timescale_epochs=10, steps_per_epoch=500)  # 0.2
+        ```
+    """
+    return 1.0 / (lr0 * timescale_epochs * steps_per_epoch)
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps per epoch and process: ``ceil(num_training_batches / accumulate_grad_batches)``.
+
+    ``num_training_batches`` already counts this process's share under DDP and ``limit_train_batches``;
+    Lightning steps the optimizer every ``accumulate_grad_batches`` batches and on the last batch of an
+    epoch, hence the ceiling. ``max_steps`` ends the run, it does not shorten an epoch.
+
+    Raises:
+        MisconfigurationException: If the epoch length is unknown (an iterable dataset without ``__len__``
+            and no integer ``limit_train_batches``).
+    """
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise MisconfigurationException(
+            "WeightDecay(timescale_epochs=...) needs the number of batches per epoch, but the train dataloader has "
+            "no length. Set `limit_train_batches` to an int, give the dataset a `__len__`, or use `weight_decay=`."
+        )
+    return math.ceil(int(batches) / trainer.accumulate_grad_batches)
 
 
 class WeightDecay(RegularizerCallback):
@@ -68,11 +111,22 @@ class WeightDecay(RegularizerCallback):
     param group's decayed weights ([`applied_weight_decay`][lightning_decay.WeightDecay.applied_weight_decay]):
     taking over, ``LearningRateMonitor(log_weight_decay=True)`` reads the optimizer's ``weight_decay``, 0.
 
+    Set by its timescale (``timescale_epochs=tau``): per param group ``lambda = 1 / (lr0 * tau * S)``, with
+    ``lr0`` the group's base lr (``initial_lr`` when a scheduler set it, else ``lr``) and ``S`` the optimizer
+    steps per epoch of this process after gradient accumulation; the weights then decay as in
+    ``mode="lr"``, so at the base lr they shrink by ``1 - 1 / (tau * S)`` per step. The best ``tau`` in
+    epochs stays about constant across model and dataset sizes (Wang & Aitchison 2024). The derived
+    values are logged at fit start, one line per group (lr0, S, tau, lambda), and recomputed when the
+    epoch length changes.
+
     Args:
         weight_decay: The decay coefficient (number, schedule or ``step -> float``), or ``None`` to take
             over each optimizer group's ``weight_decay``.
         mode: ``"lr"``, ``"lr_ratio"`` or ``"constant"`` (ignored when taking over).
-        rules: Which parameters are decayed; default [`DecayRules`][lightning_decay.DecayRules].
+        rules: Which parameters are decayed; default: the LightningModule's ``decay_rules``, else
+            [`DecayRules`][lightning_decay.DecayRules]``()``.
+        timescale_epochs: The EMA timescale ``tau`` in epochs from which each group's ``weight_decay`` is
+            derived; exclusive with ``weight_decay``, needs ``mode="lr"``.
         name: The callback's key in checkpoints (``WeightDecay{'name': ...}``); needed only to keep two
             instances with the same ``rules`` apart, or a key fixed across changes of ``rules``.
         missing_state: What a resumed fit does when the checkpoint has no state for this callback and the
@@ -83,13 +137,14 @@ class WeightDecay(RegularizerCallback):
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
             ``mode`` or ``missing_state`` is unknown, the decay factor ``1 - shrink`` is not positive (at once
             for a constant ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step),
-            or a loaded state is malformed (naming the field).
-        TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, or ``rules`` not a
-            ``DecayRules``.
+            ``timescale_epochs`` is not a positive number or is given with ``weight_decay`` or another
+            ``mode``, or a loaded state is malformed (naming the field).
+        TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, ``rules`` not a
+            ``DecayRules``, ``timescale_epochs`` not a number, or ``name`` not a string.
         MisconfigurationException: At train start (after a resumed optimizer is restored) or when param
             groups change, on double decay (the optimizer's own ``weight_decay`` on the same weights, or
             another regularizer callback); when resuming without the saved state of a schedule; under
-            DeepSpeed.
+            DeepSpeed; with ``timescale_epochs``, if the epoch length is unknown or a group's base lr is 0.
 
     Examples:
         ```python
@@ -97,6 +152,7 @@ class WeightDecay(RegularizerCallback):
         from lightning_decay import WeightDecay
 
         trainer = Trainer(callbacks=[WeightDecay(0.05)])  # with torch.optim.Adam(..., weight_decay=0)
+        trainer = Trainer(callbacks=[WeightDecay(timescale_epochs=10)])  # lambda = 1 / (lr0 * 10 * S)
         ```
     """
 
@@ -105,15 +161,30 @@ class WeightDecay(RegularizerCallback):
         weight_decay: ScheduleLike | None = None,
         mode: Literal["lr", "lr_ratio", "constant"] = "lr",
         rules: DecayRules | None = None,
+        timescale_epochs: float | None = None,
         name: str | None = None,
         missing_state: Literal["raise", "restart"] = "raise",
     ) -> None:
         super().__init__(rules, name=name, missing_state=missing_state)
         if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+        if timescale_epochs is not None:
+            if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, numbers.Real):
+                raise TypeError(f"`timescale_epochs` must be a number > 0, got {timescale_epochs!r}")
+            timescale_epochs = float(timescale_epochs)  # NumPy scalars too
+            if not (math.isfinite(timescale_epochs) and timescale_epochs > 0):
+                raise ValueError(f"`timescale_epochs` must be a finite number > 0, got {timescale_epochs!r}")
+            if weight_decay is not None:
+                raise ValueError("give `weight_decay` or `timescale_epochs`, not both: the timescale sets the decay")
+            if mode != "lr":
+                raise ValueError(f"`timescale_epochs` decays as mode='lr'; got mode={mode!r}")
+        self.timescale_epochs = timescale_epochs
         self.mode = mode
         self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
         check_constant_factor(self._weight_decay, mode)
+        # timescale_epochs: (optimizer index, group index) -> derived lambda, for `_steps_per_epoch` steps.
+        self._derived: dict[tuple[int, int], float] = {}
+        self._steps_per_epoch: int | None = None
         # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
         # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
@@ -121,7 +192,52 @@ class WeightDecay(RegularizerCallback):
 
     @property
     def takes_over(self) -> bool:
-        return self._weight_decay is None
+        return self._weight_decay is None and self.timescale_epochs is None
+
+    # ------------------------------------------------------------- timescale
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.timescale_epochs is None:
+            return
+        steps = steps_per_epoch(trainer)
+        if steps != self._steps_per_epoch:  # first epoch, or dataloaders reloaded with another length
+            self._steps_per_epoch = steps
+            self._derived = {}
+            for index in range(len(self._per_optimizer)):  # one info line per group, now
+                for group_index in sorted({b.group_index for b in self._buckets(index)}):
+                    self.derived_weight_decay(index, group_index)
+
+    def derived_weight_decay(self, optimizer_index: int, group_index: int) -> float:
+        """The ``lambda`` derived from ``timescale_epochs`` for one param group (computed once per epoch length).
+
+        Raises:
+            MisconfigurationException: If the group's base lr is not positive.
+        """
+        key = (optimizer_index, group_index)
+        derived = self._derived.get(key)
+        if derived is not None:
+            return derived
+        assert self.timescale_epochs is not None and self._steps_per_epoch is not None
+        optimizer = self._per_optimizer[optimizer_index].optimizer
+        group = optimizer.param_groups[group_index]
+        lr0 = group.get("initial_lr", group["lr"])
+        name = group.get("name", f"param group {group_index}")
+        if not lr0 > 0:
+            raise MisconfigurationException(
+                f"WeightDecay(timescale_epochs={self.timescale_epochs}) needs a positive base lr, but "
+                f"{type(optimizer).__name__}'s {name!r} has lr0={lr0}"
+            )
+        steps = max(self._steps_per_epoch, 1)
+        if self.timescale_epochs * steps <= 1:
+            raise MisconfigurationException(
+                f"WeightDecay(timescale_epochs={self.timescale_epochs}) with {steps} optimizer steps per epoch would "
+                "shrink the weights by 1 - 1/(tau * S) <= 0 per step: tau must exceed 1/S epochs (one step)"
+            )
+        derived = self._derived[key] = timescale_weight_decay(lr0, self.timescale_epochs, steps)
+        rank_zero_info(
+            f"WeightDecay: {type(optimizer).__name__} {name!r}: lr0={lr0:g}, S={steps} steps/epoch, "
+            f"tau={self.timescale_epochs:g} epochs -> weight_decay={derived:.6g}"
+        )
+        return derived
 
     # ------------------------------------------------------------ base hooks
     def _decays_like_weight_decay(self) -> bool:
@@ -184,12 +300,19 @@ class WeightDecay(RegularizerCallback):
 
         return [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
 
+    def _prepare(self, plan: Any) -> None:
+        if not self.takes_over:
+            self._taken_over = {}  # resumed from a take-over with an explicit coefficient now: it is the one
+
     def _forget_optimizer(self, index: int) -> None:
         self._taken_over = {k: v for k, v in self._taken_over.items() if k[0] != index}
+        self._derived = {k: v for k, v in self._derived.items() if k[0] != index}  # its lr0 may differ
 
     def _reset_state(self) -> None:
         self._taken_over = {}
         self._last_coefficient = {}
+        self._derived = {}
+        self._steps_per_epoch = None
 
     def _saved_state_needed(self) -> list[str]:
         # A take-over needs nothing: the coefficient is still in the restored optimizer, or in the entry.
@@ -213,6 +336,8 @@ class WeightDecay(RegularizerCallback):
 
         The schedule is evaluated (and checked) once per step, not once per bucket.
         """
+        if self.timescale_epochs is not None:
+            return lambda group_index: (self.derived_weight_decay(index, group_index), True)
         if self._weight_decay is None:
             taken = self._taken_over
             return lambda group_index: taken.get((index, group_index), (0.0, True))
@@ -232,7 +357,7 @@ class WeightDecay(RegularizerCallback):
                 continue
             group = optimizer.param_groups[b.group_index]
             lr = group["lr"]
-            mode = "lr" if self._weight_decay is None else self.mode
+            mode = "lr" if self._weight_decay is None else self.mode  # taking over, and timescale_epochs
             if mode == "lr_ratio":
                 group.setdefault("initial_lr", lr)
             name = group.get("name", b.group_index)
@@ -275,13 +400,16 @@ class WeightDecay(RegularizerCallback):
         One entry per optimizer param group holding weights this callback decays, named by the group's
         ``"name"`` (``pg{i}`` counting from 1 for an unnamed one, as ``LearningRateMonitor`` does), prefixed
         with the optimizer's class when there are several optimizers. Taking over, the value is the group's
-        taken-over ``weight_decay``; otherwise the (scheduled) ``weight_decay`` of the optimizer's last step.
+        taken-over ``weight_decay``; with ``timescale_epochs``, the group's derived ``lambda``; otherwise the
+        (scheduled) ``weight_decay`` of the optimizer's last step.
         ``WeightDecay`` logs these on the Trainer's logging steps.
         """
         values: dict[str, float] = {}
         several = len(self._per_optimizer) > 1
         for index, entry in enumerate(self._per_optimizer):
-            if self.takes_over:
+            if self.timescale_epochs is not None:  # the lambdas derived from the timescale, as applied
+                applied = {gi: wd for (i, gi), wd in self._derived.items() if i == index}
+            elif self.takes_over:
                 applied = {gi: wd for (i, gi), (wd, _) in self._taken_over.items() if i == index}
             elif index in self._last_coefficient:
                 applied = dict.fromkeys({b.group_index for b in entry.buckets}, self._last_coefficient[index])
@@ -305,8 +433,8 @@ class WeightDecay(RegularizerCallback):
             if not isinstance(e, (list, tuple)) or len(e) != 4:
                 return False
             i, g, wd, dec = e
-            indices = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (i, g))
-            number = isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0
+            indices = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in (i, g))
+            number = isinstance(wd, numbers.Real) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0
             return indices and number and isinstance(dec, bool)
 
         if not isinstance(taken, (list, tuple)) or not all(entry_ok(e) for e in taken):

@@ -6,10 +6,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
 
+from lightning_decay.layers import LayerOf
 from lightning_decay.rules import DecayRules, as_rules
 
-__all__ = ["decay_param_groups"]
+__all__ = ["check_optimizer_groups", "decay_param_groups"]
+
+# Keys a param group may carry besides the optimizer's hyperparameters: ours, and torch schedulers' own.
+_BOOKKEEPING_KEYS = frozenset({"params", "name", "lr_scale", "initial_lr"})
 
 
 def decay_param_groups(
@@ -17,6 +22,8 @@ def decay_param_groups(
     weight_decay: float | None = None,
     rules: DecayRules | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    layer_decay: float | None = None,
+    layer_of: LayerOf | None = None,
     **group_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Classify ``module`` and return ``"decay"`` / ``"no_decay"`` optimizer parameter groups.
@@ -29,11 +36,17 @@ def decay_param_groups(
         rules: The classification policy; default [`DecayRules`][lightning_decay.DecayRules].
         overrides: Glob pattern -> extra group options, see
             [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
-        **group_kwargs: Options for every group.
+        layer_decay: Layer-wise lr decay in ``(0, 1]``: groups ``"layer_{i}/decay"`` / ``"layer_{i}/no_decay"``
+            with timm's ``"lr_scale"``; fold the scale into ``lr`` with
+            [`apply_lr_scale`][lightning_decay.layers.apply_lr_scale] for torch's schedulers.
+        layer_of: Layer overrides, see [`lightning_decay.layers`][lightning_decay.layers].
+        **group_kwargs: Optimizer options for every group (``lr``, ``betas``, ...). Grouping arguments
+            (``DecayRules`` options, timm's ``no_weight_decay_list``...) are refused, not passed on.
 
     Raises:
         TypeError: If ``rules`` is not a ``DecayRules`` or ``None``, or ``module`` not an ``nn.Module``.
-        ValueError: If ``weight_decay`` is negative or not finite.
+        ValueError: If ``weight_decay`` is negative or not finite, or see
+            [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
 
     Examples:
         ```python
@@ -45,4 +58,24 @@ def decay_param_groups(
         [g["name"] for g in opt.param_groups]  # ['decay', 'no_decay']
         ```
     """
-    return as_rules(rules).classify(module).param_groups(weight_decay, overrides, **group_kwargs)
+    plan = as_rules(rules).classify(module)
+    return plan.param_groups(weight_decay, overrides, layer_decay=layer_decay, layer_of=layer_of, **group_kwargs)
+
+
+def check_optimizer_groups(optimizer: Optimizer) -> None:
+    """Refuse param-group keys that ``optimizer`` does not take (torch's optimizers keep them silently).
+
+    The hyperparameters an optimizer takes are the keys of its ``defaults``; ``name``, ``lr_scale`` and a
+    scheduler's ``initial_lr`` are allowed too.
+
+    Raises:
+        ValueError: Naming the key, the group and the keys the optimizer takes.
+    """
+    allowed = set(optimizer.defaults) | _BOOKKEEPING_KEYS
+    for i, group in enumerate(optimizer.param_groups):
+        unknown = sorted(set(group) - allowed)
+        if unknown:
+            raise ValueError(
+                f"param group {group.get('name', i)!r} sets {unknown}, which {type(optimizer).__name__} does not "
+                f"take; its options are {sorted(optimizer.defaults)}"
+            )

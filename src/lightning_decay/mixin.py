@@ -9,6 +9,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_decay.groups import check_optimizer_groups
+from lightning_decay.layers import LayerOf, apply_lr_scale
 from lightning_decay.plan import DecayPlan
 from lightning_decay.rules import DecayRules, as_rules
 
@@ -30,11 +32,23 @@ class DecayGroupsMixin:
     optional) is called with the optimizer, and ``self.lr_scheduler_config`` (for instance
     ``{"interval": "step"}``) completes Lightning's scheduler dict.
 
+    Layer-wise lr decay: with ``layer_decay`` set, the groups are split by layer
+    (``"layer_{i}/decay"``...) and each group's ``lr`` is the optimizer's lr times its scale
+    ``layer_decay ** (L - 1 - i)``, set before the scheduler is built, so torch's and Lightning's
+    schedulers keep the ratios between layers (and ``LearningRateMonitor`` shows one curve per group).
+
+    One set of rules for the run: ``WeightDecay``, ``WeightPenalty`` and ``WeightNormMonitor`` given no
+    ``rules`` use this module's ``decay_rules``.
+
     Attributes:
         decay_rules: Class attribute to override: the [`DecayRules`][lightning_decay.DecayRules]; default
-            rules when ``None``.
+            rules when ``None``. ``DecayLightningCLI`` sets it from its ``decay.rules`` config section.
         decay_overrides: Class attribute to override: per-pattern group options, see
             [`DecayPlan.param_groups`][lightning_decay.DecayPlan.param_groups].
+        layer_decay: Layer-wise lr decay in ``(0, 1]``, or ``None`` (default) for none. A class attribute,
+            an ``__init__`` argument you assign, or ``decay.layer_decay`` of ``DecayLightningCLI``.
+        layer_of: Layer overrides, ``name -> int | None`` or ``{glob pattern: int}`` (see
+            [`lightning_decay.layers`][lightning_decay.layers]).
 
     Examples:
         ```python
@@ -57,6 +71,8 @@ class DecayGroupsMixin:
 
     decay_rules: DecayRules | None = None
     decay_overrides: Mapping[str, Mapping[str, Any]] | None = None
+    layer_decay: float | None = None
+    layer_of: LayerOf | None = None
 
     def decay_plan(self, rules: DecayRules | None = None) -> DecayPlan:
         """Classify this module's trainable parameters (``rules`` beats ``self.decay_rules``)."""
@@ -69,18 +85,29 @@ class DecayGroupsMixin:
         weight_decay: float | None = None,
         rules: DecayRules | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        layer_decay: float | None = None,
+        layer_of: LayerOf | None = None,
         **group_kwargs: Any,
     ) -> list[dict[str, Any]]:
-        """``"decay"`` / ``"no_decay"`` groups for this module.
+        """``"decay"`` / ``"no_decay"`` groups for this module (per layer with ``layer_decay``).
 
         Args:
             weight_decay: Decay of the decay group; ``None`` keeps the optimizer's own default.
             rules: Classification policy; defaults to ``self.decay_rules``, then ``DecayRules()``.
             overrides: Per-pattern group options; defaults to ``self.decay_overrides``.
+            layer_decay: Layer-wise lr decay; defaults to ``self.layer_decay``. The groups carry
+                ``"lr_scale"``; ``configure_optimizers`` folds it into ``lr``.
+            layer_of: Layer overrides; defaults to ``self.layer_of``.
             **group_kwargs: Options for every group.
         """
         plan = self.decay_plan(rules)
-        groups = plan.param_groups(weight_decay, overrides or self.decay_overrides, **group_kwargs)
+        groups = plan.param_groups(
+            weight_decay,
+            overrides or self.decay_overrides,
+            layer_decay=self.layer_decay if layer_decay is None else layer_decay,
+            layer_of=self.layer_of if layer_of is None else layer_of,
+            **group_kwargs,
+        )
         if not getattr(self, "_decay_plan_logged", False):
             rank_zero_info(plan.summary())
             self._decay_plan_logged = True
@@ -89,9 +116,14 @@ class DecayGroupsMixin:
     def configure_optimizers(self) -> Any:
         """Build ``self.optimizer`` over the decay groups, with ``self.lr_scheduler`` when set.
 
+        With layer-wise lr decay, each group's ``lr`` becomes the optimizer's lr times the group's
+        ``lr_scale`` before the scheduler is built.
+
         Raises:
             AttributeError: If ``self.optimizer`` is missing.
             TypeError: If ``self.optimizer`` or ``self.lr_scheduler`` is not callable.
+            ValueError: If a group carries a key the optimizer does not take (an override or group option
+                misspelled, or meant for another optimizer).
         """
         factory = getattr(self, "optimizer", None)
         if factory is None:
@@ -104,6 +136,8 @@ class DecayGroupsMixin:
             raise TypeError(f"`self.optimizer` must be callable with parameter groups, got {factory!r}")
         kwargs = dict(getattr(self, "optimizer_kwargs", None) or {})
         optimizer = factory(self.decay_param_groups(), **kwargs)
+        check_optimizer_groups(optimizer)
+        apply_lr_scale(optimizer)  # before the scheduler records each group's initial_lr
         scheduler_factory = getattr(self, "lr_scheduler", None)
         if scheduler_factory is None:
             return optimizer

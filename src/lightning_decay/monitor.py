@@ -24,7 +24,7 @@ from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layou
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_param_name
 from lightning_decay.plan import few_names
-from lightning_decay.rules import DecayRules, as_rules
+from lightning_decay.rules import DecayRules, as_rules, module_rules
 
 __all__ = ["WeightNormMonitor"]
 
@@ -115,7 +115,8 @@ class WeightNormMonitor(Callback):
             wins, in mapping order). Parameters matching no block count only in the totals. Exclusive
             with ``granularity="module"``.
         rules: The [`DecayRules`][lightning_decay.DecayRules] that split the decay / no-decay totals;
-            default ``DecayRules()``. Use the same rules as the optimizer's groups.
+            default: the LightningModule's ``decay_rules`` (``DecayGroupsMixin``), else ``DecayRules()``, so
+            the totals follow the optimizer's groups.
         logging_interval: Log every this many optimizer steps; ``None`` (default) follows the Trainer's
             ``log_every_n_steps``.
         log_grad_norm: Also log gradient norms.
@@ -164,6 +165,7 @@ class WeightNormMonitor(Callback):
         self.granularity = granularity
         self.blocks = _compile_blocks(blocks)
         self.rules = as_rules(rules)
+        self._given_rules = rules  # None: the LightningModule's `decay_rules` at setup, else the defaults
         if logging_interval is not None and (
             isinstance(logging_interval, bool) or not isinstance(logging_interval, int) or logging_interval < 1
         ):
@@ -201,6 +203,7 @@ class WeightNormMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.rules = module_rules(pl_module, self._given_rules)
         if not trainer.loggers:
             raise MisconfigurationException(
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."

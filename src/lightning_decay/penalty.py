@@ -84,7 +84,8 @@ class WeightPenalty(RegularizerCallback):
         l2_head: L2 coefficient toward zero for the new parameters: those matching ``head``, and with a
             ``reference`` the decayed parameters without one. Default ``l2``.
         head: Glob patterns (or one pattern) naming the new parameters, such as ``["head.*"]``.
-        rules: Which parameters are regularized; default [`DecayRules`][lightning_decay.DecayRules].
+        rules: Which parameters are regularized; default: the LightningModule's ``decay_rules``, else
+            [`DecayRules`][lightning_decay.DecayRules]``()``.
         log_penalty: Log ``penalty/l1`` and ``penalty/l2`` (the current penalty values) on logging steps.
         name: The callback's key in checkpoints (``WeightPenalty{'name': ...}``); needed only to keep two
             instances with the same ``rules`` apart, or a key fixed across changes of ``rules``.

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_decay.layers import LayerAssignment, LayerOf, assign_layers, validate_layer_decay
+
 __all__ = ["DecayPlan", "ParamDecision", "validate_weight_decay"]
 
 DECAY_GROUP = "decay"
@@ -93,7 +95,9 @@ class DecayPlan:
         ```
     """
 
-    def __init__(self, decisions: Sequence[ParamDecision], frozen: Sequence[str] = ()) -> None:
+    def __init__(
+        self, decisions: Sequence[ParamDecision], frozen: Sequence[str] = (), module: nn.Module | None = None
+    ) -> None:
         self.decisions: tuple[ParamDecision, ...] = tuple(decisions)
         #: Names of parameters left out because ``requires_grad=False``.
         self.frozen: tuple[str, ...] = tuple(frozen)
@@ -102,6 +106,10 @@ class DecayPlan:
         for d in self.decisions:
             for n in (d.name, *d.aliases):
                 self._by_name[n] = d
+        # The classified model: layer-wise lr decay reads its tree.
+        self._module = module
+        # (layer_decay, layer_of, assignment) of the last `param_groups(layer_decay=...)`, for explain/table.
+        self._layers: tuple[float, LayerOf | None, LayerAssignment] | None = None
 
     # ----------------------------------------------------------------- lookups
     def __iter__(self) -> Iterator[ParamDecision]:
@@ -136,14 +144,42 @@ class DecayPlan:
         d = self._by_id.get(id(param))
         return d is not None and d.decay
 
-    def explain(self, name: str) -> str:
+    def explain(self, name: str, layer_decay: float | None = None, layer_of: LayerOf | None = None) -> str:
         """One line saying which group ``name`` is in and the rule that put it there.
+
+        With ``layer_decay`` (or after [`param_groups`][lightning_decay.DecayPlan.param_groups] was called
+        with one), also the parameter's layer, how it was found and its lr scale.
+
+        Examples:
+            ```python
+            from torch import nn
+            from lightning_decay import DecayRules
+
+            model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+            DecayRules().classify(model).explain("0.weight", layer_decay=0.5)
+            # "0.weight: decay (weight of Linear); layer 1 of 4 (stack (the model's children) block 0),
+            #  lr_scale 0.5**2 = 0.25"
+            ```
 
         Raises:
             KeyError: If no parameter has that name; the message suggests the closest names.
         """
         d = self[name]
-        return f"{d.name}: {d.group} ({d.reason})"
+        text = f"{d.name}: {d.group} ({d.reason})"
+        layers = self.layer_assignment(layer_decay, layer_of)
+        if layers is not None:
+            text += "; " + layers[1].explain(d.name, layers[0])
+        return text
+
+    def layer_assignment(
+        self, layer_decay: float | None = None, layer_of: LayerOf | None = None
+    ) -> tuple[float, LayerAssignment] | None:
+        """``(layer_decay, assignment)`` for these arguments, else the last ``param_groups`` ones, else ``None``."""
+        if layer_decay is None and layer_of is None:
+            return None if self._layers is None else (self._layers[0], self._layers[2])
+        layer_decay = validate_layer_decay(layer_decay)
+        decay = 1.0 if layer_decay is None else layer_decay
+        return decay, assign_layers(self._module, [d.name for d in self.decisions], layer_of)
 
     @property
     def decay(self) -> list[ParamDecision]:
@@ -174,36 +210,68 @@ class DecayPlan:
         self,
         weight_decay: float | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        layer_decay: float | None = None,
+        layer_of: LayerOf | None = None,
         **group_kwargs: Any,
     ) -> list[dict[str, Any]]:
-        """Optimizer parameter groups named ``"decay"`` and ``"no_decay"``.
+        """Optimizer parameter groups named ``"decay"`` and ``"no_decay"`` (per layer with ``layer_decay``).
 
         The no-decay group always carries an explicit ``weight_decay=0.0`` so it never inherits the
         optimizer's default. Empty groups are dropped, and every parameter of the plan is in exactly
         one group (checked).
+
+        Layer-wise lr decay (``layer_decay``): the groups are split by layer too, named
+        ``"layer_{i}/decay"`` and ``"layer_{i}/no_decay"``, and carry timm's ``"lr_scale"`` key,
+        ``layer_decay ** (L - 1 - i)`` for layer ``i`` of ``L`` (see [`lightning_decay.layers`][lightning_decay.layers]
+        for how layers are found). ``lr`` is left alone: timm's schedulers multiply by ``lr_scale``; for
+        torch's and Lightning's, fold it into ``lr`` with
+        [`apply_lr_scale`][lightning_decay.layers.apply_lr_scale] (``DecayGroupsMixin`` and
+        ``DecayLightningCLI`` do).
+
+        Group options: ``group_kwargs`` and the override values are optimizer hyperparameters, set on
+        the groups as given, except names that are arguments of a grouping function rather than of an
+        optimizer (``DecayRules`` options, timm's ``no_weight_decay_list``, ``min_scale``...), and
+        ``params``, ``name`` and (with ``layer_decay``) ``lr_scale``, which are set per group: those are
+        refused. torch's optimizers keep unknown group keys without a word, so
+        [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin] also checks the groups against the
+        optimizer it builds.
 
         Args:
             weight_decay: Weight decay of the decay group. ``None`` leaves the key out, so the
                 optimizer's own default (for instance a LightningCLI ``init_args.weight_decay``) applies.
             overrides: Glob pattern on parameter names -> extra group options, like mmengine's
                 ``custom_keys``: ``{"head.*": {"lr": 1e-3}}``. Parameters matching a pattern go to groups
-                named ``"{pattern}/decay"`` and ``"{pattern}/no_decay"``; the first matching pattern in
-                mapping order wins. A ``weight_decay`` given here applies to the pattern's decay group;
-                its no-decay group keeps ``0.0``.
+                named ``"{pattern}/decay"`` and ``"{pattern}/no_decay"`` (``"{pattern}/layer_{i}/decay"``
+                with ``layer_decay``); the first matching pattern in mapping order wins. A ``weight_decay``
+                given here applies to the pattern's decay group; its no-decay group keeps ``0.0``.
+            layer_decay: Layer-wise lr decay in ``(0, 1]``; ``None`` (default) for plain decay / no-decay
+                groups.
+            layer_of: Layer overrides: ``name -> int | None`` or ``{glob pattern: int}``; negative ids count
+                from the last layer (``{"head.*": -1}``).
             **group_kwargs: Options added to every group (``lr``, ``betas``, ...).
 
         Returns:
             A list of parameter-group dicts ready for any ``torch.optim.Optimizer``.
 
         Raises:
-            ValueError: If ``weight_decay`` is negative or not finite, or an override sets ``params``
-                or ``name``.
-            TypeError: If ``weight_decay`` is not a number, or ``overrides`` not a mapping of mappings.
+            ValueError: If ``weight_decay`` is negative or not finite, ``layer_decay`` is not in ``(0, 1]``,
+                a parameter has no layer, or a group option is one of the refused names above.
+            TypeError: If ``weight_decay`` is not a number, ``overrides`` not a mapping of mappings, or
+                ``layer_of`` of the wrong type.
+
+        Examples:
+            ```python
+            from torch import nn
+            from lightning_decay import DecayRules
+
+            model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+            groups = DecayRules().classify(model).param_groups(0.05, layer_decay=0.5)
+            [(g["name"], g["lr_scale"]) for g in groups][:2]  # [('layer_1/decay', 0.25), ('layer_1/no_decay', 0.25)]
+            ```
         """
         validate_weight_decay(weight_decay)
-        reserved = {"params", "name"} & set(group_kwargs)
-        if reserved:
-            raise ValueError(f"param_groups may not take {sorted(reserved)} as group options: they are set per group")
+        layer_decay = validate_layer_decay(layer_decay)
+        check_group_options(group_kwargs, "param_groups", layer_decay is not None)
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError(
                 "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
@@ -213,38 +281,48 @@ class DecayPlan:
         for pattern, options in overrides.items():
             if not isinstance(options, Mapping):
                 raise TypeError(f"`overrides[{pattern!r}]` must be a mapping of group options, got {options!r}")
-            reserved = {"params", "name"} & set(options)
-            if reserved:
-                raise ValueError(f"`overrides[{pattern!r}]` may not set {sorted(reserved)}: they are set per group")
+            check_group_options(options, f"`overrides[{pattern!r}]`", layer_decay is not None)
             validate_weight_decay(options.get("weight_decay"), f"overrides[{pattern!r}]['weight_decay']")
+        layers = None
+        if layer_decay is not None:
+            layer_decay, layers = self.layer_assignment(layer_decay, layer_of)  # type: ignore[misc]
+            self._layers = (layer_decay, layer_of, layers)
+        elif layer_of is not None:
+            raise ValueError("`layer_of` only applies with `layer_decay`: pass layer_decay=... too")
 
-        buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
+        buckets: dict[tuple[str | None, int | None, bool], list[nn.Parameter]] = {}
         used: set[str] = set()
         for d in self.decisions:
             pattern = next((p for p in overrides if _matches_any(p, d)), None)
             if pattern is not None:
                 used.add(pattern)
-            buckets.setdefault((pattern, d.decay), []).append(d.param)
+            layer = None if layers is None else layers.layers[d.name]
+            buckets.setdefault((pattern, layer, d.decay), []).append(d.param)
         for pattern in overrides:
             if pattern not in used:
                 warnings.warn(f"param_groups: override pattern {pattern!r} matches no parameter", stacklevel=2)
 
         groups: list[dict[str, Any]] = []
+        layer_ids: list[int | None] = [None] if layers is None else list(range(layers.num_layers))
         for pattern in [None, *overrides]:
-            for decay in (True, False):
-                params = buckets.get((pattern, decay))
-                if not params:
-                    continue
-                group: dict[str, Any] = {"params": params, **group_kwargs}
-                if pattern is not None:
-                    group.update(overrides[pattern])
-                base = DECAY_GROUP if decay else NO_DECAY_GROUP
-                group["name"] = base if pattern is None else f"{pattern}/{base}"
-                if not decay:
-                    group["weight_decay"] = 0.0
-                elif weight_decay is not None and "weight_decay" not in (overrides.get(pattern) or {}):
-                    group["weight_decay"] = weight_decay
-                groups.append(group)
+            for layer in layer_ids:
+                for decay in (True, False):
+                    params = buckets.get((pattern, layer, decay))
+                    if not params:
+                        continue
+                    group: dict[str, Any] = {"params": params, **group_kwargs}
+                    if pattern is not None:
+                        group.update(overrides[pattern])
+                    name = DECAY_GROUP if decay else NO_DECAY_GROUP
+                    if layer is not None:
+                        name = f"layer_{layer}/{name}"
+                        group["lr_scale"] = layer_decay ** (layers.num_layers - 1 - layer)  # type: ignore[operator,union-attr]
+                    group["name"] = name if pattern is None else f"{pattern}/{name}"
+                    if not decay:
+                        group["weight_decay"] = 0.0
+                    elif weight_decay is not None and "weight_decay" not in (overrides.get(pattern) or {}):
+                        group["weight_decay"] = weight_decay
+                    groups.append(group)
         self._check_coverage(groups)
         return groups
 
@@ -273,19 +351,31 @@ class DecayPlan:
             text += f", {len(self.frozen)} frozen skipped"
         return text
 
-    def table(self) -> str:
-        """A readable table: name, shape, numel, group, reason, with totals."""
-        header = ("name", "shape", "numel", "group", "reason")
+    def table(self, layer_decay: float | None = None, layer_of: LayerOf | None = None) -> str:
+        """A readable table: name, shape, numel, group, reason, with totals.
+
+        With ``layer_decay`` (or after ``param_groups(layer_decay=...)``), also each parameter's layer and
+        lr scale.
+        """
+        layers = self.layer_assignment(layer_decay, layer_of)
+        header: tuple[str, ...] = ("name", "shape", "numel", "group", "reason")
+        if layers is not None:
+            header += ("layer", "lr_scale")
         rows = []
         for d in self.decisions:
             name = d.name if not d.aliases else f"{d.name} (= {', '.join(d.aliases)})"
-            rows.append((name, "x".join(map(str, d.shape)) or "scalar", f"{d.numel:,}", d.group, d.reason))
+            row: tuple[str, ...] = (name, "x".join(map(str, d.shape)) or "scalar", f"{d.numel:,}", d.group, d.reason)
+            if layers is not None:
+                row += (str(layers[1].layers[d.name]), f"{layers[1].lr_scale(d.name, layers[0]):.4g}")
+            rows.append(row)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:{'>' if i == 2 else '<'}{w}}}" for i, w in enumerate(widths))
         lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r) for r in rows]
         lines = [line.rstrip() for line in lines]
         lines.append(self.summary())
+        if layers is not None:
+            lines.append(f"Layers: {layers[1].num_layers} from {layers[1].source}, layer_decay {layers[0]:g}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -293,6 +383,41 @@ class DecayPlan:
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
+
+
+# Arguments of grouping functions (ours, timm's `param_groups_*`, mmengine's `paramwise_cfg`) that end up in
+# every group when passed where group options are expected: torch's optimizers keep them without a word.
+_NOT_GROUP_OPTIONS: dict[str, str] = {
+    "layer_of": "an argument of layer-wise lr decay: pass it with `layer_decay=`",
+    "no_weight_decay_list": "timm's argument: use DecayRules(exclude=[...]) or the model's no_weight_decay()",
+    "simple_params_list": "a timm argument this package does not support",
+    "weight_decay_exclude_1d": "timm's argument: use DecayRules(decay_vectors=...)",
+    "min_scale": "a timm layer-decay argument this package does not support",
+    "no_opt_scale": "a timm layer-decay argument this package does not support",
+    "layers_per_group": "a timm argument this package does not support: use `layer_of`",
+    "num_groups": "a timm argument this package does not support: use `layer_of`",
+    "custom_keys": "mmengine's argument: use `overrides={pattern: options}`",
+    "bias_decay_mult": "mmengine's argument: use DecayRules(decay_bias=...) or `overrides`",
+    "norm_decay_mult": "mmengine's argument: use DecayRules(decay_norm=...) or `overrides`",
+    "bias_lr_mult": "mmengine's argument: use `overrides` with an `lr`",
+    "layer_wise_decay_rate": "mmengine's name: use `layer_decay=`",
+    "layer_decay_rate": "mmengine's name: use `layer_decay=`",
+}
+
+
+def check_group_options(options: Mapping[str, Any], where: str, layer_decay: bool = False) -> None:
+    """Refuse group options that are set per group or belong to a grouping function, not an optimizer."""
+    reserved = {"params", "name", *(("lr_scale",) if layer_decay else ())} & set(options)
+    if reserved:
+        raise ValueError(f"{where} may not set {sorted(reserved)} as group options: they are set per group")
+    from lightning_decay.rules import DecayRules  # rules.py imports this module
+
+    for key in options:
+        if key == "rules" or key in DecayRules._OPTIONS:
+            why = "a DecayRules option: give it to DecayRules(...) and pass `rules=`"
+            raise ValueError(f"{where}: {key!r} is not an optimizer option but {why}")
+        if key in _NOT_GROUP_OPTIONS:
+            raise ValueError(f"{where}: {key!r} is not an optimizer option but {_NOT_GROUP_OPTIONS[key]}")
 
 
 def closest_names(name: str, known: Sequence[str], n: int = 3) -> list[str]:

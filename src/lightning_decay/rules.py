@@ -34,7 +34,7 @@ from torch import nn
 from lightning_decay.names import clean_param_name
 from lightning_decay.plan import DecayPlan, ParamDecision
 
-__all__ = ["DecayRules", "Predicate", "as_rules", "is_norm_module", "logical_shape"]
+__all__ = ["DecayRules", "Predicate", "as_rules", "is_norm_module", "logical_shape", "module_rules"]
 
 #: ``(name, param, module) -> True (decay) | False (no decay) | None (no opinion)``
 Predicate = Callable[[str, nn.Parameter, nn.Module], "bool | None"]
@@ -255,7 +255,7 @@ class DecayRules:
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
-        return DecayPlan(decisions, frozen)
+        return DecayPlan(decisions, frozen, module=module)
 
     # ----------------------------------------------------------------- private
     def _decide(
@@ -439,3 +439,16 @@ def _resolve_tied(names: list[str], verdicts: list[tuple[bool, str, bool]]) -> t
         decay = explicit.pop()
         return decay, f"tied, explicit rule wins [{shown}]"
     return False, f"tied, no_decay wins [{shown}]"
+
+
+def module_rules(module: nn.Module, given: DecayRules | None = None) -> DecayRules:
+    """The rules a callback uses: ``given``, else ``module.decay_rules`` (``DecayGroupsMixin``), else defaults.
+
+    So that one set of rules serves the optimizer's groups and every callback given no ``rules``.
+
+    Raises:
+        TypeError: If ``module.decay_rules`` is set to something other than a ``DecayRules``.
+    """
+    if given is not None:
+        return as_rules(given)
+    return as_rules(getattr(module, "decay_rules", None), f"{type(module).__name__}.decay_rules")
