@@ -9,6 +9,7 @@ decay groups in a plain loop, norms recomputed from the weights, TensorBoard eve
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,20 @@ def test_importing_the_package_leaves_lightning_logging_alone() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     before, after = out.split()
     assert before == after == "lightning.pytorch.utilities.rank_zero"
+
+
+def test_every_lightning_class_the_package_checks_or_raises_comes_from_compat() -> None:
+    """A new ``from lightning.pytorch... import MisconfigurationException`` (or Callback, TensorBoardLogger)
+    in a module would bring back a difference between the namespaces: they go through ``_compat``."""
+    src = Path(__file__).resolve().parents[1] / "src" / "lightning_decay"
+    pattern = re.compile(
+        r"^from lightning\.pytorch\S* import .*\b(MisconfigurationException|Callback|TensorBoardLogger)\b"
+    )
+    offenders = [
+        f"{f.name}:{i}"
+        for f in sorted(src.glob("*.py"))
+        if f.name != "_compat.py"
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if pattern.match(line)
+    ]
+    assert not offenders, offenders

@@ -14,8 +14,6 @@ import importlib.util
 from typing import Any
 
 from lightning.fabric.loggers import TensorBoardLogger as _LFTensorBoardLogger
-from lightning.pytorch import LightningModule as _LModule
-from lightning.pytorch import Trainer as _LTrainer
 from lightning.pytorch.callbacks import Callback as _LCallback
 from lightning.pytorch.loggers import TensorBoardLogger as _LTensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
@@ -23,10 +21,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException as 
 
 __all__ = [
     "DEEPSPEED_STRATEGIES",
-    "LIGHTNING_MODULES",
     "PL_AVAILABLE",
     "TENSORBOARD_LOGGERS",
-    "TRAINERS",
     "Callback",
     "MisconfigurationException",
     "is_deepspeed",
@@ -58,8 +54,6 @@ if PL_AVAILABLE:
 
     _rank_zero.log = _log
 
-    LIGHTNING_MODULES: tuple[type, ...] = (_LModule, _pl.LightningModule)
-    TRAINERS: tuple[type, ...] = (_LTrainer, _pl.Trainer)
     # The Trainer's loggers subclass Fabric's: Fabric's own (`fabric.loggers`) count too.
     TENSORBOARD_LOGGERS: tuple[type, ...] = (
         _LTensorBoardLogger,
@@ -78,8 +72,6 @@ if PL_AVAILABLE:
         """A configuration error, catchable as the ``MisconfigurationException`` of either namespace."""
 
 else:
-    LIGHTNING_MODULES = (_LModule,)
-    TRAINERS = (_LTrainer,)
     TENSORBOARD_LOGGERS = (_LTensorBoardLogger, _LFTensorBoardLogger)
     DEEPSPEED_STRATEGIES = (_LDeepSpeed,)
 

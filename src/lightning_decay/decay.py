@@ -8,13 +8,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._compat import MisconfigurationException
 from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
