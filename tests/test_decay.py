@@ -6,12 +6,16 @@ and plain torch training loops that apply the decay formula by hand around a pla
 
 from __future__ import annotations
 
+import csv
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -241,3 +245,41 @@ def test_rules_choose_the_decayed_params() -> None:
         warnings.simplefilter("ignore")
         want = run(Lit(reference))
     assert_runs_equal(got, want, exact=True)
+
+
+# ------------------------------------------------------------------- logged coefficients
+def _csv_rows(logger: CSVLogger) -> dict[int, dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            rows.setdefault(int(row.pop("step")), {}).update({k: float(v) for k, v in row.items() if v != ""})
+    return rows
+
+
+def test_taken_over_decay_is_logged_where_learning_rate_monitor_reads_zero(tmp_path: Path) -> None:
+    lam = 0.05
+    logger = CSVLogger(tmp_path, name="run")
+    monitor = LearningRateMonitor(log_weight_decay=True)
+    got = run(Lit(adamw_groups(lam)), [WeightDecay(), monitor], max_epochs=1, logger=logger, log_every_n_steps=1)
+    # What is applied: torch's AdamW with the same groups, bitwise.
+    assert_runs_equal(got, run(Lit(adamw_groups(lam)), max_epochs=1), exact=True)
+    rows = _csv_rows(logger)
+    steps = [s for s, row in rows.items() if "weight_decay/decay" in row]
+    assert steps == list(range(len(got)))  # every logging step
+    for step in steps:
+        assert rows[step]["lr-AdamW/decay-weight_decay"] == 0.0  # the optimizer's own, taken over
+        assert rows[step]["weight_decay/decay"] == lam  # the callback's, applied to the decay group
+        assert "weight_decay/no_decay" not in rows[step]  # no decayed weight in that group
+
+
+def test_scheduled_decay_logs_the_coefficient_of_each_step(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="run")
+
+    def schedule(step: int) -> float:
+        return 0.1 * (step + 1)
+
+    got = run(Lit(adam_plain(lr=0.01)), [WeightDecay(schedule)], max_epochs=1, logger=logger, log_every_n_steps=2)
+    rows = _csv_rows(logger)
+    logged = {s: row["weight_decay/pg1"] for s, row in rows.items() if "weight_decay/pg1" in row}
+    # log_every_n_steps=2: labels 1, 3; the step with label s ran with the schedule's value at s.
+    assert logged == {s: schedule(s) for s in range(1, len(got), 2)}

@@ -107,3 +107,31 @@ def test_gpt_tied_fast(capsys: pytest.CaptureFixture[str]) -> None:
     assert sum(len(g["params"]) for g in groups.values()) == len(plan)  # the tied tensor once
     assert result["trainer"].global_step == 3
     assert "wte.weight (= lm_head.weight)" in capsys.readouterr().out
+
+
+def test_finetune_l2sp_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load(EXAMPLES / "finetune_l2sp.py")
+    out = example.main(["--fast", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "||w - w_pretrained||" in printed and "l2_sp" in printed  # the table
+    rows = {r["run"]: r for r in out["rows"]}
+    assert list(rows) == ["none", "l2", "l2_sp"]
+    for r in out["results"]:
+        assert 0.0 <= r["test_acc"] <= 1.0 and r["distance"] > 0
+        assert list(Path(r["log_dir"]).glob("events.out.tfevents.*")), f"no TensorBoard event file for {r['run']}"
+    # The three runs share the pretrained backbone, the new head and the batches: only the penalty differs,
+    # so after the same few steps the runs are apart, and L2-SP is the one closest to the pretrained weights.
+    assert rows["l2_sp"]["distance"] < rows["none"]["distance"] < rows["l2"]["distance"]
+
+
+def test_vit_tensorboard_fast(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    example = load(EXAMPLES / "vit_tensorboard.py")
+    out = example.main(["--fast", "--out", str(tmp_path)])
+    assert out["trainer"].global_step == 3
+    acc = EventAccumulator(out["log_dir"], size_guidance={"tensors": 0})
+    acc.Reload()
+    assert len(acc.Tensors("custom_scalars__config__")) == 1  # the layout the screenshot in the docs shows
+    charts = list(out["layout"]["weight_norm"])
+    assert charts.index("blocks.2") < charts.index("blocks.10") and charts[0] == "totals"

@@ -287,3 +287,22 @@ def test_monitor_logs_both_parameters_under_their_own_names(tmp_path: Path) -> N
     for name in USER_NAMES:
         expected = model.get_parameter(name).detach().double().norm().item()
         assert float(last[f"weight_norm/{name}"]) == pytest.approx(expected, rel=1e-6), name
+
+
+def test_layer_decay_reads_the_same_names_as_the_plan() -> None:
+    """Layer ids come from the same module-tree names: a stack under a user attribute ``module`` (and the
+    same model inside DDP-like ``DataParallel``) gets one layer per block, the head last."""
+
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.ModuleList(nn.Linear(3, 3) for _ in range(3))
+            self.head = nn.Linear(3, 3)
+
+    for model in (Stacked(), nn.DataParallel(Stacked())):
+        groups = DecayRules().classify(model).param_groups(weight_decay=0.1, layer_decay=0.5)
+        scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+        inner = model.module if isinstance(model, nn.DataParallel) else model
+        got = [scale[id(inner.module[i].weight)] for i in range(3)] + [scale[id(inner.head.weight)]]
+        assert got == sorted(got) and len(set(got)) == 4, got  # deeper blocks, larger scales; head last (1.0)
+        assert got[-1] == 1.0

@@ -1,5 +1,6 @@
 """Weight decay and L1/L2 regularization done right for PyTorch Lightning."""
 
+from lightning_decay._attach import Attachment, attach
 from lightning_decay.cli import DecayLightningCLI
 from lightning_decay.decay import WeightDecay
 from lightning_decay.finetuning import unfreeze_and_add_decay_groups
@@ -12,6 +13,7 @@ from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules
 
 __all__ = [
+    "Attachment",
     "DecayGroupsMixin",
     "DecayLightningCLI",
     "DecayPlan",
@@ -20,6 +22,7 @@ __all__ = [
     "WeightDecay",
     "WeightNormMonitor",
     "WeightPenalty",
+    "attach",
     "clean_names",
     "clean_param_name",
     "decay_param_groups",

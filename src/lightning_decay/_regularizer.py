@@ -17,14 +17,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision
@@ -326,11 +325,43 @@ class RegularizerCallback(Callback):
             return args, {**kwargs, "closure": closure_then_work}
         return (args[0], closure_then_work, *args[2:]), kwargs
 
+    # ------------------------------------------------ Fabric and plain PyTorch
+    def attach(self, model: nn.Module, optimizers: Any, scaler: Any = None) -> Any:
+        """Regularize ``model`` through ``optimizers`` without a Trainer (Fabric, plain PyTorch); a new run.
+
+        The same per-step code as under a Trainer, run from the optimizers' step hooks: see
+        [`attach`][lightning_decay.attach], which this calls.
+
+        Args:
+            model: The model (a Fabric-wrapped one is unwrapped).
+            optimizers: One optimizer or a sequence of them (Fabric-wrapped ones are unwrapped).
+            scaler: The ``torch.amp.GradScaler`` stepping them, if any (found by itself under Fabric).
+
+        Returns:
+            An [`Attachment`][lightning_decay.Attachment]: ``remove()``, ``state_dict()``,
+            ``load_state_dict()``.
+        """
+        from lightning_decay._attach import attach
+
+        return attach(self, model, optimizers, scaler)
+
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
+        hook has this name). A regularizer that is not attached would silently do nothing there: refused."""
+        if not (self._step_hooks and self._per_optimizer):
+            name = type(self).__name__
+            raise MisconfigurationException(
+                f"{name} was given to Fabric(callbacks=...), which calls only the hooks your loop names: as a "
+                f"Fabric callback it regularizes nothing. Attach it to the model and optimizer instead, after "
+                f"`fabric.setup`: `{name.lower()} = {name}(...); {name.lower()}.attach(model, optimizer)` (see the "
+                "'Fabric and plain PyTorch' docs page)."
+            )
+
     # ----------------------------------------------------------- Trainer glue
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.rules = module_rules(pl_module, self._given_rules)
         strategy = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy:
+        if is_deepspeed(trainer.strategy):
             raise MisconfigurationException(
                 f"{type(self).__name__} does not support {strategy}: under ZeRO `p.grad` is not the real gradient "
                 "and `on_before_optimizer_step` fires on every micro-batch. Use the optimizer's own weight_decay "

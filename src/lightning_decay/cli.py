@@ -8,11 +8,13 @@ optimizer the groups of [`DecayRules`][lightning_decay.DecayRules] instead, befo
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_decay._compat import uses_pytorch_lightning
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.layers import apply_lr_scale, validate_layer_decay
 from lightning_decay.rules import DecayRules, as_rules
@@ -20,61 +22,24 @@ from lightning_decay.rules import DecayRules, as_rules
 __all__ = ["DecayLightningCLI"]
 
 
-class DecayLightningCLI(LightningCLI):
-    """A ``LightningCLI`` for which ``--optimizer AdamW --optimizer.weight_decay 0.05`` means decay groups.
-
-    The optimizer's ``weight_decay`` (its own default or the value given on the command line) applies
-    to the ``"decay"`` group; the ``"no_decay"`` group gets ``weight_decay=0.0``.
-
-    The ``decay`` config section holds the run's rules and layer-wise lr decay:
-
-    ```yaml
-    decay:
-      rules: {exclude: ["head.*"], decay_embeddings: false}   # DecayRules options
-      layer_decay: 0.75
-    ```
-
-    Rules set there are written to ``model.decay_rules``, so the automatic optimizer, a
-    [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin] model's ``configure_optimizers`` and the callbacks
-    given no ``rules`` all use the same ones. Left at their defaults, the rules come from
-    ``model.decay_rules`` when the model defines it, else from ``decay_rules`` given here, else the
-    defaults. ``decay.layer_decay`` is written to ``model.layer_decay`` (used by the mixin) and, for the
-    automatic optimizer, splits the groups by layer with ``lr = optimizer lr * layer_decay ** (L - 1 - i)``
-    before the automatic scheduler is built.
-
-    Args:
-        *args: Passed to ``LightningCLI``.
-        decay_rules: Classification policy for models without a ``decay_rules`` attribute.
-        **kwargs: Passed to ``LightningCLI``.
-
-    Examples:
-        ```python
-        # main.py
-        from lightning_decay import DecayLightningCLI
-
-        DecayLightningCLI(MyModel, MyDataModule)
-        ```
-
-        ```bash
-        python main.py fit --optimizer AdamW --optimizer.lr 1e-3 --optimizer.weight_decay 0.05 \\
-            --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 100 \\
-            --decay.rules.exclude '[head.*]' --decay.layer_decay 0.75
-        ```
-    """
+class _DecayGroupsCLI:
+    """What the ``LightningCLI`` of either namespace gets: the ``decay`` section and the automatic optimizer
+    over decay groups. ``DecayLightningCLI`` puts it on ``lightning.pytorch``'s ``LightningCLI``; a
+    ``pytorch_lightning`` model gets it on that namespace's."""
 
     def __init__(self, *args: Any, decay_rules: DecayRules | None = None, **kwargs: Any) -> None:
         self.decay_rules = None if decay_rules is None else as_rules(decay_rules, "decay_rules")
         super().__init__(*args, **kwargs)
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        super().add_default_arguments_to_parser(parser)
+        super().add_default_arguments_to_parser(parser)  # type: ignore[misc]
         add_decay_section(parser)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI builds the automatic optimizer with `self.model.parameters()`. Shadow that one call
         # with the decay groups (an instance attribute, removed right after), so the optimizer and the
         # scheduler built on it see the groups. Everything else about the automatic optimizer is unchanged.
-        model = self.model
+        model = self.model  # type: ignore[attr-defined]
         rules, layer_decay = self._apply_decay_section(model)
         base_lr = self._automatic_optimizer_lr(subcommand) if layer_decay is not None else None
 
@@ -87,7 +52,7 @@ class DecayLightningCLI(LightningCLI):
 
         model.__dict__["parameters"] = decay_groups
         try:
-            super()._add_configure_optimizers_method_to_model(subcommand)
+            super()._add_configure_optimizers_method_to_model(subcommand)  # type: ignore[misc]
         finally:
             del model.__dict__["parameters"]
 
@@ -123,6 +88,74 @@ class DecayLightningCLI(LightningCLI):
             param = inspect.signature(cls).parameters.get("lr") if isinstance(cls, type) else None
             lr = None if param is None or param.default is inspect.Parameter.empty else param.default
         return lr
+
+
+class DecayLightningCLI(_DecayGroupsCLI, LightningCLI):
+    """A ``LightningCLI`` for which ``--optimizer AdamW --optimizer.weight_decay 0.05`` means decay groups.
+
+    The optimizer's ``weight_decay`` (its own default or the value given on the command line) applies
+    to the ``"decay"`` group; the ``"no_decay"`` group gets ``weight_decay=0.0``.
+
+    The ``decay`` config section holds the run's rules and layer-wise lr decay:
+
+    ```yaml
+    decay:
+      rules: {exclude: ["head.*"], decay_embeddings: false}   # DecayRules options
+      layer_decay: 0.75
+    ```
+
+    Rules set there are written to ``model.decay_rules``, so the automatic optimizer, a
+    [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin] model's ``configure_optimizers`` and the callbacks
+    given no ``rules`` all use the same ones. Left at their defaults, the rules come from
+    ``model.decay_rules`` when the model defines it, else from ``decay_rules`` given here, else the
+    defaults. ``decay.layer_decay`` is written to ``model.layer_decay`` (used by the mixin) and, for the
+    automatic optimizer, splits the groups by layer with ``lr = optimizer lr * layer_decay ** (L - 1 - i)``
+    before the automatic scheduler is built.
+
+    The ``LightningCLI`` of the model's namespace is used: with a ``pytorch_lightning.LightningModule``
+    (or a ``pytorch_lightning`` data module or Trainer class), ``DecayLightningCLI(...)`` returns the same
+    CLI built on ``pytorch_lightning.cli.LightningCLI``, whose Trainer accepts that model.
+
+    Args:
+        *args: Passed to ``LightningCLI``.
+        decay_rules: Classification policy for models without a ``decay_rules`` attribute.
+        **kwargs: Passed to ``LightningCLI``.
+
+    Examples:
+        ```python
+        # main.py
+        from lightning_decay import DecayLightningCLI
+
+        DecayLightningCLI(MyModel, MyDataModule)
+        ```
+
+        ```bash
+        python main.py fit --optimizer AdamW --optimizer.lr 1e-3 --optimizer.weight_decay 0.05 \\
+            --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 100 \\
+            --decay.rules.exclude '[head.*]' --decay.layer_decay 0.75
+        ```
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # A model, data module or Trainer class of `pytorch_lightning` needs that namespace's LightningCLI:
+        # lightning.pytorch's Trainer refuses a pytorch_lightning.LightningModule, and the other way round.
+        # (The flavour is not a subclass of this class, so Python does not call `__init__` a second time.)
+        if cls is DecayLightningCLI:
+            names = ("model_class", "datamodule_class", "trainer_class")
+            if uses_pytorch_lightning(*args[:2], *(kwargs.get(n) for n in names)):
+                return _pytorch_lightning_flavour()(*args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, decay_rules: DecayRules | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, decay_rules=decay_rules, **kwargs)
+
+
+@functools.cache
+def _pytorch_lightning_flavour() -> type:
+    """``DecayLightningCLI`` on ``pytorch_lightning.cli.LightningCLI``, built on first use."""
+    from pytorch_lightning.cli import LightningCLI as PLLightningCLI
+
+    return type("DecayLightningCLI", (_DecayGroupsCLI, PLLightningCLI), {"__module__": __name__})
 
 
 def add_decay_section(parser: LightningArgumentParser) -> None:

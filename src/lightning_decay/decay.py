@@ -8,13 +8,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._compat import MisconfigurationException
 from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
@@ -107,6 +107,10 @@ class WeightDecay(RegularizerCallback):
     weights at 0.05 and leaves biases and normalization parameters alone. With an explicit
     ``weight_decay``, an optimizer group that also decays the same weights is an error: never both.
 
+    On the Trainer's logging steps it logs ``weight_decay/{group}``, the coefficient it applied to each
+    param group's decayed weights ([`applied_weight_decay`][lightning_decay.WeightDecay.applied_weight_decay]):
+    taking over, ``LearningRateMonitor(log_weight_decay=True)`` reads the optimizer's ``weight_decay``, 0.
+
     Set by its timescale (``timescale_epochs=tau``): per param group ``lambda = 1 / (lr0 * tau * S)``, with
     ``lr0`` the group's base lr (``initial_lr`` when a scheduler set it, else ``lr``) and ``S`` the optimizer
     steps per epoch of this process after gradient accumulation; the weights then decay as in
@@ -183,6 +187,8 @@ class WeightDecay(RegularizerCallback):
         self._steps_per_epoch: int | None = None
         # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
+        # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
+        self._last_coefficient: dict[int, float] = {}
 
     @property
     def takes_over(self) -> bool:
@@ -304,6 +310,7 @@ class WeightDecay(RegularizerCallback):
 
     def _reset_state(self) -> None:
         self._taken_over = {}
+        self._last_coefficient = {}
         self._derived = {}
         self._steps_per_epoch = None
 
@@ -335,6 +342,7 @@ class WeightDecay(RegularizerCallback):
             taken = self._taken_over
             return lambda group_index: taken.get((index, group_index), (0.0, True))
         wd = coefficient(self._weight_decay, self._steps[index], "weight_decay")
+        self._last_coefficient[index] = wd
         return lambda group_index: (wd, True)
 
     def _has_coupled(self, index: int) -> bool:
@@ -376,6 +384,42 @@ class WeightDecay(RegularizerCallback):
         # Decay multiplies NaN/Inf weights along silently; say so once, on logging steps only.
         if self._per_optimizer and should_log(trainer):
             self._check_finite()
+            # What is applied, where the optimizer's own `weight_decay` (which `LearningRateMonitor(
+            # log_weight_decay=True)` reads) is 0 once taken over. Python floats, handed to the loggers as
+            # LearningRateMonitor does (no float32 round trip, no host copy), with the step label
+            # `self.log` gives this batch's metrics.
+            values = self.applied_weight_decay()
+            if values:
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                for logger in trainer.loggers:
+                    logger.log_metrics(values, step=step)
+
+    def applied_weight_decay(self) -> dict[str, float]:
+        """``weight_decay/{group}`` -> the coefficient applied to the group's decayed weights at the last step.
+
+        One entry per optimizer param group holding weights this callback decays, named by the group's
+        ``"name"`` (``pg{i}`` counting from 1 for an unnamed one, as ``LearningRateMonitor`` does), prefixed
+        with the optimizer's class when there are several optimizers. Taking over, the value is the group's
+        taken-over ``weight_decay``; with ``timescale_epochs``, the group's derived ``lambda``; otherwise the
+        (scheduled) ``weight_decay`` of the optimizer's last step.
+        ``WeightDecay`` logs these on the Trainer's logging steps.
+        """
+        values: dict[str, float] = {}
+        several = len(self._per_optimizer) > 1
+        for index, entry in enumerate(self._per_optimizer):
+            if self.timescale_epochs is not None:  # the lambdas derived from the timescale, as applied
+                applied = {gi: wd for (i, gi), wd in self._derived.items() if i == index}
+            elif self.takes_over:
+                applied = {gi: wd for (i, gi), (wd, _) in self._taken_over.items() if i == index}
+            elif index in self._last_coefficient:
+                applied = dict.fromkeys({b.group_index for b in entry.buckets}, self._last_coefficient[index])
+            else:
+                continue  # no step yet
+            groups = entry.optimizer.param_groups
+            prefix = f"{type(entry.optimizer).__name__}-{index}/" if several else ""
+            for gi in sorted({b.group_index for b in entry.buckets}):
+                values[f"weight_decay/{prefix}{groups[gi].get('name', f'pg{gi + 1}')}"] = applied.get(gi, 0.0)
+        return values
 
     def state_dict(self) -> dict[str, Any]:
         taken = [[i, g, wd, dec] for (i, g), (wd, dec) in self._taken_over.items()]

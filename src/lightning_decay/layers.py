@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_decay.names import clean_param_name
+from lightning_decay.names import clean_names
 
 __all__ = [
     "LayerAssignment",
@@ -158,9 +158,11 @@ def find_stack(module: nn.Module) -> tuple[str, list[str]] | None:
     return None if best is None else (best[1], best[2])
 
 
-def _prefix(module_name: str) -> str:
-    """The cleaned dotted prefix of a submodule's parameter names (``""`` for the root)."""
-    return clean_param_name(f"{module_name}.x")[:-1] if module_name else ""
+def _prefix(names: dict[str, str], module_name: str) -> str:
+    """The cleaned dotted prefix of a submodule's parameter names (``""`` for the root); ``names`` is
+    `clean_names` of the root (wrappers decided from the module tree)."""
+    clean = names.get(module_name, module_name) if module_name else ""
+    return f"{clean}." if clean else ""
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ def assign_layers(
 def _param_names(module: nn.Module | None) -> list[str]:
     if module is None:
         return []
-    return [clean_param_name(n) for n, _ in module.named_parameters(remove_duplicate=False)]
+    names = clean_names(module)
+    return [names.get(n, n) for n, _ in module.named_parameters(remove_duplicate=False)]
 
 
 def _timm_layers(module: nn.Module) -> tuple[dict[str, int], dict[str, str], str] | None:
@@ -294,17 +297,19 @@ def _timm_layers(module: nn.Module) -> tuple[dict[str, int], dict[str, str], str
     )
     if owner is None:
         return None
-    prefix = _prefix(owner_name or "")
+    names = clean_names(module)
+    prefix = _prefix(names, owner_name or "")
     # timm groups `model.named_parameters()` (tied ones once) under their own names.
-    relative = [clean_param_name(n) for n, _ in owner.named_parameters()]
+    own = clean_names(owner)
+    relative = [own.get(n, n) for n, _ in owner.named_parameters()]
     ids = group_with_matcher(relative, owner.group_matcher(coarse=False))
     last = max(ids.values(), default=0)
     where = f"timm group_matcher of {type(owner).__name__}" + (f" {owner_name!r}" if owner_name else "")
     layers = {prefix + n: i for n, i in ids.items()}
     reasons = {prefix + n: where for n in ids}
-    first_name = {id(p): prefix + clean_param_name(n) for n, p in owner.named_parameters()}
+    first_name = {id(p): prefix + own.get(n, n) for n, p in owner.named_parameters()}
     for full, param in module.named_parameters(remove_duplicate=False):
-        name = clean_param_name(full)
+        name = names.get(full, full)
         if name in layers:
             continue
         first = first_name.get(id(param))
@@ -320,9 +325,10 @@ def _stack_layers(module: nn.Module) -> tuple[dict[str, int], dict[str, str], st
     if found is None:
         return None
     stack_name, children = found
-    stack = repr(clean_param_name(stack_name)) if stack_name else "(the model's children)"
-    prefix = _prefix(stack_name)
-    block_of = {f"{prefix}{clean_param_name(child)}.": k for k, child in enumerate(children)}
+    names = clean_names(module)
+    stack = repr(names.get(stack_name, stack_name)) if stack_name else "(the model's children)"
+    prefix = _prefix(names, stack_name)
+    block_of = {f"{prefix}{child}.": k for k, child in enumerate(children)}
     last = len(children) + 1
     layers: dict[str, int] = {}
     reasons: dict[str, str] = {}

@@ -14,16 +14,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_decay import norms as K
+from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, is_deepspeed
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
+from lightning_decay._tb_layout import custom_scalars_layout, depth_key
+from lightning_decay.names import clean_names
 from lightning_decay.plan import few_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 
@@ -65,8 +65,12 @@ class WeightNormMonitor(Callback):
     - TensorBoard histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through
       ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.
 
+    With a ``TensorBoardLogger`` it also writes, once when training starts, a layout for TensorBoard's
+    *Custom Scalars* tab ([`custom_scalars`][lightning_decay.WeightNormMonitor.custom_scalars]): one
+    category per metric family, one multi-line chart per block or depth of the model, in model order.
+
     ``/`` above stands for ``group_separator``. Names are the cleaned parameter names
-    ([`clean_param_name`][lightning_decay.clean_param_name]); a tied parameter is measured once, under its first name.
+    ([`clean_names`][lightning_decay.clean_names]); a tied parameter is measured once, under its first name.
     Update ratios and angles are always Euclidean; ``norm_type`` applies to weight and gradient norms.
 
     **When and with which step.** A step logs when ``trainer._logger_connector.should_update_logs`` is
@@ -193,6 +197,8 @@ class WeightNormMonitor(Callback):
         self._pending: Pending | None = None
         self._decided_batch: int | None = None
         self._warned: set[tuple[str, str]] = set()
+        self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
+        self._standalone: Any = None  # what `attach` gives the hooks in place of a Trainer
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -203,7 +209,7 @@ class WeightNormMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."
             )
-        if self.log_grad_norm and type(trainer.strategy).__name__.startswith("DeepSpeed"):
+        if self.log_grad_norm and is_deepspeed(trainer.strategy):
             rank_zero_warn(
                 "WeightNormMonitor(log_grad_norm=True) under DeepSpeed: `p.grad` is not the real gradient "
                 "there (ZeRO partitions it), so grad norms are not meaningful."
@@ -212,6 +218,92 @@ class WeightNormMonitor(Callback):
         self._layout = None
         self._pending = None
         self._decided_batch = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The Custom Scalars layout, once per SummaryWriter (TensorBoard reads one per run). Only the rank-0
+        # logger has a real writer; the others' `experiment` ignores the call.
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
+        writers = [w for w in writers if id(w) not in self._custom_scalars_written]
+        if not writers:
+            return
+        layout = self.custom_scalars(pl_module)
+        for writer in writers:
+            writer.add_custom_scalars(layout)
+            self._custom_scalars_written.add(id(writer))
+
+    def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Any:
+        """Monitor ``model`` without a Trainer (Fabric, plain PyTorch): the same hooks, run from the step hooks.
+
+        Every ``logging_interval`` optimizer steps (50 if ``None``) the metrics go to ``loggers``
+        (``fabric.loggers``, or any objects with ``log_metrics(metrics, step)``; a TensorBoard logger also
+        gets the Custom Scalars layout and, when asked, the histograms), labelled with the number of steps
+        before the one measured, as under a Trainer.
+
+        Args:
+            model: The model (a Fabric-wrapped one is unwrapped).
+            optimizers: One optimizer or a sequence; a step of the last one ends a logging step.
+            loggers: One logger or a list of them.
+            scaler: The ``torch.amp.GradScaler`` stepping them, if any (found by itself under Fabric).
+
+        Returns:
+            An [`Attachment`][lightning_decay.Attachment]; ``remove()`` takes the hooks off.
+        """
+        from lightning_decay._attach import attach_monitor
+
+        return attach_monitor(self, model, optimizers, loggers, scaler)
+
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
+        hook has this name). A monitor that is not attached would silently log nothing there: refused."""
+        if self._standalone is None:
+            raise MisconfigurationException(
+                "WeightNormMonitor was given to Fabric(callbacks=...), which calls only the hooks your loop names: "
+                "as a Fabric callback it logs nothing. Attach it instead, after `fabric.setup`: "
+                "`WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)` (see the "
+                "'Fabric and plain PyTorch' docs page)."
+            )
+
+    def custom_scalars(self, module: nn.Module) -> dict[str, dict[str, list[Any]]]:
+        """The TensorBoard Custom Scalars layout of this monitor's metrics for ``module``.
+
+        One category per metric family logged (``weight_norm``, then ``grad_norm``, ``update_ratio``,
+        ``angular_update``, ``sparsity`` when asked), and in each one multi-line chart per block or depth of
+        the model: the totals first, then the names grouped up to their first numbered component
+        (``blocks.3``, ``encoder.layers.0``), else by owner module, in model order. A tied tensor is drawn
+        in the chart of each of its names. With ``blocks=``, one chart holds the blocks. The monitor writes
+        it to each ``TensorBoardLogger`` when training starts; every parameter of ``module`` is laid out,
+        frozen ones included, so that a tensor unfrozen later has its place.
+
+        Args:
+            module: The model the monitor measures.
+
+        Returns:
+            ``{category: {chart: ["Multiline", [tag regex, ...]]}}``, as ``SummaryWriter.add_custom_scalars``
+            takes it.
+        """
+        plan = plan_for(self.rules, module, include_frozen=True)
+        positions: dict[str, int] = {}
+        names = clean_names(module)  # the plan's names: wrappers found in the module tree
+        for i, (name, _) in enumerate(module.named_parameters(remove_duplicate=False)):
+            positions.setdefault(names.get(name, name), i)
+        rows = []
+        for d in plan:
+            bucket = self._bucket_name(d.name, d.aliases)
+            if bucket is None:
+                continue
+            for name in (d.name, *d.aliases):
+                if self.blocks is not None:
+                    chart = "blocks"
+                elif self.granularity == "module":
+                    chart = depth_key(name.rpartition(".")[0] or name, is_param=False)
+                else:
+                    chart = depth_key(name)
+                rows.append((bucket, chart, positions.get(name, len(positions))))
+        flags = (self.log_grad_norm, self.log_update_ratio, self.log_angular_update, self.log_sparsity)
+        optional = ("grad_norm", "update_ratio", "angular_update", "sparsity")
+        families = ["weight_norm", *(f for f, on in zip(optional, flags, strict=True) if on)]
+        totals = {"weight_norm": list(_TOTALS), "grad_norm": ["total"]}
+        return custom_scalars_layout(families, rows, totals, self.group_separator)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -491,7 +583,7 @@ class WeightNormMonitor(Callback):
                 )
 
     def _log_histograms(self, trainer: pl.Trainer, layout: Layout, step: int) -> None:
-        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         if not tb_loggers:
             return
         members: dict[int, list[Tensor]] = {}
