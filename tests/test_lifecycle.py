@@ -23,6 +23,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -310,24 +311,50 @@ def test_malformed_checkpoint_state_fails_at_load_naming_the_field(
         fit(Lit(optimizer), [make(), NoStep()], max_epochs=2, ckpt_path=tmp_path / "bad.ckpt")
 
 
-def test_references_of_another_shape_or_too_many_steps_are_refused_before_the_first_step(tmp_path: Path) -> None:
+class RestoresAfterSetup(SingleDeviceStrategy):
+    """Lightning's single-device strategy restoring callbacks after its setup, as FSDP and ModelParallel do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def no_optimizer(module: nn.Module) -> Any:
+    raise AssertionError("configure_optimizers ran: the entry was not refused at load")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda state: state["refs"].update({"net.0.weight": torch.zeros(3, 3)}),
+            r"'refs\['net.0.weight'\]' has shape \(3, 3\)",
+        ),
+        (lambda state: state.update(steps=[STEPS_PER_EPOCH + 1]), r"'steps'.*global_step \(4\)"),
+        (lambda state: state.update(steps=[1, 1]), r"'steps' has 2 step count.*1 optimizer"),
+    ],
+    ids=["refs-shape", "steps-beyond-global-step", "steps-per-optimizer"],
+)
+@pytest.mark.parametrize("restores_after_setup", [False, True], ids=["at-load", "at-train-start"])
+def test_references_of_another_shape_or_mismatched_steps_are_refused_at_load(
+    edit: Callable[[dict[str, Any]], None], match: str, restores_after_setup: bool, tmp_path: Path
+) -> None:
+    """A real checkpoint edited on disk. With an ordinary strategy, Lightning restores callbacks before its
+    setup: the entry is refused right at load, before ``configure_optimizers``. A strategy that restores after
+    its setup (FSDP, ModelParallel) still gets the refusal when training starts, before the first step."""
     ckpt, _ = l2sp_checkpoint(tmp_path)
     raw = torch.load(ckpt, weights_only=False)
-    state = raw["callbacks"]["WeightPenalty"]
-    state["refs"]["net.0.weight"] = torch.zeros(3, 3)
-    torch.save(raw, tmp_path / "shape.ckpt")
-    with pytest.raises(ValueError, match=r"'refs\['net.0.weight'\]' has shape \(3, 3\)"):
-        fit(Lit(sgd()), [WeightPenalty(l2=0.5, reference="initial")], 2, ckpt_path=tmp_path / "shape.ckpt")
-    raw = torch.load(ckpt, weights_only=False)
-    raw["callbacks"]["WeightPenalty"]["steps"] = [STEPS_PER_EPOCH + 1]  # more than the checkpoint's global_step
-    torch.save(raw, tmp_path / "steps.ckpt")
-    with pytest.raises(ValueError, match=r"'steps'.*global_step"):
-        fit(Lit(sgd()), [WeightPenalty(l2=0.5, reference="initial")], 2, ckpt_path=tmp_path / "steps.ckpt")
-    raw = torch.load(ckpt, weights_only=False)
-    raw["callbacks"]["WeightPenalty"]["steps"] = [1, 1]  # two optimizers' counts, one optimizer
-    torch.save(raw, tmp_path / "count.ckpt")
-    with pytest.raises(ValueError, match=r"'steps' has 2 step count"):
-        fit(Lit(sgd()), [WeightPenalty(l2=0.5, reference="initial")], 2, ckpt_path=tmp_path / "count.ckpt")
+    edit(raw["callbacks"]["WeightPenalty"])
+    torch.save(raw, tmp_path / "edited.ckpt")
+
+    class NoStep(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            raise AssertionError("a step started")
+
+    kw: dict[str, Any] = {"strategy": RestoresAfterSetup(torch.device("cpu"))} if restores_after_setup else {}
+    module = Lit(sgd() if restores_after_setup else no_optimizer)
+    with pytest.raises(ValueError, match=match):
+        fit(module, [WeightPenalty(l2=0.5, reference="initial"), NoStep()], 2, ckpt_path=tmp_path / "edited.ckpt", **kw)
 
 
 # ----------------------------------------------------------------------- 4. one callback, several fits

@@ -137,6 +137,12 @@ class RegularizerCallback(Callback):
         self._loaded = False  # a saved state was loaded for the current run
         self._orphans: list[str] = []  # a resumed checkpoint's entries of this class that no callback claims
         self._resumed = False  # the current fit resumed from a checkpoint (messages only)
+        # The module a checkpoint entry is loaded for, when Lightning restores callbacks before the strategy's
+        # setup (ordinary strategies): the entry is checked against it at load. `None` where the strategy
+        # restores later (FSDP, ModelParallel, DeepSpeed) or outside a Trainer restore.
+        self._load_target: nn.Module | None = None
+        # (global_step, number of optimizer states) of the checkpoint being restored, from `on_load_checkpoint`.
+        self._checkpoint_counts: tuple[int | None, int | None] | None = None
 
     # ------------------------------------------------------------- subclass API
     def _regularizes(self, decision: ParamDecision) -> bool:
@@ -373,12 +379,21 @@ class RegularizerCallback(Callback):
             # one gets its saved state from `load_state_dict`, which Lightning calls after `setup`.
             self.unbind()
             self.reset()
+            restores_later = bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+            self._load_target = None if restores_later else pl_module
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Find this callback's entry when its key changed (written under another ``rules`` or by a version
         whose keys held the coefficients): adopted if it is the only unclaimed entry of this class."""
+        # Lightning calls this before `load_state_dict`: what the entry's step counts must agree with.
+        states = checkpoint.get("optimizer_states")
+        global_step = checkpoint.get("global_step")
+        self._checkpoint_counts = (
+            global_step if isinstance(global_step, int) else None,
+            len(states) if isinstance(states, (list, tuple)) else None,
+        )
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return
@@ -404,17 +419,12 @@ class RegularizerCallback(Callback):
         # Here, not in `on_fit_start`: Lightning restores the optimizers' state (param groups and their
         # `weight_decay`) after `on_fit_start`, and the checks must see what the first step will use.
         self._resumed = bool(trainer.ckpt_path)
+        self._load_target, self._checkpoint_counts = None, None  # restored by now: checked below, at bind
         if self._resumed:
             self._refuse_missing_state(trainer)
         self.bind(pl_module, trainer.optimizers, getattr(trainer.precision_plugin, "scaler", None))
-        if self._loaded:
-            too_many = [s for s in self._steps if s > trainer.global_step]
-            if too_many:
-                raise ValueError(
-                    f"{type(self).__name__}: the checkpoint's state field 'steps' ({self._steps}) counts more "
-                    f"optimizer steps than the checkpoint's global_step ({trainer.global_step}): the entry belongs "
-                    "to another run. Resume from that run's checkpoint, or start a new fit."
-                )
+        if self._loaded:  # again here for strategies that restore callbacks after their setup
+            self._check_steps_against_checkpoint(self._steps, trainer.global_step, None)
         self._check_other_callbacks(trainer)
         self._check_group_names()
 
@@ -511,13 +521,20 @@ class RegularizerCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.unbind()
+            self._load_target, self._checkpoint_counts = None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self._steps)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a saved state, validated field by field (a bad one fails here, not in a kernel)."""
-        self._load_state(self._validated(state_dict))
+        state = self._validated(state_dict)
+        counts, self._checkpoint_counts = self._checkpoint_counts, None
+        if counts is not None:
+            self._check_steps_against_checkpoint(state["steps"], *counts)
+        if self._load_target is not None:
+            self._check_against_module(state, self._load_target)
+        self._load_state(state)
         self._loaded = True
         if self._per_optimizer and self._module is not None:  # loaded after `bind`: bind again with it
             optimizers = [e.optimizer for e in self._per_optimizer]
@@ -536,6 +553,26 @@ class RegularizerCallback(Callback):
                 f"per optimizer), got {steps!r}"
             )
         return dict(state_dict)
+
+    def _check_steps_against_checkpoint(
+        self, steps: Sequence[int], global_step: int | None, optimizers: int | None
+    ) -> None:
+        """At load, under a Trainer restore: the entry's step counts against its checkpoint's own counts."""
+        if optimizers is not None and steps and len(steps) != optimizers:
+            raise ValueError(
+                f"{type(self).__name__}: the state field 'steps' has {len(steps)} step count(s) ({list(steps)}), the "
+                f"checkpoint holds {optimizers} optimizer state(s): the entry belongs to another configuration. "
+                "Resume from that run's checkpoint, or start a new fit."
+            )
+        if global_step is not None and any(s > global_step for s in steps):
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint's state field 'steps' ({list(steps)}) counts more optimizer "
+                f"steps than the checkpoint's global_step ({global_step}): the entry belongs to another run. Resume "
+                "from that run's checkpoint, or start a new fit."
+            )
+
+    def _check_against_module(self, state: dict[str, Any], module: nn.Module) -> None:
+        """At load, when the module is known (ordinary strategies): refuse state that cannot fit it."""
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self._steps = [int(s) for s in state["steps"]]

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._plan_cache import plan_for
 from lightning_decay._regularizer import (
     OptimizerBuckets,
     RegularizerCallback,
@@ -252,14 +253,24 @@ class WeightPenalty(RegularizerCallback):
             self._refs = {}
             self._refs = self._collect_references(plan)
 
-    def _check_loaded_references(self, plan: DecayPlan) -> None:
+    def _check_reference_shapes(self, refs: Mapping[str, Tensor], plan: DecayPlan) -> dict[str, tuple[int, ...]]:
+        """Refuse loaded references of other shapes than their parameters; the shapes of those regularized."""
         shapes = {d.name: tuple(d.param.shape) for d in plan if d.decay and not self._is_head(d)}
-        for name, ref in self._refs.items():
+        for name, ref in refs.items():
             if name in shapes and tuple(ref.shape) != shapes[name]:
                 raise ValueError(
                     f"WeightPenalty: the state field 'refs[{name!r}]' has shape {tuple(ref.shape)}, the parameter "
                     f"{shapes[name]}: a checkpoint of another model? Pass `reference=` explicitly to start over."
                 )
+        return shapes
+
+    def _check_against_module(self, state: dict[str, Any], module: nn.Module) -> None:
+        # Only "initial" resumes its saved references (an explicit reference replaces them, None drops them).
+        if self._reference == "initial" and state.get("refs"):
+            self._check_reference_shapes(state["refs"], plan_for(self.rules, module, include_frozen=True))
+
+    def _check_loaded_references(self, plan: DecayPlan) -> None:
+        shapes = self._check_reference_shapes(self._refs, plan)
         without = [n for n in shapes if n not in self._refs]
         if without:
             rank_zero_warn(
