@@ -233,6 +233,65 @@ def test_update_ratio_and_angular_update_against_snapshots(tmp_path: Path) -> No
             assert rows[step][f"angular_update/{name}"] == pytest.approx(torch.arccos(cos).item(), rel=1e-6, abs=tol)
 
 
+class TwoLayers(pl.LightningModule):
+    """``a`` then ``b``; the optimizer steps only the layer named by ``which`` (set before each rebuild)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.which = "a"
+        self.grads: dict[int, dict[str, float]] = {}  # step -> norms of the gradients the optimizer steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.b(torch.tanh(self.a(x))), y)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.grads[step] = {n: _norm(p.grad) for n, p in self.named_parameters() if id(p) in stepped}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(getattr(self, self.which).parameters(), lr=0.1, momentum=0.9)
+
+
+class RebuildEachEpoch(Callback):
+    """Lightning's documented way to change optimizers mid-fit, each epoch: ``a``, ``b``, ``a``, ``a``."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: TwoLayers) -> None:
+        if trainer.current_epoch > 0:
+            pl_module.which = "ab"[trainer.current_epoch % 2] if trainer.current_epoch < 3 else "a"
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_optimizers_rebuilt_mid_fit_are_followed(tmp_path: Path) -> None:
+    """Grad norms and update ratios are those of the parameters the *current* optimizer steps, recomputed
+    from the gradients it sees and from snapshots of the weights around each step."""
+    model, snaps = TwoLayers(), Snapshots()
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = WeightNormMonitor(log_grad_norm=True, log_update_ratio=True)
+    _fit(tmp_path, model, [RebuildEachEpoch(), snaps, monitor], logger=logger, max_epochs=4, log_every_n_steps=3)
+    rows = _read_csv(logger)
+    steps_per_epoch = 8
+    logged = sorted(s for s, row in rows.items() if "grad_norm/total" in row)
+    assert logged == list(range(2, 4 * steps_per_epoch, 3))
+    for step in logged:
+        layer = "abaa"[step // steps_per_epoch]
+        want = model.grads[step]
+        assert set(want) == {f"{layer}.weight", f"{layer}.bias"}
+        row = rows[step]
+        assert {k for k in row if k.startswith("grad_norm/")} == {f"grad_norm/{n}" for n in want} | {"grad_norm/total"}
+        assert {k for k in row if k.startswith("update_ratio/")} == {f"update_ratio/{n}" for n in want}
+        for name, norm in want.items():
+            assert row[f"grad_norm/{name}"] == pytest.approx(norm, rel=1e-6)
+            before, after = snaps.before[step][name].double(), snaps.after[step][name].double()
+            ratio = ((after - before).norm() / before.norm()).item()
+            assert ratio > 0
+            assert row[f"update_ratio/{name}"] == pytest.approx(ratio, rel=1e-6)
+        assert row["grad_norm/total"] == pytest.approx(math.hypot(*want.values()), rel=1e-6)
+
+
 def test_sparsity_counts_exact_zeros(tmp_path: Path) -> None:
     model = Net(weight_decay=0.0)
     with torch.no_grad():

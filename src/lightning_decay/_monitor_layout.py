@@ -7,7 +7,7 @@ of the replicas that sit out a SUM reduction, and the index tensors that combine
 Building it walks every parameter in Python; a logging step then works on these lists and tensors with a
 few foreach kernels and no per-parameter Python work, which is what keeps the monitor's cost near that of
 a bare ``torch._foreach_norm``. It is rebuilt only when `optimizer_signature` changes (``BaseFinetuning``
-adding a param group).
+adding a param group, optimizers rebuilt mid-fit).
 
 Also here: `Pending`, what one logging step gathers before the optimizer step, and `reduce_pieces`,
 the one cross-rank reduction of a step, which needs the layout's replica mask. Nothing here depends on
@@ -16,6 +16,7 @@ Lightning: the callback passes in the plan, the optimizers, the device and how a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,9 +154,12 @@ def optimizer_signature(optimizers: Sequence[Optimizer]) -> tuple[Any, ...]:
     """What a layout was built for: each optimizer and the size of each of its param groups.
 
     O(param groups), not O(params), so it is cheap enough to compare on every logging step, and enough
-    to notice ``BaseFinetuning`` adding a group.
+    to notice ``BaseFinetuning`` adding a group or optimizers rebuilt mid-fit
+    (``trainer.strategy.setup_optimizers(trainer)``). Each optimizer is held by a weak reference, which
+    compares by identity while both are alive and unequal once the old one is gone: unlike ``id()``, a new
+    optimizer allocated where a freed one was is never taken for it, and an old optimizer is not kept alive.
     """
-    return tuple([(id(opt), tuple([len(g["params"]) for g in opt.param_groups])) for opt in optimizers])
+    return tuple([(weakref.ref(opt), tuple([len(g["params"]) for g in opt.param_groups])) for opt in optimizers])
 
 
 def build_layout(
