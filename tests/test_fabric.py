@@ -120,6 +120,34 @@ def test_attached_l2_penalty_is_sgd_weight_decay_on_decay_groups() -> None:
     assert handle.steps == [STEPS]
 
 
+@pytest.mark.parametrize(
+    "second", [lambda: WeightPenalty(l2=0.05), lambda: WeightDecay(0.05)], ids=["penalty", "decay"]
+)
+def test_a_second_attachment_decaying_the_same_parameters_is_refused(second: Any) -> None:
+    """The optimizer carries a record of what is attached to it: as under a Trainer, two regularizers pulling
+    the same weights toward zero are refused. The refused one leaves no hook: the run is still exactly
+    ``SGD(weight_decay=lam)`` on the decay group. Disjoint rules, an L1 penalty, or the first attachment
+    removed: accepted."""
+    lam = 0.05
+    model = make_model()
+    opt = torch.optim.SGD(decay_param_groups(model, weight_decay=0.0), lr=0.1, momentum=0.9, foreach=False)
+    first = WeightPenalty(l2=lam).attach(model, opt)
+    with pytest.raises(MisconfigurationException, match=r"Double weight decay: \w+ and WeightPenalty .*remove\(\)"):
+        second().attach(model, opt)
+    got = loop(model, opt)
+    ref = make_model()
+    want = loop(ref, torch.optim.SGD(decay_param_groups(ref, weight_decay=lam), lr=0.1, momentum=0.9, foreach=False))
+    assert_equal_runs(got, want)
+
+    WeightPenalty(l1=1e-3).attach(model, opt).remove()  # L1 is no weight decay
+    disjoint = WeightDecay(lam, rules=DecayRules(exclude=["0.*"]))
+    first.remove()
+    WeightPenalty(l2=lam, rules=DecayRules(exclude=["3.*"])).attach(model, opt)
+    disjoint.attach(model, opt)
+    with pytest.raises(MisconfigurationException, match="Double weight decay"):
+        second().attach(model, opt)
+
+
 def test_attached_proximal_l1_soft_thresholds_after_the_sgd_step() -> None:
     lr, l1 = 0.1, 0.05
     ref = make_model()

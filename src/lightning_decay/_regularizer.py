@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,19 +252,34 @@ class RegularizerCallback(Callback):
                 "configuration? Resume with the optimizers it was written with."
             )
         self._per_optimizer = [OptimizerBuckets(opt) for opt in optimizers]
-        for i, entry in enumerate(self._per_optimizer):
-            self._attach(i, entry)
+        try:
+            for i, entry in enumerate(self._per_optimizer):
+                self._attach(i, entry)
+        except Exception:
+            self.unbind()  # refused: no hook of this binding stays on any optimizer
+            raise
 
     def _attach(self, index: int, entry: OptimizerBuckets) -> None:
-        self._rebuild(index, entry)
+        self._rebuild(index, entry)  # refuses the optimizer's own weight_decay on these parameters
+        bound = _bound_to(entry.optimizer)
+        for other in list(bound):
+            if other is not self:
+                self._refuse_double_decay_with(other, {id(p) for b in entry.buckets for p in b.params})
+        bound.add(self)
         entry.handles = [entry.optimizer.register_step_pre_hook(self._step_pre_hook)] if self._step_hooks else []
         entry.handles += self._register_optimizer_hooks(index, entry.optimizer)
+
+    @staticmethod
+    def _release(entry: OptimizerBuckets, regularizer: RegularizerCallback) -> None:
+        for handle in entry.handles:
+            handle.remove()
+        entry.handles = []
+        _bound_to(entry.optimizer).discard(regularizer)
 
     def unbind(self) -> None:
         """Remove the step hooks and forget the optimizers (the state is kept)."""
         for entry in self._per_optimizer:
-            for handle in entry.handles:
-                handle.remove()
+            self._release(entry, self)
         self._per_optimizer = []
 
     def reset(self) -> None:
@@ -295,8 +311,7 @@ class RegularizerCallback(Callback):
             self._forget_optimizer(i)
         for e in bound:
             if all(e is not kept for kept in entries):
-                for handle in e.handles:
-                    handle.remove()
+                self._release(e, self)
         self._steps = (self._steps + [0] * len(optimizers))[: len(optimizers)]
         self._per_optimizer = entries
         for i, entry in enumerate(entries):
@@ -475,17 +490,26 @@ class RegularizerCallback(Callback):
         return {id(p) for entry in self._per_optimizer for b in entry.buckets for p in b.params}
 
     def _check_other_callbacks(self, trainer: pl.Trainer) -> None:
-        if not self._decays_like_weight_decay():
-            return
         mine = self._regularized_ids()
         for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, RegularizerCallback) or not other._per_optimizer:
-                continue
-            if other._decays_like_weight_decay() and (mine & other._regularized_ids()):
-                raise MisconfigurationException(
-                    f"Double weight decay: {type(self).__name__} and {type(other).__name__} both pull the same "
-                    "parameters toward zero. Give them disjoint `rules`, or keep one of them."
-                )
+            if other is not self and isinstance(other, RegularizerCallback) and other._per_optimizer:
+                self._refuse_double_decay_with(other, mine)
+
+    def _refuse_double_decay_with(self, other: RegularizerCallback, mine: set[int]) -> None:
+        """Refuse ``other`` (bound too) also pulling some of ``mine`` (ids of parameters) toward zero."""
+        if not (self._decays_like_weight_decay() and other._decays_like_weight_decay()):
+            return
+        if mine & other._regularized_ids():
+            attached = (
+                f" The {type(other).__name__} attached to the optimizer before is still attached: its "
+                "Attachment's `remove()` takes it off."
+                if other._step_hooks
+                else ""
+            )
+            raise MisconfigurationException(
+                f"Double weight decay: {type(self).__name__} and {type(other).__name__} both pull the same "
+                f"parameters toward zero. Give them disjoint `rules`, or keep one of them.{attached}"
+            )
 
     def _check_group_names(self) -> None:
         """Warn when the optimizer's groups say otherwise: decayed weights in a ``no_decay`` group, or vice versa.
@@ -700,6 +724,18 @@ _RESTORED_HINT = (
     "weight_decay included) from it: the run that wrote it decayed in the optimizer. To go on with the same "
     "decay, resume with WeightDecay(weight_decay=None), which takes it over (on the decayed parameters only)."
 )
+
+
+def _bound_to(optimizer: Optimizer) -> weakref.WeakSet[RegularizerCallback]:
+    """The regularizers bound to ``optimizer`` (a record the optimizer carries, not saved with its state).
+
+    So that a second regularizer attached to the same optimizer (Fabric, plain PyTorch: no list of
+    callbacks to look through) is checked against the first for double decay.
+    """
+    record = optimizer.__dict__.get("_lightning_decay_bound")
+    if record is None:
+        record = optimizer.__dict__["_lightning_decay_bound"] = weakref.WeakSet()
+    return record
 
 
 def group_kind(name: Any) -> str | None:
