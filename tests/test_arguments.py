@@ -21,7 +21,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_decay import (
     DecayGroupsMixin,
@@ -31,6 +31,7 @@ from lightning_decay import (
     WeightNormMonitor,
     WeightPenalty,
     decay_param_groups,
+    unfreeze_and_add_decay_groups,
 )
 from lightning_decay.schedules import Constant, Cosine, Linear, Warmup
 from tests.test_penalty import Lit, adam, fit, sgd, weights
@@ -458,7 +459,21 @@ ROWS = [
             ({"1.*": {"weight_decay": -1}}, ValueError),
         ],
     ),
+    Row(
+        "unfreeze_and_add_decay_groups(model=)",
+        lambda v: _unfreeze_first_layer(v),
+        [None, "whole"],
+        [("net", TypeError), ({"0.weight": 1}, TypeError)],
+    ),
 ]
+
+
+def _unfreeze_first_layer(model: Any) -> list[dict[str, Any]]:
+    """The first Linear of a model frozen, then unfrozen into groups; ``"whole"``: ``model=`` the model."""
+    net = _model()
+    net[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(decay_param_groups(net[1:]), lr=0.1)
+    return unfreeze_and_add_decay_groups(net[0], optimizer, model=net if model == "whole" else model)
 
 
 def _cases(kind: str) -> list[Any]:
@@ -590,6 +605,32 @@ def test_partly_unknown_reference_names_warn_with_the_closest_names() -> None:
     reference = {"net.0.weight": good, "net.3.wieght": torch.zeros(2, 8), "fc.weight": torch.zeros(2, 8)}
     with pytest.warns(UserWarning, match=r"2 `reference` name\(s\).*'net.3.wieght' \(closest: 'net.3.weight'"):
         fit(module, [WeightPenalty(l2=0.1, reference=reference, l2_head=0.0)])
+
+
+class WithModuleAttribute(Lit):
+    """A user's attribute called ``module`` holding a BatchNorm (buffers): not a wrapper, its names keep it."""
+
+    def __init__(self, optimizer: Callable[[Lit], Any]) -> None:
+        super().__init__(optimizer)
+        self.module = nn.BatchNorm1d(2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.module(self.net(x)), y)
+
+
+def test_reference_buffer_names_are_the_module_trees() -> None:
+    """A whole ``state_dict`` as the reference: its buffers ``module.running_mean``... are the model's (by the
+    module tree, not stripped by spelling into ``running_mean``), so only the misspelt name is reported."""
+    module = WithModuleAttribute(adam())
+    reference = {k: v.clone() for k, v in module.state_dict().items()}
+    reference["net.3.wieght"] = torch.zeros(2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, [WeightPenalty(l2=0.1, reference=reference)])
+    reports = [str(w.message) for w in caught if "`reference` name(s)" in str(w.message)]
+    assert len(reports) == 1 and reports[0].startswith("WeightPenalty: 1 `reference` name(s)"), reports
+    assert "'net.3.wieght'" in reports[0] and "running_mean" not in reports[0]
 
 
 FACTOR_ERROR = r"at step (\d+):.*? with lr ([0-9.e-]+).*?weight_decay ([0-9.e-]+)"

@@ -512,6 +512,48 @@ def test_unfrozen_module_joins_as_decay_and_no_decay_groups() -> None:
     assert not torch.equal(weights(flat)["net.0.bias"], start["net.0.bias"]), "the flat group decays the bias"
 
 
+class HookedZeroGrad(ZeroGrad):
+    """A model-level ``no_weight_decay()`` (timm's hook) naming a weight of the module unfrozen later."""
+
+    def no_weight_decay(self) -> set[str]:
+        return {"net.0.weight"}
+
+
+class UnfreezeWithModel(UnfreezeWithHelper):
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:
+        if epoch == 1:
+            unfreeze_and_add_decay_groups(pl_module.net[0], optimizer, lr=0.05, model=pl_module)
+
+
+def test_unfreezing_with_the_model_uses_the_fits_plan() -> None:
+    """With ``model=``, the unfrozen parameters are classified as part of the whole model, as the callbacks
+    and the groups see them: the model's ``no_weight_decay()`` keeps ``net.0.weight`` out of the decay group,
+    so with zero data gradients it does not move; ``net.0`` classified by itself misses the hook and decays
+    it by exactly ``(1 - lr * wd) ** steps``."""
+    lam, lr = 0.3, 0.05
+
+    def trainable(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(decay_param_groups(m), lr=0.1, weight_decay=lam, foreach=False)
+
+    for unfreeze, moves in ((UnfreezeWithModel(), False), (UnfreezeWithHelper(), True)):
+        module = HookedZeroGrad(trainable)
+        start = weights(module)
+        trainer = fit(module, [unfreeze], max_epochs=3)
+        after = weights(module)["net.0.weight"]
+        if moves:
+            want = start["net.0.weight"] * (1 - lr * lam) ** (2 * STEPS_PER_EPOCH)
+            torch.testing.assert_close(after, want, rtol=1e-6, atol=0.0)
+        else:
+            assert torch.equal(after, start["net.0.weight"])
+        added = {g["name"]: g["params"] for g in trainer.optimizers[0].param_groups if "unfrozen" in g["name"]}
+        net0 = module.net[0]
+        if moves:
+            assert added == {"unfrozen/decay": [net0.weight], "unfrozen/no_decay": [net0.bias]}
+        else:  # as the fit's plan says
+            assert added == {"unfrozen/no_decay": [net0.weight, net0.bias]}
+            assert not DecayRules().classify(module).is_decayed(net0.weight)
+
+
 # ------------------------------------------------------------------------ SIGKILL mid-run, resume last
 KILL_AT_STEP = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # in the middle of epoch 1
 KILL_EPOCHS = 3

@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_decay.rules import DecayRules
+from lightning_decay._plan_cache import plan_for
+from lightning_decay.rules import DecayRules, module_rules
 from lightning_decay.schedules import check_coefficient
 
 __all__ = ["unfreeze_and_add_decay_groups"]
@@ -24,6 +25,7 @@ def unfreeze_and_add_decay_groups(
     weight_decay: float | None = None,
     rules: DecayRules | None = None,
     name: str | None = None,
+    model: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """``BaseFinetuning.unfreeze_and_add_param_group`` that adds ``"decay"`` / ``"no_decay"`` groups.
 
@@ -36,8 +38,8 @@ def unfreeze_and_add_decay_groups(
     helper is enough: the callbacks pick new groups up at the next step.
 
     Args:
-        modules: A module, or an iterable of modules, to unfreeze. ``rules`` see parameter names relative
-            to each module.
+        modules: A module, or an iterable of modules, to unfreeze. Without ``model``, ``rules`` see parameter
+            names relative to each module.
         optimizer: The optimizer the groups are added to (``finetune_function``'s argument).
         lr: Learning rate of the new groups; ``None``: the first group's, divided by ``initial_denom_lr``.
         initial_denom_lr: See ``lr``.
@@ -48,13 +50,17 @@ def unfreeze_and_add_decay_groups(
         rules: The classification; default [`DecayRules`][lightning_decay.DecayRules].
         name: The new groups are named ``"{name}/decay"`` and ``"{name}/no_decay"`` (default ``"unfrozen"``,
             numbered ``"unfrozen-2"``... when taken, since ``LearningRateMonitor`` refuses repeated names).
+        model: The whole model (the LightningModule ``finetune_function`` gets). Given, the parameters are
+            classified as part of it, exactly as the callbacks and the mixin classify them: the plan of the
+            fit, computed once and shared, with the model's names (wrappers removed where the module tree has
+            them), its ``no_weight_decay()`` hooks and, without ``rules``, its ``decay_rules``.
 
     Returns:
         The groups added (none if every parameter was already in the optimizer).
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite.
-        TypeError: If ``rules`` is not a ``DecayRules``.
+        TypeError: If ``rules`` is not a ``DecayRules``, or ``model`` not an ``nn.Module``.
 
     Examples:
         ```python
@@ -64,12 +70,14 @@ def unfreeze_and_add_decay_groups(
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
         model[:2].requires_grad_(False)  # a frozen backbone
         opt = torch.optim.AdamW(decay_param_groups(model[2], weight_decay=0.05), lr=1e-3)
-        added = unfreeze_and_add_decay_groups(model[:2], opt, lr=1e-4)  # in BaseFinetuning.finetune_function
+        added = unfreeze_and_add_decay_groups(model[:2], opt, lr=1e-4, model=model)  # in finetune_function
         [(g["name"], g["weight_decay"]) for g in added]  # [('unfrozen/decay', 0.05), ('unfrozen/no_decay', 0.0)]
         ```
     """
     if rules is not None and not isinstance(rules, DecayRules):
         raise TypeError(f"`rules` must be a DecayRules or None, got {type(rules).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module (the LightningModule) or None, got {type(model).__name__}")
     if weight_decay is not None:
         weight_decay = check_coefficient(weight_decay, "weight_decay")
     BaseFinetuning.make_trainable(modules)
@@ -79,11 +87,12 @@ def unfreeze_and_add_decay_groups(
     wanted = {id(p) for p in BaseFinetuning.filter_on_optimizer(optimizer, params)}
     if not wanted:
         return []
-    rules = rules or DecayRules()
+    # The cached plan (`plan_for`), shared with the callbacks when it is the same model and rules.
+    rules = module_rules(model, rules) if model is not None else (rules or DecayRules())
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for root in _roots(modules):
-        for d in rules.classify(root, include_frozen=True).decisions:
+    for root in [model] if model is not None else _roots(modules):
+        for d in plan_for(rules, root, include_frozen=True).decisions:
             if id(d.param) in wanted:
                 wanted.discard(id(d.param))  # once, even if two roots share it
                 (decay if d.decay else no_decay).append(d.param)

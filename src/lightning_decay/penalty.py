@@ -282,7 +282,9 @@ class WeightPenalty(RegularizerCallback):
         if self._reference == "initial":
             # A DTensor parameter's clone is a DTensor too: this rank's shard, with the layout to gather it.
             return {d.name: d.param.detach().clone() for d in plan if d.decay and not self._is_head(d)}
-        known = {n for d in plan for n in (d.name, *d.aliases)} | set(plan.frozen)
+        assert self._module is not None  # bound
+        # Buffers too: a key that is exactly a buffer's name is not cleaned by spelling into another name.
+        known = {n for d in plan for n in (d.name, *d.aliases)} | set(plan.frozen) | buffer_names(self._module)
         given = _reference_by_name(self._reference, known)  # type: ignore[arg-type]
         # Every check before the first copy: a bad reference leaves the callback and the model untouched.
         matched: list[tuple[ParamDecision, Tensor]] = []
@@ -299,7 +301,6 @@ class WeightPenalty(RegularizerCallback):
                 "`reference` names none of the regularized parameters of the model: "
                 + unknown_name_message(first, regularized, "one of them")
             )
-        assert self._module is not None  # bound
         report_unknown_reference_names(given, plan, self._module)
         refs: dict[str, Tensor] = {}
         for d, ref in matched:
@@ -519,6 +520,17 @@ def check_reference_tensor(argument: str, ref: Any, shape: tuple[int, ...]) -> N
         raise ValueError(f"`{argument}` has {bad} non-finite value(s) (NaN or inf): every weight would become NaN")
 
 
+def buffer_names(module: nn.Module) -> set[str]:
+    """The buffers' names cleaned like the parameters', from the module tree: the owner's path, then the buffer's."""
+    tree = clean_names(module)
+    names = set()
+    for raw, _ in module.named_buffers(remove_duplicate=False):
+        owner, _, leaf = raw.rpartition(".")
+        path = tree.get(owner, owner)
+        names.add(f"{path}.{leaf}" if path else leaf)
+    return names
+
+
 def report_unknown_reference_names(given: Mapping[str, Any], plan: DecayPlan, module: nn.Module) -> None:
     """Warn once about reference names the model has neither as a parameter nor as a buffer.
 
@@ -527,7 +539,7 @@ def report_unknown_reference_names(given: Mapping[str, Any], plan: DecayPlan, mo
     reference, so the warning names the closest names of the model.
     """
     known = [n for d in plan for n in (d.name, *d.aliases)] + list(plan.frozen)
-    buffers = {clean_param_name(n) for n, _ in module.named_buffers()}
+    buffers = buffer_names(module)
     unknown = [k for k in given if k not in buffers and k not in set(known)]
     if not unknown:
         return
