@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decay import DecayRules
+from lightning_decay._monitor_layout import optimizer_signature
 from lightning_decay.monitor import WeightNormMonitor
 
 INF = math.inf
@@ -290,6 +291,20 @@ def test_optimizers_rebuilt_mid_fit_are_followed(tmp_path: Path) -> None:
             assert ratio > 0
             assert row[f"update_ratio/{name}"] == pytest.approx(ratio, rel=1e-6)
         assert row["grad_norm/total"] == pytest.approx(math.hypot(*want.values()), rel=1e-6)
+
+
+def test_an_optimizer_allocated_where_a_freed_one_was_is_not_taken_for_it() -> None:
+    """CPython hands a freed object's address to the next object of its size: an ``id()``-keyed layout would
+    take the new optimizer (other parameters, same group sizes) for the old one and measure the wrong tensors."""
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    old = torch.optim.SGD(a.parameters(), lr=0.1)
+    old_id, signature = id(old), optimizer_signature([old])
+    del old
+    new = torch.optim.SGD(b.parameters(), lr=0.1)
+    if id(new) != old_id:
+        pytest.skip("this interpreter did not reuse the address")
+    assert signature != optimizer_signature([new])
+    assert optimizer_signature([new]) == optimizer_signature([new])
 
 
 def test_sparsity_counts_exact_zeros(tmp_path: Path) -> None:
