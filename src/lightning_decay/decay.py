@@ -116,7 +116,7 @@ class WeightDecay(RegularizerCallback):
     steps per epoch of this process after gradient accumulation; the weights then decay as in
     ``mode="lr"``, so at the base lr they shrink by ``1 - 1 / (tau * S)`` per step. The best ``tau`` in
     epochs stays about constant across model and dataset sizes (Wang & Aitchison 2024). The derived
-    values are logged at fit start, one line per group (lr0, S, tau, lambda), and recomputed when the
+    values are logged when training starts, one line per group (lr0, S, tau, lambda), and recomputed when the
     epoch length changes.
 
     Args:
