@@ -151,8 +151,6 @@ def attach_monitor(
     loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
     if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
         raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
-    if monitor.logging_interval is None:
-        monitor.logging_interval = 50
     epoch_loop = SimpleNamespace(
         batch_progress=SimpleNamespace(total=SimpleNamespace(ready=0)), _batches_that_stepped=0
     )
@@ -163,6 +161,9 @@ def attach_monitor(
         strategy=SimpleNamespace(root_device=device),
         precision_plugin=SimpleNamespace(scaler=scaler),
         fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
+        # `logging_interval=None`: every 50 steps, as the Trainer's default `log_every_n_steps`; the monitor
+        # itself is left as built (given to a Trainer later, it follows that Trainer's `log_every_n_steps`).
+        _logger_connector=_EveryNSteps(epoch_loop, 50),
     )
     monitor._layout, monitor._pending, monitor._decided_batch = None, None, None
     monitor.on_train_start(trainer, module)  # type: ignore[arg-type]  (the Custom Scalars layout)
@@ -191,6 +192,17 @@ def attach_monitor(
     handles = [o.register_step_pre_hook(pre_hook) for o in opts]
     handles.append(opts[-1].register_step_post_hook(post_hook))
     return Attachment(monitor, handles, steps=lambda: [epoch_loop._batches_that_stepped])
+
+
+class _EveryNSteps:
+    """The Trainer's ``_logger_connector.should_update_logs`` for a fixed ``log_every_n_steps``."""
+
+    def __init__(self, epoch_loop: SimpleNamespace, every: int) -> None:
+        self.epoch_loop, self.every = epoch_loop, every
+
+    @property
+    def should_update_logs(self) -> bool:
+        return (self.epoch_loop._batches_that_stepped + 1) % self.every == 0
 
 
 def _unwrap_module(model: Any) -> nn.Module:
