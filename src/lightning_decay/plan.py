@@ -336,7 +336,7 @@ class DecayPlan:
 
     # --------------------------------------------------------------- rendering
     def summary(self) -> str:
-        """One line with the counts, as logged at fit start."""
+        """One line with the counts, as `DecayGroupsMixin.configure_optimizers` logs it."""
         dn = sum(d.numel for d in self.decay)
         nn_ = sum(d.numel for d in self.no_decay)
         text = (
