@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_decay._regularizer import RegularizerCallback
+from lightning_decay._regularizer import RegularizerCallback, after_closure
 
 if TYPE_CHECKING:
     from lightning_decay.monitor import WeightNormMonitor
@@ -169,19 +169,10 @@ def attach_monitor(
     monitor.on_train_start(trainer, module)  # type: ignore[arg-type]  (the Custom Scalars layout)
 
     def pre_hook(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
+        def measure() -> None:
             monitor.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
-            return None
 
-        def closure_then_measure() -> Any:  # the gradients exist once the closure returns
-            loss = closure()
-            monitor.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_measure}
-        return (args[0], closure_then_measure, *args[2:]), kwargs
+        return after_closure(args, kwargs, measure)
 
     def post_hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
         monitor.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]

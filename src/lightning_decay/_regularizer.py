@@ -310,20 +310,7 @@ class RegularizerCallback(Callback):
             self._before_step(index, optimizer)
 
     def _step_pre_hook(self, opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # `args` starts with the optimizer itself: `step(self, closure=None)`.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self.before_step(opt)
-            return None
-
-        def closure_then_work() -> Any:  # the gradients exist once the closure returns
-            loss = closure()
-            self.before_step(opt)
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_work}
-        return (args[0], closure_then_work, *args[2:]), kwargs
+        return after_closure(args, kwargs, lambda: self.before_step(opt))
 
     # ------------------------------------------------ Fabric and plain PyTorch
     def attach(self, model: nn.Module, optimizers: Any, scaler: Any = None) -> Any:
@@ -674,6 +661,26 @@ def group_kind(name: Any) -> str | None:
         if name == kind or name.endswith((f"/{kind}", f"_{kind}")):
             return kind
     return None
+
+
+def after_closure(args: tuple[Any, ...], kwargs: dict[str, Any], work: Callable[[], None]) -> Any:
+    """What a step pre-hook returns to run ``work`` once the gradients exist: now when ``step`` got no closure
+    (the caller, or Lightning's AMP plugin, ran it before ``step``), else right after the closure returns,
+    inside ``step`` (Lightning runs backward, unscaling and clipping there), before the update."""
+    # `args` starts with the optimizer itself: `step(self, closure=None)`.
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        work()
+        return None
+
+    def closure_then_work() -> Any:
+        loss = closure()
+        work()
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_work}
+    return (args[0], closure_then_work, *args[2:]), kwargs
 
 
 def should_log(trainer: pl.Trainer) -> bool:
