@@ -21,7 +21,7 @@ every run (``penalty/l2``, validation accuracy, the weight norms of ``WeightNorm
 
 Usage::
 
-    python examples/finetune_l2sp.py              # about a minute on 2 CPU cores
+    python examples/finetune_l2sp.py              # under a minute on 2 CPU cores
     python examples/finetune_l2sp.py --fast       # a few steps, for the smoke test
     tensorboard --logdir runs/finetune_l2sp
 """

@@ -9,7 +9,7 @@ a Custom Scalars layout: one category per metric, one chart per block in model o
 
 Usage::
 
-    python examples/vit_tensorboard.py            # about a minute on 2 CPU cores
+    python examples/vit_tensorboard.py            # under a minute on 2 CPU cores
     tensorboard --logdir runs/vit_digits          # then open the "Custom Scalars" tab
 """
 

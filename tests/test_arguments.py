@@ -505,7 +505,7 @@ def test_refused_values_raise_naming_the_argument(row: Row, bad: tuple[Any, type
 
 def test_every_row_of_the_page_is_tested() -> None:
     """Each row of the argument tables (up to the fit-start section, tested below) has its ``Row``."""
-    page = (ROOT / "docs" / "arguments.md").read_text().split("## Checked at fit start")[0]
+    page = (ROOT / "docs" / "arguments.md").read_text().split("## Checked when training starts")[0]
     documented = [m.group(1) for m in re.finditer(r"^\| `([^`]+)`", page, flags=re.M)]
     assert len(documented) >= 25
     missing = [d for d in documented if not any(row.row.startswith(d) for row in ROWS)]

@@ -116,6 +116,14 @@ def test_docs_name_existing_tests() -> None:
     assert cited - defined == set()
 
 
+def test_api_page_lists_every_public_name() -> None:
+    """Every name of ``lightning_decay.__all__`` has its ``::: lightning_decay.<name>`` entry in docs/api.md."""
+    import lightning_decay
+
+    listed = set(re.findall(r"^::: lightning_decay\.(\w+)\s*$", (DOCS / "api.md").read_text(), flags=re.M))
+    assert set(lightning_decay.__all__) - listed == set()
+
+
 # ------------------------------------------------------------------------------ docstring examples
 _ROLE = re.compile(r":(class|meth|func|mod|attr|obj|exc|data|math|ref):`|^\s*Example::\s*$", flags=re.M)
 _PY_BLOCK = re.compile(r"^\s*```python\n(.*?)^\s*```", flags=re.S | re.M)

@@ -270,3 +270,29 @@ def test_attached_monitor_logs_norms_and_layout_to_fabric_tensorboard_logger(tmp
     handle.remove()
     with pytest.raises(MisconfigurationException, match="attach"):
         fabric_run(lambda m: torch.optim.SGD(m.parameters(), lr=0.1), callbacks=[WeightNormMonitor()])
+
+
+def test_attached_monitor_without_interval_logs_every_50_steps_and_stays_as_built() -> None:
+    """``logging_interval=None`` attached: Lightning's default ``log_every_n_steps`` (50), labels 49, 99;
+    the monitor object keeps ``None``, so a Trainer given it later still decides the interval."""
+    from lightning_decay import WeightNormMonitor
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.steps.append(step)
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    recorder = Recorder()
+    monitor = WeightNormMonitor()
+    with monitor.attach(model, optimizer, recorder):
+        x, y = batches()[0]
+        for _ in range(100):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    assert recorder.steps == [49, 99]
+    assert monitor.logging_interval is None

@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_decay._regularizer import RegularizerCallback
+from lightning_decay._regularizer import RegularizerCallback, after_closure
 
 if TYPE_CHECKING:
     from lightning_decay.monitor import WeightNormMonitor
@@ -151,8 +151,6 @@ def attach_monitor(
     loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
     if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
         raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
-    if monitor.logging_interval is None:
-        monitor.logging_interval = 50
     epoch_loop = SimpleNamespace(
         batch_progress=SimpleNamespace(total=SimpleNamespace(ready=0)), _batches_that_stepped=0
     )
@@ -163,24 +161,18 @@ def attach_monitor(
         strategy=SimpleNamespace(root_device=device),
         precision_plugin=SimpleNamespace(scaler=scaler),
         fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
+        # `logging_interval=None`: every 50 steps, as the Trainer's default `log_every_n_steps`; the monitor
+        # itself is left as built (given to a Trainer later, it follows that Trainer's `log_every_n_steps`).
+        _logger_connector=_EveryNSteps(epoch_loop, 50),
     )
     monitor._layout, monitor._pending, monitor._decided_batch = None, None, None
     monitor.on_train_start(trainer, module)  # type: ignore[arg-type]  (the Custom Scalars layout)
 
     def pre_hook(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
+        def measure() -> None:
             monitor.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
-            return None
 
-        def closure_then_measure() -> Any:  # the gradients exist once the closure returns
-            loss = closure()
-            monitor.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_measure}
-        return (args[0], closure_then_measure, *args[2:]), kwargs
+        return after_closure(args, kwargs, measure)
 
     def post_hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
         monitor.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]
@@ -191,6 +183,17 @@ def attach_monitor(
     handles = [o.register_step_pre_hook(pre_hook) for o in opts]
     handles.append(opts[-1].register_step_post_hook(post_hook))
     return Attachment(monitor, handles, steps=lambda: [epoch_loop._batches_that_stepped])
+
+
+class _EveryNSteps:
+    """The Trainer's ``_logger_connector.should_update_logs`` for a fixed ``log_every_n_steps``."""
+
+    def __init__(self, epoch_loop: SimpleNamespace, every: int) -> None:
+        self.epoch_loop, self.every = epoch_loop, every
+
+    @property
+    def should_update_logs(self) -> bool:
+        return (self.epoch_loop._batches_that_stepped + 1) % self.every == 0
 
 
 def _unwrap_module(model: Any) -> nn.Module:

@@ -27,7 +27,7 @@ from lightning_decay import kernels
 from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
-from lightning_decay.plan import DecayPlan, ParamDecision
+from lightning_decay.plan import DecayPlan, ParamDecision, few_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import Constant, check_coefficient
 
@@ -331,20 +331,7 @@ class RegularizerCallback(Callback):
             self._before_step(index, optimizer)
 
     def _step_pre_hook(self, opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # `args` starts with the optimizer itself: `step(self, closure=None)`.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self.before_step(opt)
-            return None
-
-        def closure_then_work() -> Any:  # the gradients exist once the closure returns
-            loss = closure()
-            self.before_step(opt)
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_work}
-        return (args[0], closure_then_work, *args[2:]), kwargs
+        return after_closure(args, kwargs, lambda: self.before_step(opt))
 
     # ------------------------------------------------ Fabric and plain PyTorch
     def attach(self, model: nn.Module, optimizers: Any, scaler: Any = None) -> Any:
@@ -537,9 +524,9 @@ class RegularizerCallback(Callback):
         for names, verb, kind in ((in_no_decay, "regularizes", "no_decay"), (in_decay, "leaves alone", "decay")):
             if names:
                 rank_zero_warn(
-                    f"{type(self).__name__} {verb} {_few(names)}, which the optimizer holds in a {kind!r} group: its "
-                    f"{where} and the rules that built the groups differ. Use one DecayRules for both (set the "
-                    "LightningModule's `decay_rules` and give the callback no `rules`)."
+                    f"{type(self).__name__} {verb} {few_names(names, 3)}, which the optimizer holds in a {kind!r} "
+                    f"group: its {where} and the rules that built the groups differ. Use one DecayRules for both "
+                    "(set the LightningModule's `decay_rules` and give the callback no `rules`)."
                 )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -649,7 +636,7 @@ class RegularizerCallback(Callback):
                 name = group.get("name", f"param group {bucket.group_index}")
                 raise MisconfigurationException(
                     f"Double weight decay: {type(entry.optimizer).__name__}'s {name!r} has weight_decay={wd} on "
-                    f"parameters that {type(self).__name__} also regularizes ({_few(bucket.names)}). Set "
+                    f"parameters that {type(self).__name__} also regularizes ({few_names(bucket.names, 3)}). Set "
                     "weight_decay=0 in the optimizer for those parameters (the 'no_decay'/'decay' groups of "
                     "decay_param_groups help), or let WeightDecay(weight_decay=None) take the optimizer's "
                     "weight_decay over." + (_RESTORED_HINT if self._resumed else "")
@@ -749,6 +736,26 @@ def group_kind(name: Any) -> str | None:
     return None
 
 
+def after_closure(args: tuple[Any, ...], kwargs: dict[str, Any], work: Callable[[], None]) -> Any:
+    """What a step pre-hook returns to run ``work`` once the gradients exist: now when ``step`` got no closure
+    (the caller, or Lightning's AMP plugin, ran it before ``step``), else right after the closure returns,
+    inside ``step`` (Lightning runs backward, unscaling and clipping there), before the update."""
+    # `args` starts with the optimizer itself: `step(self, closure=None)`.
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        work()
+        return None
+
+    def closure_then_work() -> Any:
+        loss = closure()
+        work()
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_work}
+    return (args[0], closure_then_work, *args[2:]), kwargs
+
+
 def should_log(trainer: pl.Trainer) -> bool:
     return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
 
@@ -756,11 +763,6 @@ def should_log(trainer: pl.Trainer) -> bool:
 def coefficient(schedule: Callable[[int], float], step: int, argument: str) -> float:
     """The schedule's value at ``step``, validated (a schedule may not return a negative value)."""
     return check_coefficient(schedule(step), argument, step)
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def to_host(

@@ -15,7 +15,13 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
 from lightning_decay._compat import MisconfigurationException
-from lightning_decay._regularizer import OptimizerBuckets, RegularizerCallback, coefficient, should_log
+from lightning_decay._regularizer import (
+    OptimizerBuckets,
+    RegularizerCallback,
+    after_closure,
+    coefficient,
+    should_log,
+)
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
@@ -116,7 +122,7 @@ class WeightDecay(RegularizerCallback):
     steps per epoch of this process after gradient accumulation; the weights then decay as in
     ``mode="lr"``, so at the base lr they shrink by ``1 - 1 / (tau * S)`` per step. The best ``tau`` in
     epochs stays about constant across model and dataset sizes (Wang & Aitchison 2024). The derived
-    values are logged at fit start, one line per group (lr0, S, tau, lambda), and recomputed when the
+    values are logged when training starts, one line per group (lr0, S, tau, lambda), and recomputed when the
     epoch length changes.
 
     Args:
@@ -276,23 +282,9 @@ class WeightDecay(RegularizerCallback):
                 return None
             if not self._has_coupled(index):
                 return None
-            # `args` starts with the optimizer itself: `step(self, closure=None)`.
-            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-            if closure is None:
-                # The closure ran before `step` (AMP plugins): the gradients are unscaled and clipped.
-                self._apply_coupled(index, opt)
-                return None
-
-            # Lightning runs the closure (backward, unscale, clipping) inside `step`: add the L2 term
-            # when it returns, after clipping and before the update, where torch's own SGD/Adam add it.
-            def closure_then_l2() -> Any:
-                loss = closure()
-                self._apply_coupled(index, opt)
-                return loss
-
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": closure_then_l2}
-            return (args[0], closure_then_l2, *args[2:]), kwargs
+            # The L2 term once the gradients are unscaled and clipped, before the update: where torch's own
+            # SGD/Adam add it.
+            return after_closure(args, kwargs, lambda: self._apply_coupled(index, opt))
 
         def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
             if self._step_ran(opt):

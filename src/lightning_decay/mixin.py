@@ -13,7 +13,7 @@ from lightning_decay._plan_cache import plan_for
 from lightning_decay.groups import check_optimizer_groups
 from lightning_decay.layers import LayerOf, apply_lr_scale
 from lightning_decay.plan import DecayPlan
-from lightning_decay.rules import DecayRules, as_rules
+from lightning_decay.rules import DecayRules, module_rules
 
 __all__ = ["DecayGroupsMixin"]
 
@@ -77,9 +77,8 @@ class DecayGroupsMixin:
 
     def decay_plan(self, rules: DecayRules | None = None) -> DecayPlan:
         """Classify this module's trainable parameters (``rules`` beats ``self.decay_rules``)."""
-        if rules is None:
-            rules = as_rules(self.decay_rules, f"{type(self).__name__}.decay_rules")
-        return plan_for(as_rules(rules), self._as_module())
+        module = self._as_module()
+        return plan_for(module_rules(module, rules), module)
 
     def decay_param_groups(
         self,

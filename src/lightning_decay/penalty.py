@@ -18,14 +18,13 @@ from lightning_decay._plan_cache import plan_for
 from lightning_decay._regularizer import (
     OptimizerBuckets,
     RegularizerCallback,
-    _few,
     coefficient,
     should_log,
     to_host,
 )
 from lightning_decay.names import clean_names, clean_param_name
 from lightning_decay.norms import is_dtensor, local_tensor
-from lightning_decay.plan import DecayPlan, ParamDecision, closest_names, unknown_name_message
+from lightning_decay.plan import DecayPlan, ParamDecision, closest_names, few_names, unknown_name_message
 from lightning_decay.rules import DecayRules, _patterns
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
@@ -274,7 +273,7 @@ class WeightPenalty(RegularizerCallback):
         without = [n for n in shapes if n not in self._refs]
         if without:
             rank_zero_warn(
-                f"WeightPenalty: the resumed L2-SP reference has no entry for {_few(without)}, regularized "
+                f"WeightPenalty: the resumed L2-SP reference has no entry for {few_names(without, 3)}, regularized "
                 "now (other `rules`?): they are pulled toward zero with `l2_head`"
             )
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_decay.layers import LayerAssignment, LayerOf, assign_layers, validate_layer_decay
+from lightning_decay.schedules import check_coefficient
 
 __all__ = ["DecayPlan", "ParamDecision", "validate_weight_decay"]
 
@@ -58,14 +59,9 @@ class ParamDecision:
         return DECAY_GROUP if self.decay else NO_DECAY_GROUP
 
 
-def validate_weight_decay(value: float | None, argument: str = "weight_decay") -> None:
-    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is ``None`` or a finite number >= 0."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{argument}` must be a float >= 0 or None, got {type(value).__name__}: {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}")
+def validate_weight_decay(value: float | None, argument: str = "weight_decay") -> float | None:
+    """``value`` as a Python float, or ``None``; raise naming ``argument`` unless it is a finite number >= 0."""
+    return None if value is None else check_coefficient(value, argument)
 
 
 class DecayPlan:
@@ -269,7 +265,7 @@ class DecayPlan:
             [(g["name"], g["lr_scale"]) for g in groups][:2]  # [('layer_1/decay', 0.25), ('layer_1/no_decay', 0.25)]
             ```
         """
-        validate_weight_decay(weight_decay)
+        weight_decay = validate_weight_decay(weight_decay)
         layer_decay = validate_layer_decay(layer_decay)
         check_group_options(group_kwargs, "param_groups", layer_decay is not None)
         if overrides is not None and not isinstance(overrides, Mapping):
@@ -340,7 +336,7 @@ class DecayPlan:
 
     # --------------------------------------------------------------- rendering
     def summary(self) -> str:
-        """One line with the counts, as logged at fit start."""
+        """One line with the counts, as `DecayGroupsMixin.configure_optimizers` logs it."""
         dn = sum(d.numel for d in self.decay)
         nn_ = sum(d.numel for d in self.no_decay)
         text = (

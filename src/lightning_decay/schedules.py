@@ -52,7 +52,19 @@ class Constant(Schedule):
         return f"Constant({self.value})"
 
 
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """From ``start`` to ``end`` over ``steps`` steps, then ``end``: the shape is the subclass's."""
+
+    def __init__(self, start: float, end: float, steps: int) -> None:
+        # Both ends >= 0 keep every value in between >= 0: nothing can go negative at a later step.
+        self.start, self.end = check_coefficient(start, "start"), check_coefficient(end, "end")
+        self.steps = _positive_steps(steps, "steps")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(start={self.start}, end={self.end}, steps={self.steps})"
+
+
+class Linear(_Ramp):
     """From ``start`` to ``end`` linearly over ``steps`` steps, then ``end``.
 
     Raises:
@@ -60,20 +72,12 @@ class Linear(Schedule):
         ValueError: If ``start`` or ``end`` is negative or not finite, or ``steps < 1``.
     """
 
-    def __init__(self, start: float, end: float, steps: int) -> None:
-        # Both ends >= 0 keep every value in between >= 0: nothing can go negative at a later step.
-        self.start, self.end = check_coefficient(start, "start"), check_coefficient(end, "end")
-        self.steps = _positive_steps(steps, "steps")
-
     def __call__(self, step: int) -> float:
         t = min(step / self.steps, 1.0)
         return self.start + (self.end - self.start) * t
 
-    def __repr__(self) -> str:
-        return f"Linear(start={self.start}, end={self.end}, steps={self.steps})"
 
-
-class Cosine(Schedule):
+class Cosine(_Ramp):
     """From ``start`` to ``end`` along a half cosine over ``steps`` steps, then ``end``.
 
     Raises:
@@ -81,17 +85,9 @@ class Cosine(Schedule):
         ValueError: If ``start`` or ``end`` is negative or not finite, or ``steps < 1``.
     """
 
-    def __init__(self, start: float, end: float, steps: int) -> None:
-        # Both ends >= 0 keep every value in between >= 0: nothing can go negative at a later step.
-        self.start, self.end = check_coefficient(start, "start"), check_coefficient(end, "end")
-        self.steps = _positive_steps(steps, "steps")
-
     def __call__(self, step: int) -> float:
         t = min(step / self.steps, 1.0)
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    def __repr__(self) -> str:
-        return f"Cosine(start={self.start}, end={self.end}, steps={self.steps})"
 
 
 class Warmup(Schedule):
