@@ -323,3 +323,20 @@ def test_unknown_names_suggest_the_closest_and_frozen_names_say_so() -> None:
         plan["net.0.weight"]
     with pytest.raises(KeyError, match=r"the names are 'net.1.weight', 'net.1.bias', 'net.head.weight'"):
         plan["zzz"]  # nothing close: the names
+
+
+def test_group_options_unknown_to_torch_warn_with_the_closest_name() -> None:
+    # torch's optimizers keep any key on a group without a word: a typo must not pass silently.
+    model = make_cnn(0)
+    with pytest.warns(UserWarning, match=r"'momentun' \(did you mean 'momentum'\?\); 'foo'"):
+        groups = decay_param_groups(model, 0.05, momentun=0.9, foo=1)
+    assert all(g["momentun"] == 0.9 and g["foo"] == 1 for g in groups)  # kept: a custom optimizer may read it
+    with pytest.warns(UserWarning, match="'nesterow'"):
+        DecayRules().classify(model).param_groups(overrides={"head.*": {"nesterow": True}})
+    # Every torch.optim optimizer's own hyperparameters pass without a warning.
+    signature_args = set()
+    for opt in (torch.optim.SGD, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
+        signature_args |= set(opt([torch.zeros(1, requires_grad=True)]).defaults)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decay_param_groups(model, 0.05, **{k: None for k in signature_args if k != "weight_decay"})

@@ -35,6 +35,14 @@ from lightning_decay import DecayLightningCLI, DecayRules, WeightDecay, WeightNo
 LAM, LR, STEPS = 0.1, 0.01, 4
 
 
+def test_the_namespace_under_test_is_the_same_release_as_lightning() -> None:
+    # The two packages are built from one source tree per release; the suite runs this file on the
+    # `pytorch-lightning` of the same version, or it would test another Lightning than the rest of the suite.
+    import lightning
+
+    assert pl.__version__ == lightning.__version__, "install pytorch-lightning==<lightning's version>"
+
+
 def make_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 1))

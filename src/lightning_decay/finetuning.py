@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay._plan_cache import plan_for
-from lightning_decay.rules import DecayRules, module_rules
+from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import check_coefficient
 
 __all__ = ["unfreeze_and_add_decay_groups"]
@@ -74,8 +74,7 @@ def unfreeze_and_add_decay_groups(
         [(g["name"], g["weight_decay"]) for g in added]  # [('unfrozen/decay', 0.05), ('unfrozen/no_decay', 0.0)]
         ```
     """
-    if rules is not None and not isinstance(rules, DecayRules):
-        raise TypeError(f"`rules` must be a DecayRules or None, got {type(rules).__name__}")
+    as_rules(rules)  # a TypeError naming `rules` for anything but DecayRules or None
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module (the LightningModule) or None, got {type(model).__name__}")
     if weight_decay is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import inspect
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -228,9 +230,10 @@ class DecayPlan:
         the groups as given, except names that are arguments of a grouping function rather than of an
         optimizer (``DecayRules`` options, timm's ``no_weight_decay_list``, ``min_scale``...), and
         ``params``, ``name`` and (with ``layer_decay``) ``lr_scale``, which are set per group: those are
-        refused. torch's optimizers keep unknown group keys without a word, so
-        [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin] also checks the groups against the
-        optimizer it builds.
+        refused. torch's optimizers keep unknown group keys without a word, so a key that no ``torch.optim``
+        optimizer takes gets a warning naming the closest one (it stays on the groups: a custom optimizer
+        may read it), and [`DecayGroupsMixin`][lightning_decay.DecayGroupsMixin] also checks the groups
+        against the optimizer it builds.
 
         Args:
             weight_decay: Weight decay of the decay group. ``None`` leaves the key out, so the
@@ -414,6 +417,35 @@ def check_group_options(options: Mapping[str, Any], where: str, layer_decay: boo
             raise ValueError(f"{where}: {key!r} is not an optimizer option but {why}")
         if key in _NOT_GROUP_OPTIONS:
             raise ValueError(f"{where}: {key!r} is not an optimizer option but {_NOT_GROUP_OPTIONS[key]}")
+    # torch's optimizers keep any group key without a word, so a typo (`momentun`) or a grouping argument
+    # we do not know would be silently ignored. Custom optimizers have options of their own: warn, not refuse.
+    unknown = [key for key in options if key not in torch_group_options()]
+    if unknown:
+        hints = "; ".join(
+            f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := closest_names(key, known_options())) else "")
+            for key in unknown
+        )
+        warnings.warn(
+            f"{where}: {hints}: not a hyperparameter of any torch.optim optimizer. Put on the groups as "
+            "given, and torch's optimizers ignore keys they do not use; keep it only if your optimizer reads it.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+@functools.cache
+def torch_group_options() -> frozenset[str]:
+    """Every hyperparameter a ``torch.optim`` optimizer takes (its ``__init__`` arguments but ``params``),
+    plus the keys LR schedulers and timm put on groups (``initial_lr``, ``lr_scale``)."""
+    names = {"initial_lr", "lr_scale"}
+    for obj in vars(torch.optim).values():
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+            names.update(p for p in inspect.signature(obj.__init__).parameters if p not in ("self", "params"))
+    return frozenset(n for n in names if not n.startswith("_"))
+
+
+def known_options() -> list[str]:
+    return sorted(torch_group_options())
 
 
 def closest_names(name: str, known: Sequence[str], n: int = 3) -> list[str]:
