@@ -19,7 +19,7 @@ norms.
 
 Usage::
 
-    python examples/train_digits.py                 # one to two minutes on 2 CPU cores
+    python examples/train_digits.py                 # under half a minute on 2 idle CPU cores
     python examples/train_digits.py --fast          # a few steps, for the smoke test
     tensorboard --logdir runs/digits
 """
