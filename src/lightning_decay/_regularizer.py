@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._checks import check_choice, is_count
 from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
@@ -120,8 +120,7 @@ class RegularizerCallback(Callback):
             raise TypeError(f"`name` must be a string (the callback's key in checkpoints) or None, got {name!r}")
         if name == "":
             raise ValueError("`name` must be a non-empty string or None, got ''")
-        if not isinstance(missing_state, str) or missing_state not in _MISSING_STATE:
-            raise ValueError(f"`missing_state` must be one of {_MISSING_STATE}, got {missing_state!r}")
+        check_choice(missing_state, _MISSING_STATE, "missing_state")
         self.rules = as_rules(rules)
         self.name = name
         self.missing_state = missing_state
@@ -556,9 +555,7 @@ class RegularizerCallback(Callback):
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"{type(self).__name__}: a saved state must be a mapping, got {type(state_dict).__name__}")
         steps = state_dict.get("steps")
-        if not isinstance(steps, (list, tuple)) or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in steps
-        ):
+        if not isinstance(steps, (list, tuple)) or not all(is_count(s) for s in steps):
             raise ValueError(
                 f"{type(self).__name__}: the state field 'steps' must be a list of integers >= 0 (one step count "
                 f"per optimizer), got {steps!r}"

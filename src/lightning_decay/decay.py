@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._checks import check_choice, is_count
 from lightning_decay._compat import MisconfigurationException
 from lightning_decay._regularizer import (
     OptimizerBuckets,
@@ -23,7 +24,7 @@ from lightning_decay._regularizer import (
     should_log,
 )
 from lightning_decay.rules import DecayRules
-from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
+from lightning_decay.schedules import Constant, ScheduleLike, as_schedule, check_coefficient
 
 __all__ = ["WeightDecay", "steps_per_epoch", "timescale_weight_decay"]
 
@@ -172,8 +173,7 @@ class WeightDecay(RegularizerCallback):
         missing_state: Literal["raise", "restart"] = "raise",
     ) -> None:
         super().__init__(rules, name=name, missing_state=missing_state)
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+        check_choice(mode, _MODES, "mode")
         if timescale_epochs is not None:
             if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, numbers.Real):
                 raise TypeError(f"`timescale_epochs` must be a number > 0, got {timescale_epochs!r}")
@@ -425,9 +425,11 @@ class WeightDecay(RegularizerCallback):
             if not isinstance(e, (list, tuple)) or len(e) != 4:
                 return False
             i, g, wd, dec = e
-            indices = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in (i, g))
-            number = isinstance(wd, numbers.Real) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0
-            return indices and number and isinstance(dec, bool)
+            try:
+                check_coefficient(wd, "taken_over")
+            except (TypeError, ValueError):
+                return False
+            return is_count(i) and is_count(g) and isinstance(dec, bool)
 
         if not isinstance(taken, (list, tuple)) or not all(entry_ok(e) for e in taken):
             raise ValueError(

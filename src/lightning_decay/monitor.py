@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_decay import norms as K
+from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, is_deepspeed
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
@@ -159,8 +160,7 @@ class WeightNormMonitor(Callback):
         group_separator: str = "/",
     ) -> None:
         self.norm_type = K.parse_norm_type(norm_type)
-        if granularity not in _GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {list(_GRANULARITIES)}, got {granularity!r}")
+        check_choice(granularity, list(_GRANULARITIES), "granularity")
         if blocks is not None and granularity != "param":
             raise ValueError("`blocks` and `granularity='module'` exclude each other: give one of them")
         self.granularity = granularity
@@ -181,8 +181,7 @@ class WeightNormMonitor(Callback):
             "include_frozen": include_frozen,
         }
         for flag, value in flags.items():
-            if not isinstance(value, bool):
-                raise TypeError(f"`{flag}` must be True or False, got {value!r}")
+            check_flag(value, flag)
         self.log_grad_norm = log_grad_norm
         self.log_update_ratio = log_update_ratio
         self.log_angular_update = log_angular_update

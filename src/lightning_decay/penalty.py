@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
+from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._regularizer import (
     OptimizerBuckets,
@@ -134,14 +135,10 @@ class WeightPenalty(RegularizerCallback):
         self._l1 = as_schedule(l1, "l1")
         self._l2 = as_schedule(l2, "l2")
         self._l2_head = self._l2 if l2_head is None else as_schedule(l2_head, "l2_head")
-        if not isinstance(l1_mode, str) or l1_mode not in _L1_MODES:
-            raise ValueError(f"`l1_mode` must be one of {_L1_MODES}, got {l1_mode!r}")
-        self.l1_mode = l1_mode
+        self.l1_mode = check_choice(l1_mode, _L1_MODES, "l1_mode")
         self._reference = check_reference_argument(reference)
         self.head = _patterns(head, "head")
-        if not isinstance(log_penalty, bool):
-            raise TypeError(f"`log_penalty` must be True or False, got {log_penalty!r}")
-        self.log_penalty = log_penalty
+        self.log_penalty = check_flag(log_penalty, "log_penalty")
         self._warn_no_ops(l2_head)
         self._head_checked = False
         # name -> reference for L2-SP, on the parameter's device. For a DTensor parameter a DTensor with its

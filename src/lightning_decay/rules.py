@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_decay._checks import check_flag
 from lightning_decay.names import named_modules_clean
 from lightning_decay.plan import DecayPlan, ParamDecision
 
@@ -180,9 +181,7 @@ class DecayRules:
             raise TypeError(f"`predicate` must be callable (name, param, module) -> bool | None, got {predicate!r}")
         self.predicate = predicate
         for flag in ("decay_bias", "decay_norm", "decay_embeddings", "decay_vectors", "use_model_hooks"):
-            value = locals()[flag]
-            if not isinstance(value, bool):
-                raise TypeError(f"`{flag}` must be True or False, got {value!r}")
+            check_flag(locals()[flag], flag)
         self.decay_bias = decay_bias
         self.decay_norm = decay_norm
         self.decay_embeddings = decay_embeddings
@@ -217,8 +216,7 @@ class DecayRules:
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-        if not isinstance(include_frozen, bool):
-            raise TypeError(f"`include_frozen` must be True or False, got {include_frozen!r}")
+        check_flag(include_frozen, "include_frozen")
         owners, modules = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
