@@ -114,15 +114,8 @@ def attach(
     """
     if not isinstance(regularizer, RegularizerCallback):
         raise TypeError(f"`regularizer` must be a WeightDecay or WeightPenalty, got {type(regularizer).__name__}")
-    if scaler is None:
-        precision = getattr(getattr(model, "_strategy", None), "precision", None)
-        scaler = getattr(precision, "scaler", None)
-    module = _unwrap_module(model)
-    opts = [_unwrap_optimizer(o) for o in ([optimizers] if isinstance(optimizers, Optimizer) else optimizers)]
-    if not opts or not all(isinstance(o, Optimizer) for o in opts):
-        raise TypeError(f"`optimizers` must be a torch optimizer or a non-empty sequence of them, got {optimizers!r}")
-    regularizer.unbind()
-    regularizer.reset()
+    module, opts, scaler = _unwrap(model, optimizers, scaler)
+    regularizer.reset()  # a new run; `bind` replaces any previous binding
     regularizer.bind(module, opts, scaler, step_hooks=True)
     return Attachment(regularizer)
 
@@ -142,12 +135,7 @@ def attach_monitor(
     of ``optimizers``; it logs every ``monitor.logging_interval`` steps (50 when ``None``, the Trainer's
     default ``log_every_n_steps``), with the label of the Trainer: the number of steps before it.
     """
-    module = _unwrap_module(model)
-    if scaler is None:
-        scaler = getattr(getattr(getattr(model, "_strategy", None), "precision", None), "scaler", None)
-    opts = [_unwrap_optimizer(o) for o in ([optimizers] if isinstance(optimizers, Optimizer) else optimizers)]
-    if not opts or not all(isinstance(o, Optimizer) for o in opts):
-        raise TypeError(f"`optimizers` must be a torch optimizer or a non-empty sequence of them, got {optimizers!r}")
+    module, opts, scaler = _unwrap(model, optimizers, scaler)
     loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
     if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
         raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
@@ -194,6 +182,18 @@ class _EveryNSteps:
     @property
     def should_update_logs(self) -> bool:
         return (self.epoch_loop._batches_that_stepped + 1) % self.every == 0
+
+
+def _unwrap(
+    model: nn.Module, optimizers: Optimizer | Sequence[Optimizer], scaler: Any
+) -> tuple[nn.Module, list[Optimizer], Any]:
+    """The user's module and optimizers under Fabric's wrappers, and the GradScaler (Fabric's, when not given)."""
+    if scaler is None:
+        scaler = getattr(getattr(getattr(model, "_strategy", None), "precision", None), "scaler", None)
+    opts = [_unwrap_optimizer(o) for o in ([optimizers] if isinstance(optimizers, Optimizer) else optimizers)]
+    if not opts or not all(isinstance(o, Optimizer) for o in opts):
+        raise TypeError(f"`optimizers` must be a torch optimizer or a non-empty sequence of them, got {optimizers!r}")
+    return _unwrap_module(model), opts, scaler
 
 
 def _unwrap_module(model: Any) -> nn.Module:

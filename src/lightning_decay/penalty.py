@@ -280,7 +280,8 @@ class WeightPenalty(RegularizerCallback):
             return {d.name: d.param.detach().clone() for d in plan if d.decay and not self._is_head(d)}
         assert self._module is not None  # bound
         # Buffers too: a key that is exactly a buffer's name is not cleaned by spelling into another name.
-        known = {n for d in plan for n in (d.name, *d.aliases)} | set(plan.frozen) | buffer_names(self._module)
+        params = [n for d in plan for n in (d.name, *d.aliases)] + list(plan.frozen)
+        known = set(params) | buffer_names(self._module)
         given = _reference_by_name(self._reference, known)  # type: ignore[arg-type]
         # Every check before the first copy: a bad reference leaves the callback and the model untouched.
         matched: list[tuple[ParamDecision, Tensor]] = []
@@ -297,7 +298,7 @@ class WeightPenalty(RegularizerCallback):
                 "`reference` names none of the regularized parameters of the model: "
                 + unknown_name_message(first, regularized, "one of them")
             )
-        report_unknown_reference_names(given, plan, self._module)
+        report_unknown_reference_names(given, params, known)
         refs: dict[str, Tensor] = {}
         for d, ref in matched:
             self._ref_for(d.name, d.param, ref)
@@ -527,21 +528,20 @@ def buffer_names(module: nn.Module) -> set[str]:
     return names
 
 
-def report_unknown_reference_names(given: Mapping[str, Any], plan: DecayPlan, module: nn.Module) -> None:
+def report_unknown_reference_names(given: Mapping[str, Any], params: Sequence[str], known: set[str]) -> None:
     """Warn once about reference names the model has neither as a parameter nor as a buffer.
 
     A pretrained ``state_dict`` often carries a classifier the new model replaced, so unknown names are
     not an error; but a name that misses by a prefix or a typo silently leaves its parameter without a
-    reference, so the warning names the closest names of the model.
+    reference, so the warning names the closest names of the model. ``params``: the model's parameter
+    names (the suggestions); ``known``: those and its buffers' names.
     """
-    known = [n for d in plan for n in (d.name, *d.aliases)] + list(plan.frozen)
-    buffers = buffer_names(module)
-    unknown = [k for k in given if k not in buffers and k not in set(known)]
+    unknown = [k for k in given if k not in known]
     if not unknown:
         return
     lines = []
     for k in unknown[:5]:
-        close = closest_names(k, known)
+        close = closest_names(k, params)
         lines.append(f"{k!r}" + (f" (closest: {', '.join(repr(c) for c in close)})" if close else ""))
     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     rank_zero_warn(
