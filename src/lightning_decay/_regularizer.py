@@ -25,9 +25,10 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay._checks import check_choice, is_count
 from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
+from lightning_decay._messages import few_names
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
-from lightning_decay.plan import DecayPlan, ParamDecision, few_names
+from lightning_decay.plan import DecayPlan, ParamDecision
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import Constant, check_coefficient
 

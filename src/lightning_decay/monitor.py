@@ -21,11 +21,11 @@ from torch.optim import Optimizer
 from lightning_decay import norms as K
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, is_deepspeed
+from lightning_decay._messages import few_names
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_names
-from lightning_decay.plan import few_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 
 __all__ = ["WeightNormMonitor"]

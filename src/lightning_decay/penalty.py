@@ -15,6 +15,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
 from lightning_decay._checks import check_choice, check_flag
+from lightning_decay._messages import closest_names, few_names, unknown_name_message
+from lightning_decay._options import patterns
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._regularizer import (
     OptimizerBuckets,
@@ -25,8 +27,8 @@ from lightning_decay._regularizer import (
 )
 from lightning_decay.names import clean_names, clean_param_name
 from lightning_decay.norms import is_dtensor, local_tensor
-from lightning_decay.plan import DecayPlan, ParamDecision, closest_names, few_names, unknown_name_message
-from lightning_decay.rules import DecayRules, _patterns
+from lightning_decay.plan import DecayPlan, ParamDecision
+from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import Constant, ScheduleLike, as_schedule
 
 __all__ = ["WeightPenalty"]
@@ -137,7 +139,7 @@ class WeightPenalty(RegularizerCallback):
         self._l2_head = self._l2 if l2_head is None else as_schedule(l2_head, "l2_head")
         self.l1_mode = check_choice(l1_mode, _L1_MODES, "l1_mode")
         self._reference = check_reference_argument(reference)
-        self.head = _patterns(head, "head")
+        self.head = patterns(head, "head")
         self.log_penalty = check_flag(log_penalty, "log_penalty")
         self._warn_no_ops(l2_head)
         self._head_checked = False
