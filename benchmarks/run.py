@@ -779,6 +779,7 @@ def _scaling_row(
 def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
     """Set-up time and per-step cost of each callback for growing numbers of small tensors: linear growth."""
     from lightning_decay import _plan_cache
+    from lightning_decay._monitor_run import TrainerRun
 
     sizes = budget.scale
     setup: dict[str, list[float]] = {k: [] for k in SCALE_CALLBACKS}
@@ -810,7 +811,7 @@ def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Bu
                     cb.on_fit_start(trainer, model)
                     cb.on_train_start(trainer, model)  # where the regularizers bind to the optimizers
                     if isinstance(cb, WeightNormMonitor):  # its layout is built at the first logging step
-                        cb._ensure_layout(trainer, model)
+                        cb._ensure_layout(TrainerRun(trainer), model)
 
                 setups.append(_timed(set_up, device))
                 hooks = _hooks(trainer, model, trainer.optimizers[0], [cb], None)

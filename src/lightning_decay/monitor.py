@@ -7,7 +7,6 @@ the numbers to every logger the way ``LearningRateMonitor`` does.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -18,11 +17,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_decay import _amp
 from lightning_decay import norms as K
+from lightning_decay._attach import Attachment, not_attached_error, unwrap
+from lightning_decay._binding import Binding, Effect
 from lightning_decay._checks import check_choice, check_flag
-from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, is_deepspeed
+from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, deepspeed_problem
+from lightning_decay._host import NonFiniteWarnings, split_to_host
 from lightning_decay._messages import few_names
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
+from lightning_decay._monitor_run import AttachedRun, TrainerRun
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_names
@@ -195,9 +199,10 @@ class WeightNormMonitor(Callback):
         self._layout: Layout | None = None
         self._pending: Pending | None = None
         self._decided_batch: int | None = None
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, str]] = set()  # ("blocks", name) warned about
+        self._nonfinite = NonFiniteWarnings("WeightNormMonitor")
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
-        self._standalone: Any = None  # what `attach` gives the hooks in place of a Trainer
+        self._binding: Binding | None = None  # attached without a Trainer: the step hooks
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -208,24 +213,25 @@ class WeightNormMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."
             )
-        if self.log_grad_norm and is_deepspeed(trainer.strategy):
-            rank_zero_warn(
-                "WeightNormMonitor(log_grad_norm=True) under DeepSpeed: `p.grad` is not the real gradient "
-                "there (ZeRO partitions it), so grad norms are not meaningful."
-            )
+        problem = deepspeed_problem(trainer.strategy)
+        if self.log_grad_norm and problem is not None:
+            rank_zero_warn(f"WeightNormMonitor(log_grad_norm=True) under {problem}: grad norms are not meaningful.")
         # Parameters may still be replaced (configure_model, sharding): lists are built at the first log.
         self._layout = None
         self._pending = None
         self._decided_batch = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_custom_scalars(trainer.loggers, pl_module)
+
+    def _write_custom_scalars(self, loggers: list[Any], module: nn.Module) -> None:
         # The Custom Scalars layout, once per SummaryWriter (TensorBoard reads one per run). Only the rank-0
         # logger has a real writer; the others' `experiment` ignores the call.
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
+        writers = [lg.experiment for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         writers = [w for w in writers if id(w) not in self._custom_scalars_written]
         if not writers:
             return
-        layout = self.custom_scalars(pl_module)
+        layout = self.custom_scalars(module)
         for writer in writers:
             writer.add_custom_scalars(layout)
             self._custom_scalars_written.add(id(writer))
@@ -247,20 +253,34 @@ class WeightNormMonitor(Callback):
         Returns:
             An [`Attachment`][lightning_decay.Attachment]; ``remove()`` takes the hooks off.
         """
-        from lightning_decay._attach import attach_monitor
+        module, opts, scaler = unwrap(model, optimizers, scaler)
+        loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
+        if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
+            raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
+        self.unbind()
+        # The same hooks as under a Trainer, from the optimizers' step hooks: `before_step` after each
+        # closure, the logging after a step of the last optimizer; every step counted, as the Trainer's label.
+        binding = Binding("WeightNormMonitor", [], selects=lambda d: False, decays=lambda: False, count_skipped=True)
+        run = AttachedRun(binding, loggers, next(iter(module.parameters())).device)
+        binding.effects.append(_Probe(self, run, module))
+        self._layout, self._pending, self._decided_batch = None, None, None
+        self._write_custom_scalars(loggers, module)
+        binding.bind(module, opts, scaler, self.rules, step_hooks=True)
+        self._binding = binding
+        return Attachment(self, steps=lambda: [run.label])
 
-        return attach_monitor(self, model, optimizers, loggers, scaler)
+    def unbind(self) -> None:
+        """Take the step hooks of ``attach`` off (``Attachment.remove``)."""
+        if self._binding is not None:
+            self._binding.unbind()
+            self._binding = None
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
         hook has this name). A monitor that is not attached would silently log nothing there: refused."""
-        if self._standalone is None:
-            raise MisconfigurationException(
-                "WeightNormMonitor was given to Fabric(callbacks=...), which calls only the hooks your loop names: "
-                "as a Fabric callback it logs nothing. Attach it instead, after `fabric.setup`: "
-                "`WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)` (see the "
-                "'Fabric and plain PyTorch' docs page)."
-            )
+        if self._binding is None:
+            how = "WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)"
+            raise not_attached_error("WeightNormMonitor", how, does="logs nothing")
 
     def custom_scalars(self, module: nn.Module) -> dict[str, dict[str, list[Any]]]:
         """The TensorBoard Custom Scalars layout of this monitor's metrics for ``module``.
@@ -307,15 +327,18 @@ class WeightNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        batch = loop.batch_progress.total.ready
+        self._before_step(TrainerRun(trainer), pl_module, optimizer)
+
+    def _before_step(self, run: Any, module: nn.Module, optimizer: Optimizer) -> None:
+        """Decide whether this batch logs (at its first optimizer step); gather the gradients and snapshots."""
+        batch = run.batch
         if self._decided_batch != batch:
             # First optimizer of this batch: decide once, so every optimizer of a batch agrees.
             self._decided_batch = batch
             self._pending = None
-            if self._is_logging_step(trainer):
-                self._ensure_layout(trainer, pl_module)
-                self._pending = Pending(batch=batch, step=loop._batches_that_stepped)
+            if run.should_log(self.logging_interval):
+                self._ensure_layout(run, module)
+                self._pending = Pending(batch=batch, step=run.label)
         pending, layout = self._pending, self._layout
         snapshot = self.log_update_ratio or self.log_angular_update
         if pending is None or layout is None or not (self.log_grad_norm or snapshot):
@@ -330,7 +353,7 @@ class WeightNormMonitor(Callback):
         whole = first and id(optimizer) in layout.whole
         with torch.no_grad():
             if self.log_grad_norm:
-                self._gather_grads(trainer, optimizer, layout, pending, positions, whole)
+                self._gather_grads(run, optimizer, layout, pending, positions, whole)
             if snapshot and whole and layout.weight_groups is not None:
                 # Every parameter, in layout order: one foreach copy of the split made at layout time.
                 pending.snap_idx = list(layout.everything)
@@ -349,28 +372,23 @@ class WeightNormMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._after_step(TrainerRun(trainer))
+
+    def _after_step(self, run: Any) -> None:
         pending, self._pending = self._pending, None
         if pending is None or self._layout is None:
             return
-        if pending.batch != trainer.fit_loop.epoch_loop.batch_progress.total.ready:
+        if pending.batch != run.batch:
             return  # stale: the batch that started it did not finish
         with torch.no_grad():
-            self._log_step(trainer, self._layout, pending)
+            self._log_step(run, self._layout, pending)
 
     # ---------------------------------------------------------------- helpers
-    def _is_logging_step(self, trainer: pl.Trainer) -> bool:
-        if not trainer.loggers:
-            return False
-        if self.logging_interval is None:
-            return trainer._logger_connector.should_update_logs
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.logging_interval == 0
-
-    def _ensure_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._layout is None or self._layout.signature != optimizer_signature(trainer.optimizers):
+    def _ensure_layout(self, run: Any, module: nn.Module) -> None:
+        if self._layout is None or self._layout.signature != optimizer_signature(run.optimizers):
             # Frozen parameters are classified too; ``build_layout`` keeps them only with ``include_frozen``.
-            plan = plan_for(self.rules, pl_module, include_frozen=True)
-            device = trainer.strategy.root_device
-            self._layout = build_layout(plan, trainer.optimizers, device, self._bucket_name, self.include_frozen)
+            plan = plan_for(self.rules, module, include_frozen=True)
+            self._layout = build_layout(plan, run.optimizers, run.device, self._bucket_name, self.include_frozen)
             self._warn_empty_blocks(plan, self._layout)
 
     def _warn_empty_blocks(self, plan: Any, layout: Layout) -> None:
@@ -398,7 +416,7 @@ class WeightNormMonitor(Callback):
 
     def _gather_grads(
         self,
-        trainer: pl.Trainer,
+        run: Any,
         optimizer: Optimizer,
         layout: Layout,
         pending: Pending,
@@ -420,9 +438,8 @@ class WeightNormMonitor(Callback):
             present_idx = [i for i, _ in present]
         # float32 kernels (fp16/bf16 widened to float32, as Lightning's ``grad_norm``), combined in float64.
         parts = K.partials(grads, self.norm_type, dtype=layout.dtype, device=layout.device, accumulate=torch.float32)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None)
-        if scale is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scale = _amp.grad_scale(run.scaler, optimizer)
+        if scale is not None:
             # Fused optimizers unscale inside ``step``: the grads seen here are still multiplied by the
             # scale. Divide on the device (no ``.item()``); p=2 partials are squares.
             inv = scale.reshape(()).to(device=layout.device, dtype=layout.dtype).reciprocal()
@@ -430,7 +447,7 @@ class WeightNormMonitor(Callback):
         pending.grad_idx.extend(present_idx)
         pending.grad_parts.append(parts)
 
-    def _log_step(self, trainer: pl.Trainer, layout: Layout, pending: Pending) -> None:
+    def _log_step(self, run: Any, layout: Layout, pending: Pending) -> None:
         p, dev, dtype = self.norm_type, layout.device, layout.dtype
         if layout.weight_groups is not None:  # no DTensor: the (device, dtype) split made at layout time
             weights, weight_groups = layout.params, layout.weight_groups
@@ -544,27 +561,21 @@ class WeightNormMonitor(Callback):
             emit(wsub.metric_keys("sparsity", sep), zeros / numel)
 
         # 4. The one device-to-host copy of the step, split back by the (host-known) sizes of the tensors.
-        host = torch.cat(outs).tolist()
-        chunks: list[list[float]] = []
+        chunks = split_to_host(outs)
         metrics: dict[str, float] = {}
-        start = 0
-        for out, keys in zip(outs, labels, strict=True):
-            chunk = host[start : start + out.numel()]
-            start += len(chunk)
-            chunks.append(chunk)
+        for chunk, keys in zip(chunks, labels, strict=True):
             if keys is not None:
                 metrics.update(zip(keys, chunk, strict=True))
 
-        if not _all_finite(chunks[w_at]):
-            self._report_non_finite("weight", layout.names, chunks[w_at], pending.step)
-        g_host = chunks[g_at] if g_at is not None else []
-        if g_host and not _all_finite(g_host) and getattr(trainer.precision_plugin, "scaler", None) is None:
-            self._report_non_finite("gradient", [layout.names[i] for i in pending.grad_idx], g_host, pending.step)
+        self._nonfinite.check(layout.names, chunks[w_at], "weight norm", pending.step)
+        if g_at is not None and run.scaler is None:  # under a GradScaler overflowing steps are routine
+            grad_names = [layout.names[i] for i in pending.grad_idx]
+            self._nonfinite.check(grad_names, chunks[g_at], "gradient norm", pending.step)
 
-        for logger in trainer.loggers:
+        for logger in run.loggers:
             logger.log_metrics(metrics, step=pending.step)
         if self.log_histograms:
-            self._log_histograms(trainer, layout, pending.step)
+            self._log_histograms(run.loggers, layout, pending.step)
 
     def _bucketed(self, partial: Tensor, subset: Subset) -> Tensor:
         if self.granularity == "param" and self.blocks is None:
@@ -572,17 +583,8 @@ class WeightNormMonitor(Callback):
         combined = K.combine_partials(partial[subset.members], subset.buckets, len(subset.names), self.norm_type)
         return K.finalize_partials(combined, self.norm_type)
 
-    def _report_non_finite(self, what: str, names: list[str], values: list[float], step: int) -> None:
-        for name, value in zip(names, values, strict=True):
-            if not math.isfinite(value) and (what, name) not in self._warned:
-                self._warned.add((what, name))
-                rank_zero_warn(
-                    f"WeightNormMonitor: the {what} norm of parameter {name!r} is {value} at step {step}. "
-                    "It is logged as is; this warning is shown once per parameter."
-                )
-
-    def _log_histograms(self, trainer: pl.Trainer, layout: Layout, step: int) -> None:
-        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
+    def _log_histograms(self, loggers: list[Any], layout: Layout, step: int) -> None:
+        tb_loggers = [lg for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         if not tb_loggers:
             return
         members: dict[int, list[Tensor]] = {}
@@ -616,7 +618,15 @@ def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[
     return compiled
 
 
-def _all_finite(values: list[float]) -> bool:
-    """Whether no value is NaN or +-Inf, in one C-level pass (norms are >= 0, so the sum is finite unless
-    one is not, or unless it overflows; then the caller's per-value check decides)."""
-    return math.isfinite(sum(values))
+class _Probe(Effect):
+    """The monitor's hooks as an effect of its binding, when attached without a Trainer."""
+
+    def __init__(self, monitor: WeightNormMonitor, run: AttachedRun, module: nn.Module) -> None:
+        self.monitor, self.run, self.module = monitor, run, module
+
+    def before_step(self, binding: Binding, index: int) -> None:
+        self.monitor._before_step(self.run, self.module, binding.bound[index].optimizer)
+
+    def after_step(self, binding: Binding, index: int) -> None:
+        if index == len(binding.bound) - 1:  # a step of the last optimizer ends a logging step
+            self.monitor._after_step(self.run)
