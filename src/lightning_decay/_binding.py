@@ -147,6 +147,23 @@ class Effect:
         """A new run: forget the per-run state."""
 
 
+# Module-level defaults, not lambdas: a callback holding a binding is pickled by `ddp_spawn`.
+def decayed(decision: ParamDecision) -> bool:
+    return decision.decay
+
+
+def no_tag(decision: ParamDecision) -> Any:
+    return None
+
+
+def always() -> bool:
+    return True
+
+
+def never(*args: Any) -> bool:
+    return False
+
+
 class Binding:
     """A module, its optimizers and a GradScaler, bound for ``effects``; the state is the step counts.
 
@@ -163,9 +180,9 @@ class Binding:
         self,
         owner: str,
         effects: Sequence[Effect],
-        selects: Callable[[ParamDecision], bool] = lambda d: d.decay,
-        tag: Callable[[ParamDecision], Any] = lambda d: None,
-        decays: Callable[[], bool] = lambda: True,
+        selects: Callable[[ParamDecision], bool] = decayed,
+        tag: Callable[[ParamDecision], Any] = no_tag,
+        decays: Callable[[], bool] = always,
         count_skipped: bool = False,
     ) -> None:
         self.owner, self.effects = owner, list(effects)

@@ -1,8 +1,9 @@
 """``WeightNormMonitor``: log what weight decay does to each layer, at the cost of one host copy per log.
 
-The callback is thin glue around `lightning_decay.norms`: it decides when to measure, keeps the layout
+The Lightning adapter of `lightning_decay._probes.Probes`, which decides when to measure, keeps the layout
 of the parameters (``lightning_decay._monitor_layout``: buckets and index tensors, built once), and hands
-the numbers to every logger the way ``LearningRateMonitor`` does.
+the numbers to every logger the way ``LearningRateMonitor`` does. ``attach`` runs the same probes from the
+step hooks of a `lightning_decay._binding.Binding`.
 """
 
 from __future__ import annotations
@@ -12,22 +13,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
-from lightning_decay import _amp
 from lightning_decay import norms as K
 from lightning_decay._attach import Attachment, not_attached_error, unwrap
-from lightning_decay._binding import Binding, Effect
+from lightning_decay._binding import Binding, Effect, never
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, deepspeed_problem
-from lightning_decay._host import NonFiniteWarnings, split_to_host
-from lightning_decay._messages import few_names
-from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._monitor_run import AttachedRun, TrainerRun
 from lightning_decay._plan_cache import plan_for
+from lightning_decay._probes import Probes, bucket_name
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
@@ -196,11 +193,7 @@ class WeightNormMonitor(Callback):
             raise ValueError(f"`group_separator` must be a non-empty string, got {group_separator!r}")
         self.group_separator = group_separator
 
-        self._layout: Layout | None = None
-        self._pending: Pending | None = None
-        self._decided_batch: int | None = None
-        self._warned: set[tuple[str, str]] = set()  # ("blocks", name) warned about
-        self._nonfinite = NonFiniteWarnings("WeightNormMonitor")
+        self._probes = Probes(self)
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
         self._binding: Binding | None = None  # attached without a Trainer: the step hooks
 
@@ -216,10 +209,7 @@ class WeightNormMonitor(Callback):
         problem = deepspeed_problem(trainer.strategy)
         if self.log_grad_norm and problem is not None:
             rank_zero_warn(f"WeightNormMonitor(log_grad_norm=True) under {problem}: grad norms are not meaningful.")
-        # Parameters may still be replaced (configure_model, sharding): lists are built at the first log.
-        self._layout = None
-        self._pending = None
-        self._decided_batch = None
+        self._probes.reset()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_custom_scalars(trainer.loggers, pl_module)
@@ -260,10 +250,10 @@ class WeightNormMonitor(Callback):
         self.unbind()
         # The same hooks as under a Trainer, from the optimizers' step hooks: `before_step` after each
         # closure, the logging after a step of the last optimizer; every step counted, as the Trainer's label.
-        binding = Binding("WeightNormMonitor", [], selects=lambda d: False, decays=lambda: False, count_skipped=True)
+        binding = Binding("WeightNormMonitor", [], selects=never, decays=never, count_skipped=True)
         run = AttachedRun(binding, loggers, next(iter(module.parameters())).device)
-        binding.effects.append(_Probe(self, run, module))
-        self._layout, self._pending, self._decided_batch = None, None, None
+        binding.effects.append(_Attached(self._probes, run, module))
+        self._probes.reset()
         self._write_custom_scalars(loggers, module)
         binding.bind(module, opts, scaler, self.rules, step_hooks=True)
         self._binding = binding
@@ -307,7 +297,7 @@ class WeightNormMonitor(Callback):
             positions.setdefault(names.get(name, name), i)
         rows = []
         for d in plan:
-            bucket = self._bucket_name(d.name, d.aliases)
+            bucket = bucket_name(self, d.name, d.aliases)
             if bucket is None:
                 continue
             for name in (d.name, *d.aliases):
@@ -327,277 +317,12 @@ class WeightNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._before_step(TrainerRun(trainer), pl_module, optimizer)
-
-    def _before_step(self, run: Any, module: nn.Module, optimizer: Optimizer) -> None:
-        """Decide whether this batch logs (at its first optimizer step); gather the gradients and snapshots."""
-        batch = run.batch
-        if self._decided_batch != batch:
-            # First optimizer of this batch: decide once, so every optimizer of a batch agrees.
-            self._decided_batch = batch
-            self._pending = None
-            if run.should_log(self.logging_interval):
-                self._ensure_layout(run, module)
-                self._pending = Pending(batch=batch, step=run.label)
-        pending, layout = self._pending, self._layout
-        snapshot = self.log_update_ratio or self.log_angular_update
-        if pending is None or layout is None or not (self.log_grad_norm or snapshot):
-            return  # weight norms alone need nothing before the step
-        # A parameter shared by two optimizers is measured with the first one that steps it.
-        all_positions = layout.opt_indices.get(id(optimizer), [])
-        first = not pending.seen  # the usual case: the optimizer's precomputed lists are used as they are
-        positions = all_positions if first else [i for i in all_positions if i not in pending.seen]
-        pending.seen.update(positions)
-        if not positions:
-            return
-        whole = first and id(optimizer) in layout.whole
-        with torch.no_grad():
-            if self.log_grad_norm:
-                self._gather_grads(run, optimizer, layout, pending, positions, whole)
-            if snapshot and whole and layout.weight_groups is not None:
-                # Every parameter, in layout order: one foreach copy of the split made at layout time.
-                pending.snap_idx = list(layout.everything)
-                pending.snap_sources = layout.params
-                pending.snapshots = layout.weight_groups.clone()
-                pending.snap_whole = True
-            elif snapshot:
-                if layout.weight_groups is None:  # DTensors: their local tensors
-                    sources = [K.local_tensor(layout.params[i]) for i in positions]
-                else:
-                    sources = layout.opt_params[id(optimizer)] if first else [layout.params[i] for i in positions]
-                pending.snap_idx.extend(positions)
-                pending.snap_sources.extend(sources)
-                pending.snapshots.extend(K.clone_tensors(sources))
+        self._probes.before_step(TrainerRun(trainer), pl_module, optimizer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._after_step(TrainerRun(trainer))
-
-    def _after_step(self, run: Any) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None or self._layout is None:
-            return
-        if pending.batch != run.batch:
-            return  # stale: the batch that started it did not finish
-        with torch.no_grad():
-            self._log_step(run, self._layout, pending)
-
-    # ---------------------------------------------------------------- helpers
-    def _ensure_layout(self, run: Any, module: nn.Module) -> None:
-        if self._layout is None or self._layout.signature != optimizer_signature(run.optimizers):
-            # Frozen parameters are classified too; ``build_layout`` keeps them only with ``include_frozen``.
-            plan = plan_for(self.rules, module, include_frozen=True)
-            self._layout = build_layout(plan, run.optimizers, run.device, self._bucket_name, self.include_frozen)
-            self._warn_empty_blocks(plan, self._layout)
-
-    def _warn_empty_blocks(self, plan: Any, layout: Layout) -> None:
-        """Warn once per ``blocks`` entry whose regex matches no monitored parameter (it is never logged)."""
-        if self.blocks is None:
-            return
-        for block, pattern in self.blocks.items():
-            if block not in layout.bucket_names and ("blocks", block) not in self._warned:
-                self._warned.add(("blocks", block))
-                rank_zero_warn(
-                    f"WeightNormMonitor: `blocks[{block!r}]` ({pattern.pattern!r}) matches no monitored parameter, "
-                    f"so it is never logged; the parameter names are {few_names([d.name for d in plan])}"
-                )
-
-    def _bucket_name(self, name: str, aliases: tuple[str, ...]) -> str | None:
-        if self.blocks is not None:
-            for block, pattern in self.blocks.items():
-                if any(pattern.search(n) for n in (name, *aliases)):
-                    return block
-            return None
-        if self.granularity == "module":
-            owner = name.rpartition(".")[0]
-            return owner or name  # a parameter of the root module stands for itself
-        return name
-
-    def _gather_grads(
-        self,
-        run: Any,
-        optimizer: Optimizer,
-        layout: Layout,
-        pending: Pending,
-        positions: list[int],
-        whole: bool = False,
-    ) -> None:
-        grads_whole = [p.grad for p in layout.params] if whole else None
-        if grads_whole is not None and layout.weight_groups is not None and all(g is not None for g in grads_whole):
-            # Every parameter has a gradient: the gradients mirror the parameters' split, no regrouping.
-            present_idx: list[int] = list(layout.everything)
-            grads: Any = layout.weight_groups.like(grads_whole)
-            pending.grads_whole = True
-        else:
-            present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
-            if not present:
-                return
-            plain = layout.weight_groups is not None
-            grads = [g for _, g in present] if plain else [K.local_tensor(g) for _, g in present]
-            present_idx = [i for i, _ in present]
-        # float32 kernels (fp16/bf16 widened to float32, as Lightning's ``grad_norm``), combined in float64.
-        parts = K.partials(grads, self.norm_type, dtype=layout.dtype, device=layout.device, accumulate=torch.float32)
-        scale = _amp.grad_scale(run.scaler, optimizer)
-        if scale is not None:
-            # Fused optimizers unscale inside ``step``: the grads seen here are still multiplied by the
-            # scale. Divide on the device (no ``.item()``); p=2 partials are squares.
-            inv = scale.reshape(()).to(device=layout.device, dtype=layout.dtype).reciprocal()
-            parts = parts * (inv.square() if self.norm_type == 2 else inv)
-        pending.grad_idx.extend(present_idx)
-        pending.grad_parts.append(parts)
-
-    def _log_step(self, run: Any, layout: Layout, pending: Pending) -> None:
-        p, dev, dtype = self.norm_type, layout.device, layout.dtype
-        if layout.weight_groups is not None:  # no DTensor: the (device, dtype) split made at layout time
-            weights, weight_groups = layout.params, layout.weight_groups
-        else:
-            weights = [K.local_tensor(t) for t in layout.params]
-            weight_groups = K.TensorGroups(weights, dev)
-
-        # 1. Local partials, each with the positions of its parameters (for replica masks). Weight and
-        #    gradient norms run float32 kernels (fp16/bf16 widened to float32, float32 as it is; float64
-        #    kernels are twice as slow on CPU) and are combined in ``dtype``.
-        pieces: dict[str, tuple[Tensor, Tensor | None, str]] = {}
-        identity = self.granularity == "param" and self.blocks is None  # the buckets are the parameters
-        # With the angle over every parameter, p=2 weight norms are accumulated in ``dtype`` so that their
-        # squares are the angle's ``||w_after||^2``: one pass over the weights instead of two.
-        reuse_b2 = pending.snap_whole and p == 2
-        w_acc = dtype if reuse_b2 and self.log_angular_update else torch.float32
-        w_norms = weight_groups.norms(p, dtype=dtype, accumulate=w_acc)
-        if layout.sharded or not identity:  # partials to reduce across shards, or to combine into buckets
-            pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
-        if pending.grad_parts:
-            gsub = layout.subset_of_all() if pending.grads_whole else layout.subset(tuple(pending.grad_idx))
-            pieces["g"] = (torch.cat(pending.grad_parts), gsub.idx, K.reduce_op(p))
-        if pending.snapshots:
-            # The angle needs the squares accumulated in ``dtype`` (float64): its cosine subtracts nearly
-            # equal squares. The ratio alone does not, and a float64 kernel on CPU makes a float64 copy
-            # of each float32 tensor it reduces (large tensors: of one slice at a time).
-            acc = dtype if self.log_angular_update else torch.float32
-            before: Any
-            after: Any
-            if pending.snap_whole and layout.weight_groups is not None:
-                # Every parameter in layout order: the snapshot mirrors the parameters' split (no regrouping).
-                usub = layout.subset_of_all()
-                before, after = layout.weight_groups.like(pending.snapshots), layout.weight_groups
-            else:
-                usub = layout.subset(tuple(pending.snap_idx))
-                plain = layout.weight_groups is not None
-                before = pending.snapshots
-                after = pending.snap_sources if plain else [weights[i] for i in pending.snap_idx]
-            pieces["a2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
-            b2 = w_norms.square() if reuse_b2 else K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc)
-            pieces["b2"] = (b2, usub.idx, "sum")
-            # ``before - after`` in place into the snapshot, no second copy of the weights: it is ``-Δw``
-            # exactly (IEEE subtraction is antisymmetric), so the same norm.
-            if isinstance(before, K.TensorGroups):
-                before.sub_(after)
-            else:
-                K.sub_tensors_(before, after)
-            d2 = K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc)
-            pieces["d2"] = (d2, usub.idx, "sum")
-            pending.snapshots.clear()  # the copy is no longer needed
-        if self.log_sparsity:
-            nonzero = weight_groups.norms(0, dtype=dtype)  # counted in ``dtype``: exact in float64
-            pieces["zeros"] = (layout.local_numel - nonzero, None, "sum")
-
-        # 2. One reduction across shards, only when some parameter is sharded.
-        if layout.sharded:
-            pieces = reduce_pieces(pieces, layout)
-        values = {k: v for k, (v, _, _) in pieces.items()}
-
-        # 3. Combine into buckets and finalize, on the device: the tensors, each with its metric keys
-        #    (built once per layout, not per logging step) or ``None`` if only read here.
-        sep = self.group_separator
-        outs: list[Tensor] = []
-        labels: list[list[str] | None] = []
-
-        def emit(keys: list[str] | None, tensor: Tensor) -> int:
-            if tensor.dtype != dtype or tensor.dim() != 1:  # (attribute reads are cheaper than no-op calls)
-                tensor = tensor.reshape(-1).to(dtype)
-            outs.append(tensor)
-            labels.append(keys)
-            return len(outs) - 1
-
-        wsub = layout.subset_of_all()
-        if layout.sharded:
-            w_norms = K.finalize_partials(values["w"], p)  # of the reduced partials
-        # Per-parameter norms, for the non-finite report; logged as they are when buckets are parameters.
-        w_at = emit(wsub.metric_keys("weight_norm", sep) if identity else None, w_norms)
-        if not identity:
-            emit(wsub.metric_keys("weight_norm", sep), self._bucketed(values["w"], wsub))
-        # total, decay_total, no_decay_total: the norm of the per-parameter norms of each row of the mask
-        emit(layout.total_keys("weight_norm", sep), K.masked_norms(w_norms, layout.total_mask, p, layout.zero))
-
-        g_at: int | None = None
-        if "g" in values:
-            g_parts = values["g"]
-            g_keys = gsub.metric_keys("grad_norm", sep)
-            g_at = emit(g_keys if identity else None, K.finalize_partials(g_parts, p))
-            if not identity:
-                emit(g_keys, self._bucketed(g_parts, gsub))
-            emit([f"grad_norm{sep}total"], K.finalize_partials(K.combine_all_partials(g_parts, p), p))
-
-        if "a2" in values:
-            size = len(usub.names)
-            if identity:  # one bucket per parameter, in the subset's order: nothing to combine
-                a2, b2, d2 = values["a2"], values["b2"], values["d2"]
-            else:
-                a2, b2, d2 = (
-                    K.combine_partials(values[k][usub.members], usub.buckets, size, 2) for k in ("a2", "b2", "d2")
-                )
-            if self.log_update_ratio:
-                emit(usub.metric_keys("update_ratio", sep), K.update_ratios(a2, d2))
-            if self.log_angular_update:
-                emit(usub.metric_keys("angular_update", sep), K.angular_updates(a2, b2, d2))
-
-        if "zeros" in values:
-            if identity:
-                zeros, numel = values["zeros"], layout.global_numel
-            else:
-                zeros = K.combine_partials(values["zeros"][wsub.members], wsub.buckets, len(wsub.names), 1)
-                numel = K.combine_partials(layout.global_numel[wsub.members], wsub.buckets, len(wsub.names), 1)
-            emit(wsub.metric_keys("sparsity", sep), zeros / numel)
-
-        # 4. The one device-to-host copy of the step, split back by the (host-known) sizes of the tensors.
-        chunks = split_to_host(outs)
-        metrics: dict[str, float] = {}
-        for chunk, keys in zip(chunks, labels, strict=True):
-            if keys is not None:
-                metrics.update(zip(keys, chunk, strict=True))
-
-        self._nonfinite.check(layout.names, chunks[w_at], "weight norm", pending.step)
-        if g_at is not None and run.scaler is None:  # under a GradScaler overflowing steps are routine
-            grad_names = [layout.names[i] for i in pending.grad_idx]
-            self._nonfinite.check(grad_names, chunks[g_at], "gradient norm", pending.step)
-
-        for logger in run.loggers:
-            logger.log_metrics(metrics, step=pending.step)
-        if self.log_histograms:
-            self._log_histograms(run.loggers, layout, pending.step)
-
-    def _bucketed(self, partial: Tensor, subset: Subset) -> Tensor:
-        if self.granularity == "param" and self.blocks is None:
-            return K.finalize_partials(partial, self.norm_type)  # buckets are the parameters
-        combined = K.combine_partials(partial[subset.members], subset.buckets, len(subset.names), self.norm_type)
-        return K.finalize_partials(combined, self.norm_type)
-
-    def _log_histograms(self, loggers: list[Any], layout: Layout, step: int) -> None:
-        tb_loggers = [lg for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
-        if not tb_loggers:
-            return
-        members: dict[int, list[Tensor]] = {}
-        for param, bucket in zip(layout.params, layout.bucket_of, strict=True):
-            if bucket is not None:
-                members.setdefault(bucket, []).append(param)
-        for bucket, params in members.items():
-            # ``full_tensor`` is a collective: every rank gathers, only rank zero's logger writes.
-            flat = [(t.full_tensor() if K.is_sharded(t) else t).detach().reshape(-1) for t in params]
-            values = torch.cat(flat).float().cpu()
-            tag = f"weight_hist{self.group_separator}{layout.bucket_names[bucket]}"
-            for logger in tb_loggers:
-                logger.experiment.add_histogram(tag, values, step)
+        self._probes.after_step(TrainerRun(trainer))
 
 
 def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[str, re.Pattern[str]] | None:
@@ -618,15 +343,15 @@ def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[
     return compiled
 
 
-class _Probe(Effect):
-    """The monitor's hooks as an effect of its binding, when attached without a Trainer."""
+class _Attached(Effect):
+    """The monitor's probes as an effect of its binding, when attached without a Trainer."""
 
-    def __init__(self, monitor: WeightNormMonitor, run: AttachedRun, module: nn.Module) -> None:
-        self.monitor, self.run, self.module = monitor, run, module
+    def __init__(self, probes: Probes, run: AttachedRun, module: nn.Module) -> None:
+        self.probes, self.run, self.module = probes, run, module
 
     def before_step(self, binding: Binding, index: int) -> None:
-        self.monitor._before_step(self.run, self.module, binding.bound[index].optimizer)
+        self.probes.before_step(self.run, self.module, binding.bound[index].optimizer)
 
     def after_step(self, binding: Binding, index: int) -> None:
         if index == len(binding.bound) - 1:  # a step of the last optimizer ends a logging step
-            self.monitor._after_step(self.run)
+            self.probes.after_step(self.run)
