@@ -79,15 +79,29 @@ def layers(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def reachable(edges: dict[str, set[str]], start: str, without: tuple[str, str]) -> set[str]:
+    """The modules ``start`` imports directly or indirectly, the edge ``without`` left out."""
+    seen: set[str] = set()
+    stack = [b for b in edges[start] if (start, b) != without]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack += edges[node]
+    return seen
+
+
 def picture() -> str:
-    """The import graph as a mermaid flowchart, one subgraph per depth, edges sorted."""
+    """The import graph as a mermaid flowchart, one subgraph per depth; an edge is drawn only where no longer
+    path implies it (the transitive reduction: every import the picture leaves out follows from its edges)."""
     edges = graph()
     lines = ["flowchart BT"]
     for depth, nodes in enumerate(layers(edges)):
         lines.append(f"  subgraph depth{depth} [depth {depth}]")
         lines += [f"    {n}" for n in nodes]
         lines.append("  end")
-    lines += [f"  {a} --> {b}" for a in sorted(edges) for b in sorted(edges[a])]
+    for a in sorted(edges):
+        lines += [f"  {a} --> {b}" for b in sorted(edges[a]) if b not in reachable(edges, a, (a, b))]
     return "\n".join(lines)
 
 

@@ -270,17 +270,7 @@ class DecayPlan:
         weight_decay = validate_weight_decay(weight_decay)
         layer_decay = validate_layer_decay(layer_decay)
         check_group_options(group_kwargs, "param_groups", layer_decay is not None)
-        if overrides is not None and not isinstance(overrides, Mapping):
-            raise TypeError(
-                "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
-                f"or None, got {type(overrides).__name__}: {overrides!r}"
-            )
-        overrides = dict(overrides or {})
-        for pattern, options in overrides.items():
-            if not isinstance(options, Mapping):
-                raise TypeError(f"`overrides[{pattern!r}]` must be a mapping of group options, got {options!r}")
-            check_group_options(options, f"`overrides[{pattern!r}]`", layer_decay is not None)
-            validate_weight_decay(options.get("weight_decay"), f"overrides[{pattern!r}]['weight_decay']")
+        overrides = checked_overrides(overrides, layer_decay is not None)
         layers = None
         if layer_decay is not None:
             layer_decay, layers = self.layer_assignment(layer_decay, layer_of)  # type: ignore[misc]
@@ -381,6 +371,22 @@ class DecayPlan:
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
+
+
+def checked_overrides(overrides: Any, layer_decay: bool) -> dict[str, Mapping[str, Any]]:
+    """``param_groups``' ``overrides``, checked: a mapping of glob pattern -> group options (or ``None``)."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(
+            "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
+            f"or None, got {type(overrides).__name__}: {overrides!r}"
+        )
+    overrides = dict(overrides or {})
+    for pattern, options in overrides.items():
+        if not isinstance(options, Mapping):
+            raise TypeError(f"`overrides[{pattern!r}]` must be a mapping of group options, got {options!r}")
+        check_group_options(options, f"`overrides[{pattern!r}]`", layer_decay)
+        validate_weight_decay(options.get("weight_decay"), f"overrides[{pattern!r}]['weight_decay']")
+    return overrides
 
 
 def _matches_any(pattern: str, d: ParamDecision) -> bool:
