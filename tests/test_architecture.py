@@ -110,9 +110,9 @@ def code_lines(node: ast.AST, source: list[str]) -> int:
     doc_lines: set[int] = set()
     for sub in ast.walk(node):
         body = getattr(sub, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            if isinstance(body[0].value.value, str):
-                doc_lines.update(range(body[0].lineno, body[0].end_lineno + 1))  # type: ignore[operator]
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            doc_lines.update(range(first.lineno, first.end_lineno + 1))  # type: ignore[operator]
     count = 0
     for lineno in range(node.lineno, node.end_lineno + 1):  # type: ignore[attr-defined]
         text = source[lineno - 1].strip()
