@@ -79,8 +79,17 @@ class Scheduled:
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
         self.last: dict[int, float] = {}  # optimizer index -> the coefficient of its last step (for logging)
+        # A constant was checked when it was built: no check per step (a bound method, not a lambda: the
+        # callback must pickle for `ddp_spawn`).
+        self.value = schedule.value if isinstance(schedule, Constant) else None
+
+    def _constant(self, group_index: int) -> tuple[float, bool]:
+        return self.value, True  # type: ignore[return-value]
 
     def for_step(self, binding: Binding, index: int) -> Coefficients:
+        if self.value is not None:
+            self.last[index] = self.value
+            return self._constant
         wd = check_coefficient(self.schedule(binding.steps[index]), "weight_decay", binding.steps[index])
         self.last[index] = wd
         return lambda group_index: (wd, True)
