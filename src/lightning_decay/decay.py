@@ -41,7 +41,11 @@ def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     flag = group.get("decoupled_weight_decay")
     if flag is not None:
         return bool(flag)
-    name = type(optimizer).__name__
+    return decoupled_by_name(type(optimizer).__name__)
+
+
+def decoupled_by_name(name: str) -> bool:
+    """Whether an optimizer class of this name decays decoupled (``AdamW``, ``Decoupled*``, ``Lion``)."""
     return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
 
 
@@ -195,6 +199,10 @@ class WeightDecay(RegularizerCallback):
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
         # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
         self._last_coefficient: dict[int, float] = {}
+        # (optimizer index, group index) -> (lr tensor, initial lr, then the ids, versions and coefficient
+        # compared) of the last factor check of a tensor lr; and the groups already warned of lr_ratio > 1.
+        self._lr_checked: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self._ratio_warned: set[tuple[int, int]] = set()
 
     @property
     def takes_over(self) -> bool:
@@ -261,7 +269,12 @@ class WeightDecay(RegularizerCallback):
             # just added), taken over now; zero with an entry was taken over before (a resumed run's).
             if not wd:
                 continue
-            self._taken_over[(index, gi)] = (float(wd), uses_decoupled_decay(optimizer, group))
+            # Checked as an explicit `weight_decay` is (nan, inf, negative): applied, it would ruin the weights.
+            value = check_coefficient(
+                float(wd) if isinstance(wd, Tensor) else wd,
+                f"weight_decay of {type(optimizer).__name__} param group {group.get('name', gi)!r} (taken over)",
+            )
+            self._taken_over[(index, gi)] = (value, uses_decoupled_decay(optimizer, group))
             group["weight_decay"] = 0.0
             rank_zero_info(
                 f"WeightDecay took over weight_decay={wd} of {type(optimizer).__name__} param group "
@@ -298,10 +311,13 @@ class WeightDecay(RegularizerCallback):
 
     def _forget_optimizer(self, index: int) -> None:
         self._taken_over = {k: v for k, v in self._taken_over.items() if k[0] != index}
+        self._lr_checked = {k: v for k, v in self._lr_checked.items() if k[0] != index}
         self._derived = {k: v for k, v in self._derived.items() if k[0] != index}  # its lr0 may differ
 
     def _reset_state(self) -> None:
         self._taken_over = {}
+        self._lr_checked = {}
+        self._ratio_warned = set()
         self._last_coefficient = {}
         self._derived = {}
         self._steps_per_epoch = None
@@ -351,12 +367,55 @@ class WeightDecay(RegularizerCallback):
             lr = group["lr"]
             mode = "lr" if self._weight_decay is None else self.mode  # taking over, and timescale_epochs
             if mode == "lr_ratio":
-                group.setdefault("initial_lr", lr)
+                # A tensor lr is copied, as torch's schedulers do: a scheduler's `fill_` must not move it too.
+                group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr)
             name = group.get("name", b.group_index)
-            shrink = decay_shrink(mode, lr, group.get("initial_lr"), coeff, self._steps[index], name)
+            initial_lr = group.get("initial_lr")
+            if mode != "constant" and isinstance(lr, Tensor):
+                self._check_tensor_lr(index, b.group_index, mode, lr, initial_lr, coeff, name)
+            shrink = decay_shrink(mode, lr, initial_lr, coeff, self._steps[index], name)
+            if mode == "lr_ratio" and not isinstance(shrink, Tensor) and shrink > coeff:
+                self._warn_ratio(index, b.group_index, name, lr, initial_lr, coeff)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
             kernels.decay_(b.with_grads()[0], factor)
+
+    def _check_tensor_lr(
+        self, index: int, group_index: int, mode: str, lr: Tensor, initial_lr: Any, coeff: float, name: Any
+    ) -> None:
+        """The factor check of a tensor lr, read on the host only when the lr tensor or ``coeff`` changed.
+
+        A new tensor, an in-place update (a scheduler's ``fill_`` bumps ``_version``) or another
+        coefficient: one host sync then, none on the steps in between (a constant tensor lr never syncs
+        again). The values are those the next steps multiply by, so a factor ``<= 0`` is refused before
+        it is applied, as for a float lr.
+        """
+        key = (index, group_index)
+        base_version = initial_lr._version if isinstance(initial_lr, Tensor) else None
+        seen = (id(lr), lr._version, id(initial_lr), base_version, coeff)
+        last = self._lr_checked.get(key)
+        # The tensors themselves are kept alive with the key, so an `id` cannot be reused while compared.
+        if last is not None and last[2:] == seen and last[0] is lr and last[1] is initial_lr:
+            return
+        lr0 = float(initial_lr) if isinstance(initial_lr, Tensor) else initial_lr
+        shrink = decay_shrink(mode, float(lr), lr0, coeff, self._steps[index], name)
+        self._lr_checked[key] = (lr, initial_lr, *seen)  # once passed: a refused lr is checked again
+        if mode == "lr_ratio" and shrink > coeff:
+            self._warn_ratio(index, group_index, name, float(lr), lr0, coeff)
+
+    def _warn_ratio(self, index: int, group_index: int, name: Any, lr: Any, initial_lr: Any, coeff: float) -> None:
+        """Once per param group: ``mode="lr_ratio"`` with the lr above its initial value shrinks more than ``wd``."""
+        if (index, group_index) in self._ratio_warned:
+            return
+        self._ratio_warned.add((index, group_index))
+        ratio = lr / initial_lr
+        rank_zero_warn(
+            f"WeightDecay(mode='lr_ratio'): param group {name!r} has lr {lr:g} = {ratio:.4g} x its initial lr "
+            f"{initial_lr:g} at step {self._steps[index]}, so the weights shrink by {ratio:.4g} * weight_decay = "
+            f"{ratio * coeff:.4g} per step, more than weight_decay={coeff:g} (the shrink at the initial lr). "
+            "A scheduler raising the lr above its initial value (OneCycleLR, CyclicLR, a warm-up factor > 1) "
+            "does this; use mode='lr', or a weight_decay meant for the initial lr. (Said once per group.)"
+        )
 
     def _apply_coupled(self, index: int, optimizer: Optimizer) -> None:
         """The optimizer's own (coupled) semantics, taken over: an L2 term ``wd * w`` in the gradient."""
@@ -467,7 +526,8 @@ def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, g
     """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
 
     On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
-    optimizers accept one) is passed through unchecked, since comparing it would synchronize the host.
+    optimizers accept one) is passed through unchecked here, since comparing it would synchronize the
+    host; `WeightDecay` checks its value on the host when the tensor changes.
 
     Raises:
         ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.
