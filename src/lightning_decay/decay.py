@@ -110,9 +110,9 @@ class WeightDecay(RegularizerCallback):
 
     A factor ``1 - shrink <= 0`` would flip the weights' signs (or zero them): it is refused with an error
     naming the step, the learning rate and the coefficient, never applied. A tensor learning rate is
-    checked too, on the host only when it changes (another tensor, an in-place update, another coefficient). ``mode="constant"`` (and
-    ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a constant ``wd >= 1`` at
-    once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
+    checked too, on the host only when it changes (another tensor, an in-place update, another coefficient).
+    ``mode="constant"`` (and ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a
+    constant ``wd >= 1`` at once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
 
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
