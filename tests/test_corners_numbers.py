@@ -115,6 +115,22 @@ def test_decay_kernel_is_adamws_single_tensor_multiply(dtype: torch.dtype, facto
         assert torch.equal(x, w.clone().mul_(factor))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_penalty_kernels_with_a_float_coefficient_are_sgds_single_tensor_ops(dtype: torch.dtype) -> None:
+    """The other kernels with a Python-float coefficient, against the op torch's SGD runs on each tensor
+    (``grad.add(param, alpha=weight_decay)``): foreach ``add`` keeps ``alpha`` unrounded, for both dtypes."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(1000, generator=g).to(dtype), torch.randn(7, 5, generator=g).to(dtype)]
+    grads = [(torch.randn(w.shape, generator=g) * 1e-2).to(dtype) for w in ws]
+    for c in (0.1, 0.013, 3e-4):
+        got = [x.clone() for x in grads]
+        kernels.add_l2_gradient_(got, ws, c)
+        assert all(torch.equal(x, gr.add(w, alpha=c)) for x, gr, w in zip(got, grads, ws, strict=True))
+        got = [x.clone() for x in grads]
+        kernels.add_l1_subgradient_(got, ws, c)
+        assert all(torch.equal(x, gr.add(w.sign(), alpha=c)) for x, gr, w in zip(got, grads, ws, strict=True))
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 @pytest.mark.parametrize("lam", [0.1, 0.03])
 def test_low_precision_weight_decay_is_bitwise_adamw_in_a_fit(precision: str, lam: float) -> None:
