@@ -263,6 +263,18 @@ def test_tensor_lr_changed_in_place_is_checked_again_and_valid_ones_match_adamw(
     assert_bitwise({n: p.detach() for n, p in got.named_parameters()}, before)
 
 
+def test_constant_tensor_lr_with_a_growing_coefficient_is_refused_at_the_step_it_flips() -> None:
+    """The same tensor lr (never changed) with a schedule: shrink 0.25, 0.75, then 1.25 at step 2, refused."""
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(0.5))
+    WeightDecay(lambda step: 0.5 + step).attach(net, opt)
+    plain_loop(net, opt, 2, torch.float32)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=r"at step 2: .* weight_decay 2\.5 gives the factor 1 - 1\.25"):
+        plain_loop(net, opt, 1, torch.float32)
+    assert_bitwise({n: p.detach() for n, p in net.named_parameters()}, before)
+
+
 # ----------------------------------------------------------------------------- 4. taken-over nan/inf
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_taken_over_weight_decay_that_is_not_finite_is_refused(bad: float) -> None:

@@ -205,8 +205,8 @@ class WeightDecay(RegularizerCallback):
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
         # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
         self._last_coefficient: dict[int, float] = {}
-        # (optimizer index, group index) -> (lr tensor, initial lr, then the ids, versions and coefficient
-        # compared) of the last factor check of a tensor lr; and the groups already warned of lr_ratio > 1.
+        # (optimizer index, group index) -> (lr tensor, its version, initial lr, its version, coefficient) of
+        # the last passed factor check of a tensor lr; and the groups already warned of lr_ratio above 1.
         self._lr_checked: dict[tuple[int, int], tuple[Any, ...]] = {}
         self._ratio_warned: set[tuple[int, int]] = set()
 
@@ -398,14 +398,14 @@ class WeightDecay(RegularizerCallback):
         """
         key = (index, group_index)
         base_version = initial_lr._version if isinstance(initial_lr, Tensor) else None
-        seen = (id(lr), lr._version, id(initial_lr), base_version, coeff)
         last = self._lr_checked.get(key)
-        # The tensors themselves are kept alive with the key, so an `id` cannot be reused while compared.
-        if last is not None and last[2:] == seen and last[0] is lr and last[1] is initial_lr:
+        same = last is not None and last[0] is lr and last[2] is initial_lr
+        if same and (last[1], last[3], last[4]) == (lr._version, base_version, coeff):
             return
         lr0 = float(initial_lr) if isinstance(initial_lr, Tensor) else initial_lr
         shrink = decay_shrink(mode, float(lr), lr0, coeff, self._steps[index], name)
-        self._lr_checked[key] = (lr, initial_lr, *seen)  # once passed: a refused lr is checked again
+        # Recorded once passed, so a refused lr is checked again at the next step.
+        self._lr_checked[key] = (lr, lr._version, initial_lr, base_version, coeff)
         if mode == "lr_ratio" and shrink > coeff:
             self._warn_ratio(index, group_index, name, float(lr), lr0, coeff)
 
