@@ -41,7 +41,11 @@ def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     flag = group.get("decoupled_weight_decay")
     if flag is not None:
         return bool(flag)
-    name = type(optimizer).__name__
+    return decoupled_by_name(type(optimizer).__name__)
+
+
+def decoupled_by_name(name: str) -> bool:
+    """Whether an optimizer class of this name decays decoupled (``AdamW``, ``Decoupled*``, ``Lion``)."""
     return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
 
 
@@ -98,18 +102,23 @@ class WeightDecay(RegularizerCallback):
     Modes:
         - ``"lr"``: ``w *= 1 - lr * wd`` (AdamW).
         - ``"lr_ratio"``: ``w *= 1 - (lr / lr0) * wd`` with ``lr0`` the group's initial learning rate
-          (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the peak learning rate.
+          (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the initial learning rate.
+          A scheduler that raises the lr above it (``OneCycleLR`` starts at ``max_lr / 25``, ``CyclicLR``,
+          a warm-up factor above 1) shrinks by more, ``(lr / lr0) * wd``: a warning names the group and
+          the ratio, once per group.
         - ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
 
     A factor ``1 - shrink <= 0`` would flip the weights' signs (or zero them): it is refused with an error
-    naming the step, the learning rate and the coefficient, never applied. ``mode="constant"`` (and
-    ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a constant ``wd >= 1`` at
-    once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
+    naming the step, the learning rate and the coefficient, never applied. A tensor learning rate is
+    checked too, on the host only when it changes (another tensor, an in-place update, another coefficient).
+    ``mode="constant"`` (and ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a
+    constant ``wd >= 1`` at once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
 
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
     with the optimizer's own semantics -- decoupled for AdamW-style optimizers, an L2 gradient term
-    ``g += wd * w`` for torch's Adam and SGD (added after clipping, as those optimizers do). So
+    ``g += wd * w`` for torch's Adam and SGD (added after clipping, as those optimizers do); a taken-over
+    value is checked as an explicit one (``nan``, ``inf`` and negatives are refused). So
     ``--optimizer AdamW --optimizer.weight_decay 0.05`` in a LightningCLI config plus this callback decays
     weights at 0.05 and leaves biases and normalization parameters alone. With an explicit
     ``weight_decay``, an optimizer group that also decays the same weights is an error: never both.
@@ -145,7 +154,8 @@ class WeightDecay(RegularizerCallback):
             ``mode`` or ``missing_state`` is unknown, the decay factor ``1 - shrink`` is not positive (at once
             for a constant ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step),
             ``timescale_epochs`` is not a positive number or is given with ``weight_decay`` or another
-            ``mode``, or a loaded state is malformed (naming the field).
+            ``mode``, a taken-over ``weight_decay`` is negative or not finite (at train start), or a loaded
+            state is malformed (naming the field).
         TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, ``rules`` not a
             ``DecayRules``, ``timescale_epochs`` not a number, or ``name`` not a string.
         MisconfigurationException: At train start (after a resumed optimizer is restored) or when param
@@ -195,6 +205,10 @@ class WeightDecay(RegularizerCallback):
         self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
         # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
         self._last_coefficient: dict[int, float] = {}
+        # (optimizer index, group index) -> (lr tensor, its version, initial lr, its version, coefficient) of
+        # the last passed factor check of a tensor lr; and the groups already warned of lr_ratio above 1.
+        self._lr_checked: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self._ratio_warned: set[tuple[int, int]] = set()
 
     @property
     def takes_over(self) -> bool:
@@ -261,7 +275,12 @@ class WeightDecay(RegularizerCallback):
             # just added), taken over now; zero with an entry was taken over before (a resumed run's).
             if not wd:
                 continue
-            self._taken_over[(index, gi)] = (float(wd), uses_decoupled_decay(optimizer, group))
+            # Checked as an explicit `weight_decay` is (nan, inf, negative): applied, it would ruin the weights.
+            value = check_coefficient(
+                float(wd) if isinstance(wd, Tensor) else wd,
+                f"weight_decay of {type(optimizer).__name__} param group {group.get('name', gi)!r} (taken over)",
+            )
+            self._taken_over[(index, gi)] = (value, uses_decoupled_decay(optimizer, group))
             group["weight_decay"] = 0.0
             rank_zero_info(
                 f"WeightDecay took over weight_decay={wd} of {type(optimizer).__name__} param group "
@@ -298,10 +317,13 @@ class WeightDecay(RegularizerCallback):
 
     def _forget_optimizer(self, index: int) -> None:
         self._taken_over = {k: v for k, v in self._taken_over.items() if k[0] != index}
+        self._lr_checked = {k: v for k, v in self._lr_checked.items() if k[0] != index}
         self._derived = {k: v for k, v in self._derived.items() if k[0] != index}  # its lr0 may differ
 
     def _reset_state(self) -> None:
         self._taken_over = {}
+        self._lr_checked = {}
+        self._ratio_warned = set()
         self._last_coefficient = {}
         self._derived = {}
         self._steps_per_epoch = None
@@ -351,12 +373,55 @@ class WeightDecay(RegularizerCallback):
             lr = group["lr"]
             mode = "lr" if self._weight_decay is None else self.mode  # taking over, and timescale_epochs
             if mode == "lr_ratio":
-                group.setdefault("initial_lr", lr)
+                # A tensor lr is copied, as torch's schedulers do: a scheduler's `fill_` must not move it too.
+                group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr)
             name = group.get("name", b.group_index)
-            shrink = decay_shrink(mode, lr, group.get("initial_lr"), coeff, self._steps[index], name)
+            initial_lr = group.get("initial_lr")
+            if mode != "constant" and isinstance(lr, Tensor):
+                self._check_tensor_lr(index, b.group_index, mode, lr, initial_lr, coeff, name)
+            shrink = decay_shrink(mode, lr, initial_lr, coeff, self._steps[index], name)
+            if mode == "lr_ratio" and not isinstance(shrink, Tensor) and shrink > coeff:
+                self._warn_ratio(index, b.group_index, name, lr, initial_lr, coeff)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
             kernels.decay_(b.with_grads()[0], factor)
+
+    def _check_tensor_lr(
+        self, index: int, group_index: int, mode: str, lr: Tensor, initial_lr: Any, coeff: float, name: Any
+    ) -> None:
+        """The factor check of a tensor lr, read on the host only when the lr tensor or ``coeff`` changed.
+
+        A new tensor, an in-place update (a scheduler's ``fill_`` bumps ``_version``) or another
+        coefficient: one host sync then, none on the steps in between (a constant tensor lr never syncs
+        again). The values are those the next steps multiply by, so a factor ``<= 0`` is refused before
+        it is applied, as for a float lr.
+        """
+        key = (index, group_index)
+        base_version = initial_lr._version if isinstance(initial_lr, Tensor) else None
+        last = self._lr_checked.get(key)
+        same = last is not None and last[0] is lr and last[2] is initial_lr
+        if same and (last[1], last[3], last[4]) == (lr._version, base_version, coeff):
+            return
+        lr0 = float(initial_lr) if isinstance(initial_lr, Tensor) else initial_lr
+        shrink = decay_shrink(mode, float(lr), lr0, coeff, self._steps[index], name)
+        # Recorded once passed, so a refused lr is checked again at the next step.
+        self._lr_checked[key] = (lr, lr._version, initial_lr, base_version, coeff)
+        if mode == "lr_ratio" and shrink > coeff:
+            self._warn_ratio(index, group_index, name, float(lr), lr0, coeff)
+
+    def _warn_ratio(self, index: int, group_index: int, name: Any, lr: Any, initial_lr: Any, coeff: float) -> None:
+        """Once per param group: ``mode="lr_ratio"`` with the lr above its initial value shrinks more than ``wd``."""
+        if (index, group_index) in self._ratio_warned:
+            return
+        self._ratio_warned.add((index, group_index))
+        ratio = lr / initial_lr
+        rank_zero_warn(
+            f"WeightDecay(mode='lr_ratio'): param group {name!r} has lr {lr:g} = {ratio:.4g} x its initial lr "
+            f"{initial_lr:g} at step {self._steps[index]}, so the weights shrink by {ratio:.4g} * weight_decay = "
+            f"{ratio * coeff:.4g} per step, more than weight_decay={coeff:g} (the shrink at the initial lr). "
+            "A scheduler raising the lr above its initial value (OneCycleLR, CyclicLR, a warm-up factor > 1) "
+            "does this; use mode='lr', or a weight_decay meant for the initial lr. (Said once per group.)"
+        )
 
     def _apply_coupled(self, index: int, optimizer: Optimizer) -> None:
         """The optimizer's own (coupled) semantics, taken over: an L2 term ``wd * w`` in the gradient."""
@@ -467,7 +532,8 @@ def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, g
     """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
 
     On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
-    optimizers accept one) is passed through unchecked, since comparing it would synchronize the host.
+    optimizers accept one) is passed through unchecked here, since comparing it would synchronize the
+    host; `WeightDecay` checks its value on the host when the tensor changes.
 
     Raises:
         ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.
