@@ -200,7 +200,30 @@ for _ in range(2):
         opt.zero_grad()
         nn.functional.mse_loss(ref.net(xb), yb).backward()
         opt.step()
+cli_groups = None
+if len(sys.argv) > 3:  # DecayLightningCLI on this namespace's LightningCLI, its automatic AdamW over decay groups
+    from lightning_decay import DecayLightningCLI, DecayRules
+
+    class Automatic(Regressor):
+        configure_optimizers = ns.LightningModule.configure_optimizers
+
+        def train_dataloader(self):
+            return loader
+
+    args = ["fit", "--optimizer=AdamW", "--optimizer.weight_decay=0.1", "--trainer.max_steps=1",
+            "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={sys.argv[2]}"]
+    cli = DecayLightningCLI(Automatic, args=args)
+    plan = DecayRules().classify(cli.model)
+    params = dict(cli.model.named_parameters())
+    cli_groups = {
+        "cli_bases": [c.__module__.split(".")[0] for c in type(cli).__mro__ if c.__name__ == "LightningCLI"],
+        "got": sorted((g["weight_decay"], sorted(map(id, g["params"]))) for g in cli.trainer.optimizers[0].param_groups),
+        "want": sorted([(0.1, sorted(id(params[n]) for n in plan.decay_names)),
+                        (0.0, sorted(id(params[n]) for n in plan.no_decay_names))]),
+    }
 print(json.dumps({
+    "cli": cli_groups,
     "package": lightning_decay.__file__,
     "loaded_by_import": loaded_by_import,
     "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(FRAMEWORKS)),
@@ -239,13 +262,17 @@ def _venv_without(tmp_path: Path, dists: tuple[str, ...]) -> Path:
     return python
 
 
-def _fit_in(tmp_path: Path, without: tuple[str, ...], namespace: str) -> dict:
+def _fit_in(tmp_path: Path, without: tuple[str, ...], namespace: str, cli: bool = False) -> dict:
     python = _venv_without(tmp_path, without)
     script = tmp_path / "fit.py"
     script.write_text(f"FRAMEWORKS = {FRAMEWORKS!r}\nimport importlib.util\n{SCRIPT}")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(
-        [python, script, namespace, str(tmp_path / "logs")], capture_output=True, text=True, env=env, timeout=600
+        [python, script, namespace, str(tmp_path / "logs"), *(["cli"] if cli else [])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     run = json.loads(result.stdout.strip().splitlines()[-1])
@@ -269,11 +296,13 @@ def _assert_trained_and_logged(run: dict) -> None:
 def test_pytorch_lightning_alone_without_lightning(tmp_path: Path) -> None:
     # A user of `import pytorch_lightning` with only the `pytorch-lightning` distribution (the dependency):
     # the package imports that namespace alone and its callbacks train with that Trainer.
-    run = _fit_in(tmp_path, ("lightning",), "pytorch_lightning")
+    run = _fit_in(tmp_path, ("lightning",), "pytorch_lightning", cli=True)
     assert "lightning" not in run["findable"], "the venv still has lightning"
     assert "lightning" not in run["loaded_by_import"] and "lightning" not in run["loaded"]
     assert "pytorch_lightning" in run["loaded_by_import"]
     _assert_trained_and_logged(run)
+    assert run["cli"]["cli_bases"] == ["pytorch_lightning"]
+    assert run["cli"]["got"] == run["cli"]["want"]  # decayed at 0.1 and not, as DecayRules splits them
 
 
 def test_csv_logger_and_monitor_without_tensorboard(tmp_path: Path) -> None:
