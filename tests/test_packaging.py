@@ -216,9 +216,10 @@ if len(sys.argv) > 3:  # DecayLightningCLI on this namespace's LightningCLI, its
     cli = DecayLightningCLI(Automatic, args=args)
     plan = DecayRules().classify(cli.model)
     params = dict(cli.model.named_parameters())
+    groups = cli.trainer.optimizers[0].param_groups
     cli_groups = {
         "cli_bases": [c.__module__.split(".")[0] for c in type(cli).__mro__ if c.__name__ == "LightningCLI"],
-        "got": sorted((g["weight_decay"], sorted(map(id, g["params"]))) for g in cli.trainer.optimizers[0].param_groups),
+        "got": sorted((g["weight_decay"], sorted(map(id, g["params"]))) for g in groups),
         "want": sorted([(0.1, sorted(id(params[n]) for n in plan.decay_names)),
                         (0.0, sorted(id(params[n]) for n in plan.no_decay_names))]),
     }
