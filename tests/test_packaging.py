@@ -322,3 +322,12 @@ def test_importing_the_package_loads_no_tensorboard() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_without_any_lightning_the_import_error_says_what_to_install(tmp_path: Path) -> None:
+    python = _venv_without(tmp_path, ("lightning", "pytorch-lightning"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([python, "-c", "import lightning_decay"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("ImportError: lightning-decay needs PyTorch Lightning")
+    assert "`pip install pytorch-lightning`" in out.stderr
