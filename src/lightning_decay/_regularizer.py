@@ -15,16 +15,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
 from lightning_decay._checks import check_choice, is_count
-from lightning_decay._compat import Callback, MisconfigurationException, is_deepspeed
+from lightning_decay._compat import (
+    Callback,
+    MisconfigurationException,
+    is_deepspeed,
+    pl,
+    rank_zero_info,
+    rank_zero_warn,
+)
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision, few_names

@@ -9,13 +9,12 @@ optimizer the groups of [`DecayRules`][lightning_decay.DecayRules] instead, befo
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lightning_decay._compat import uses_pytorch_lightning
+from lightning_decay._compat import NAMESPACE, uses_pytorch_lightning
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.decay import decoupled_by_name
 from lightning_decay.layers import apply_lr_scale, validate_layer_decay
@@ -23,6 +22,12 @@ from lightning_decay.plan import validate_weight_decay
 from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayLightningCLI"]
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+else:
+    # The LightningCLI of the namespace the package's defaults come from: `lightning.pytorch` where installed.
+    LightningCLI = importlib.import_module(f"{NAMESPACE}.cli").LightningCLI
 
 
 class _DecayGroupsCLI:
@@ -169,7 +174,7 @@ class DecayLightningCLI(_DecayGroupsCLI, LightningCLI):
         # A model, data module or Trainer class of `pytorch_lightning` needs that namespace's LightningCLI:
         # lightning.pytorch's Trainer refuses a pytorch_lightning.LightningModule, and the other way round.
         # (The flavour is not a subclass of this class, so Python does not call `__init__` a second time.)
-        if cls is DecayLightningCLI:
+        if cls is DecayLightningCLI and NAMESPACE != "pytorch_lightning":
             names = ("model_class", "datamodule_class", "trainer_class")
             if uses_pytorch_lightning(*args[:2], *(kwargs.get(n) for n in names)):
                 return _pytorch_lightning_flavour()(*args, **kwargs)

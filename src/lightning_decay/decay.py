@@ -7,15 +7,13 @@ import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
 from lightning_decay._checks import check_choice, is_count
-from lightning_decay._compat import MisconfigurationException
+from lightning_decay._compat import MisconfigurationException, pl, rank_zero_info, rank_zero_warn
 from lightning_decay._regularizer import (
     OptimizerBuckets,
     RegularizerCallback,

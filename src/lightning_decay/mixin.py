@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_decay._compat import rank_zero_info
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.groups import check_optimizer_groups
 from lightning_decay.layers import LayerOf, apply_lr_scale

@@ -12,15 +12,20 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_decay import norms as K
 from lightning_decay._checks import check_choice, check_flag
-from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, is_deepspeed
+from lightning_decay._compat import (
+    TENSORBOARD_LOGGERS,
+    Callback,
+    MisconfigurationException,
+    is_deepspeed,
+    pl,
+    rank_zero_warn,
+)
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key

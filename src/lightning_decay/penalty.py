@@ -6,15 +6,14 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import kernels
 from lightning_decay._checks import check_choice, check_flag
+from lightning_decay._compat import pl, rank_zero_warn
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._regularizer import (
     OptimizerBuckets,
