@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decay import _amp, kernels
-from lightning_decay._compat import MisconfigurationException
+from lightning_decay._compat import MisconfigurationException, rank_zero_info
 from lightning_decay._messages import few_names
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.norms import contributes_to_sum, is_dtensor, local_tensor

@@ -4,28 +4,38 @@ Both ship the same code under different module names, so their classes are disti
 ``pytorch_lightning.loggers.TensorBoardLogger`` is not an instance of ``lightning.pytorch``'s, and an
 exception raised as one namespace's ``MisconfigurationException`` is not caught as the other's. Every
 type check of the package against a Lightning class goes through the tuples here, which hold the classes
-of ``lightning.pytorch`` and, when it is installed, those of ``pytorch_lightning`` (imported only then:
-it is not a dependency).
+of each namespace that is installed, and only those are imported: the package works with ``lightning``
+alone, with ``pytorch-lightning`` alone (its dependency, see pyproject.toml), or with both (every
+``lightning`` release since 2.4 depends on ``pytorch-lightning``). With both, both are imported: the
+callbacks subclass the ``Callback`` of each, or one namespace's ``LightningCLI`` would refuse them in
+``trainer.callbacks``. ``NAMESPACE`` is the one the package's own defaults come from (``DecayLightningCLI``,
+``BaseFinetuning``): ``lightning.pytorch`` where installed.
+
+Nothing here imports TensorBoard: Lightning's logger classes import it only when a logger writes.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.fabric.loggers import TensorBoardLogger as _LFTensorBoardLogger
-from lightning.pytorch.callbacks import Callback as _LCallback
-from lightning.pytorch.loggers import TensorBoardLogger as _LTensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
-from lightning.pytorch.utilities.exceptions import MisconfigurationException as _LMisconfiguration
+# The same functions under both namespaces (`lightning_utilities`'); importing a namespace below sets their rank.
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 __all__ = [
     "DEEPSPEED_STRATEGIES",
+    "LIGHTNING_AVAILABLE",
+    "NAMESPACE",
     "PL_AVAILABLE",
     "TENSORBOARD_LOGGERS",
+    "BaseFinetuning",
     "Callback",
     "MisconfigurationException",
     "is_deepspeed",
+    "pl",
+    "rank_zero_info",
+    "rank_zero_warn",
     "uses_pytorch_lightning",
 ]
 
@@ -37,49 +47,65 @@ def _available(module: str) -> bool:
         return False
 
 
+LIGHTNING_AVAILABLE = _available("lightning")
 PL_AVAILABLE = _available("pytorch_lightning")
+if not (LIGHTNING_AVAILABLE or PL_AVAILABLE):
+    raise ImportError(
+        "lightning-decay needs PyTorch Lightning: `pip install pytorch-lightning` (its dependency) or `pip install "
+        "lightning`; neither `lightning` nor `pytorch_lightning` can be imported."
+    )
 
-if PL_AVAILABLE:
-    import lightning_utilities.core.rank_zero as _rank_zero
+# (Trainer namespace, Fabric namespace) of each installed flavour; the first is `NAMESPACE`.
+_FLAVOURS = [
+    *([("lightning.pytorch", "lightning.fabric")] if LIGHTNING_AVAILABLE else []),
+    *([("pytorch_lightning", "lightning_fabric")] if PL_AVAILABLE else []),
+]
+NAMESPACE = _FLAVOURS[0][0]
+
+
+def _classes(module: str, name: str, fabric: bool = False) -> tuple[type, ...]:
+    """Class ``name`` of ``{namespace}.{module}`` for each installed namespace (with ``fabric``: of its Fabric)."""
+    return tuple(getattr(importlib.import_module(f"{ns[1 if fabric else 0]}.{module}"), name) for ns in _FLAVOURS)
+
+
+def _import_namespaces() -> None:
+    import lightning_utilities.core.rank_zero as rank_zero
 
     # Both namespaces point the logger of the rank-zero messages they share (`lightning_utilities`) at their
-    # own on import: importing `pytorch_lightning` here must not move `lightning.pytorch` users' messages
-    # ("`Trainer.fit` stopped ...") to the `pytorch_lightning` logger, whose level they do not set.
-    _log = _rank_zero.log
-    import pytorch_lightning as _pl
-    from lightning_fabric.loggers import TensorBoardLogger as _PLFTensorBoardLogger
-    from pytorch_lightning.loggers import TensorBoardLogger as _PLTensorBoardLogger
-    from pytorch_lightning.strategies import DeepSpeedStrategy as _PLDeepSpeed
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException as _PLMisconfiguration
+    # own on import: importing `pytorch_lightning` after `lightning.pytorch` must not move `lightning.pytorch`
+    # users' messages ("`Trainer.fit` stopped ...") to the `pytorch_lightning` logger, whose level they do not set.
+    importlib.import_module(NAMESPACE)
+    log = rank_zero.log
+    for trainer_ns, _ in _FLAVOURS[1:]:
+        importlib.import_module(trainer_ns)
+    rank_zero.log = log
 
-    _rank_zero.log = _log
 
-    # The Trainer's loggers subclass Fabric's: Fabric's own (`fabric.loggers`) count too.
-    TENSORBOARD_LOGGERS: tuple[type, ...] = (
-        _LTensorBoardLogger,
-        _PLTensorBoardLogger,
-        _LFTensorBoardLogger,
-        _PLFTensorBoardLogger,
-    )
-    DEEPSPEED_STRATEGIES: tuple[type, ...] = (_LDeepSpeed, _PLDeepSpeed)
+_import_namespaces()
 
-    class Callback(_LCallback, _pl.Callback):
-        """A Lightning callback of both namespaces: either Trainer, and either LightningCLI's
-        ``trainer.callbacks`` (which checks ``issubclass`` against its own namespace's ``Callback``), takes it.
-        The two base classes are the same code: same hook names, same ``state_key``."""
+# The Trainer's loggers subclass Fabric's: Fabric's own (`fabric.loggers`) count too.
+TENSORBOARD_LOGGERS: tuple[type, ...] = (
+    *_classes("loggers", "TensorBoardLogger"),
+    *_classes("loggers", "TensorBoardLogger", fabric=True),
+)
+DEEPSPEED_STRATEGIES: tuple[type, ...] = _classes("strategies", "DeepSpeedStrategy")
 
-    class MisconfigurationException(_LMisconfiguration, _PLMisconfiguration):
-        """A configuration error, catchable as the ``MisconfigurationException`` of either namespace."""
-
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import BaseFinetuning, Callback
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 else:
-    TENSORBOARD_LOGGERS = (_LTensorBoardLogger, _LFTensorBoardLogger)
-    DEEPSPEED_STRATEGIES = (_LDeepSpeed,)
+    pl = importlib.import_module(NAMESPACE)
+    # Static methods only (make_trainable, filter_params, ...): the same code in both namespaces.
+    BaseFinetuning = pl.callbacks.BaseFinetuning
 
-    class Callback(_LCallback):  # type: ignore[no-redef]
-        """A ``lightning.pytorch`` callback."""
+    class Callback(*_classes("callbacks", "Callback")):
+        """A Lightning callback of each installed namespace: either Trainer, and either LightningCLI's
+        ``trainer.callbacks`` (which checks ``issubclass`` against its own namespace's ``Callback``), takes it.
+        The base classes are the same code: same hook names, same ``state_key``."""
 
-    class MisconfigurationException(_LMisconfiguration):  # type: ignore[no-redef]
-        """A configuration error (``lightning.pytorch``'s ``MisconfigurationException``)."""
+    class MisconfigurationException(*_classes("utilities.exceptions", "MisconfigurationException")):
+        """A configuration error, catchable as the ``MisconfigurationException`` of each installed namespace."""
 
 
 def is_deepspeed(strategy: Any) -> bool:

@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_decay import kernels
 from lightning_decay._binding import Binding, Effect, StepWork
 from lightning_decay._checks import is_count
-from lightning_decay._compat import MisconfigurationException
+from lightning_decay._compat import MisconfigurationException, rank_zero_info, rank_zero_warn
 from lightning_decay.schedules import Constant, Schedule, check_coefficient
 
 __all__ = [
@@ -29,6 +28,7 @@ __all__ = [
     "Timescale",
     "check_constant_factor",
     "decay_shrink",
+    "decoupled_by_name",
     "timescale_weight_decay",
     "uses_decoupled_decay",
 ]
@@ -47,7 +47,11 @@ def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     flag = group.get("decoupled_weight_decay")
     if flag is not None:
         return bool(flag)
-    name = type(optimizer).__name__
+    return decoupled_by_name(type(optimizer).__name__)
+
+
+def decoupled_by_name(name: str) -> bool:
+    """Whether an optimizer class of this name decays decoupled (``AdamW``, ``Decoupled*``, ``Lion``)."""
     return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
 
 
@@ -123,7 +127,12 @@ class TakeOver:
             wd = group.get("weight_decay", 0.0)
             if not wd:
                 continue
-            self.taken[(index, gi)] = (float(wd), uses_decoupled_decay(optimizer, group))
+            # Checked as an explicit `weight_decay` is (nan, inf, negative): applied, it would ruin the weights.
+            value = check_coefficient(
+                float(wd) if isinstance(wd, Tensor) else wd,
+                f"weight_decay of {type(optimizer).__name__} param group {group.get('name', gi)!r} (taken over)",
+            )
+            self.taken[(index, gi)] = (value, uses_decoupled_decay(optimizer, group))
             group["weight_decay"] = 0.0
             rank_zero_info(
                 f"WeightDecay took over weight_decay={wd} of {type(optimizer).__name__} param group "
@@ -259,6 +268,7 @@ class DecoupledDecay(Effect):
         # Taking over, and a timescale, decay as mode="lr".
         self.mode = mode if isinstance(source, Scheduled) else "lr"
         self.takeover = source if isinstance(source, TakeOver) else TakeOver()  # the saved `taken_over`
+        self.lr_checks = TensorLrChecks()
 
     def prepare(self, binding: Binding, plan: Any) -> None:
         if not isinstance(self.source, TakeOver):
@@ -293,11 +303,13 @@ class DecoupledDecay(Effect):
 
     def forget(self, index: int) -> None:
         self.takeover.forget(index)
+        self.lr_checks.forget(index)
         if isinstance(self.source, Timescale):
             self.source.forget(index)
 
     def reset(self) -> None:
         self.takeover.taken = {}
+        self.lr_checks = TensorLrChecks()
         if not isinstance(self.source, TakeOver):
             self.source.reset()
 
@@ -320,8 +332,14 @@ class DecoupledDecay(Effect):
             group = optimizer.param_groups[b.group_index]
             lr = group["lr"]
             if self.mode == "lr_ratio":
-                group.setdefault("initial_lr", lr)
-            shrink = decay_shrink(self.mode, lr, group.get("initial_lr"), coeff, step, group.get("name", b.group_index))
+                # A tensor lr is copied, as torch's schedulers do: a scheduler's `fill_` must not move it too.
+                group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr)
+            name, initial_lr = group.get("name", b.group_index), group.get("initial_lr")
+            if self.mode != "constant" and isinstance(lr, Tensor):
+                self.lr_checks.check(index, b.group_index, self.mode, lr, initial_lr, coeff, name, step)
+            shrink = decay_shrink(self.mode, lr, initial_lr, coeff, step, name)
+            if self.mode == "lr_ratio" and not isinstance(shrink, Tensor) and shrink > coeff:
+                self.lr_checks.warn_ratio(index, b.group_index, name, lr, initial_lr, coeff, step)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
             kernels.decay_(b.with_grads()[0], factor)
@@ -338,6 +356,55 @@ class DecoupledDecay(Effect):
             kernels.add_l2_gradient_(
                 grads, weights, coeff if scale is None else scale * coeff, chunks=b.chunks_for(idx)
             )
+
+
+class TensorLrChecks:
+    """The factor check of a tensor lr, and the warning of ``lr_ratio`` above the initial lr, per param group.
+
+    A tensor lr is read on the host only when it changes (another tensor, an in-place update: a scheduler's
+    ``fill_`` bumps ``_version``, or another coefficient): one host sync then, none on the steps between.
+    """
+
+    def __init__(self) -> None:
+        # (optimizer, group) -> (lr tensor, its version, initial lr, its version, coefficient) of the last pass.
+        self.checked: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self.ratio_warned: set[tuple[int, int]] = set()
+
+    def forget(self, index: int) -> None:
+        self.checked = {k: v for k, v in self.checked.items() if k[0] != index}
+
+    def check(
+        self, index: int, group_index: int, mode: str, lr: Tensor, initial_lr: Any, coeff: float, name: Any, step: int
+    ) -> None:
+        """Refuse a factor ``<= 0`` before it is applied, as for a float lr (the values the next steps use)."""
+        key = (index, group_index)
+        base_version = initial_lr._version if isinstance(initial_lr, Tensor) else None
+        last = self.checked.get(key)
+        same = last is not None and last[0] is lr and last[2] is initial_lr
+        if same and (last[1], last[3], last[4]) == (lr._version, base_version, coeff):  # type: ignore[index]
+            return
+        lr0 = float(initial_lr) if isinstance(initial_lr, Tensor) else initial_lr
+        shrink = decay_shrink(mode, float(lr), lr0, coeff, step, name)
+        # Recorded once passed, so a refused lr is checked again at the next step.
+        self.checked[key] = (lr, lr._version, initial_lr, base_version, coeff)
+        if mode == "lr_ratio" and shrink > coeff:
+            self.warn_ratio(index, group_index, name, float(lr), lr0, coeff, step)
+
+    def warn_ratio(
+        self, index: int, group_index: int, name: Any, lr: Any, initial_lr: Any, coeff: float, step: int
+    ) -> None:
+        """Once per param group: ``mode="lr_ratio"`` with the lr above its initial value shrinks more than ``wd``."""
+        if (index, group_index) in self.ratio_warned:
+            return
+        self.ratio_warned.add((index, group_index))
+        ratio = lr / initial_lr
+        rank_zero_warn(
+            f"WeightDecay(mode='lr_ratio'): param group {name!r} has lr {lr:g} = {ratio:.4g} x its initial lr "
+            f"{initial_lr:g} at step {step}, so the weights shrink by {ratio:.4g} * weight_decay = "
+            f"{ratio * coeff:.4g} per step, more than weight_decay={coeff:g} (the shrink at the initial lr). "
+            "A scheduler raising the lr above its initial value (OneCycleLR, CyclicLR, a warm-up factor > 1) "
+            "does this; use mode='lr', or a weight_decay meant for the initial lr. (Said once per group.)"
+        )
 
 
 def check_constant_factor(weight_decay: Any, mode: str) -> None:
@@ -358,7 +425,8 @@ def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, g
     """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
 
     On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
-    optimizers accept one) is passed through unchecked, since comparing it would synchronize the host.
+    optimizers accept one) is passed through unchecked here, since comparing it would synchronize the
+    host; `TensorLrChecks` checks its value on the host when the tensor changes.
 
     Raises:
         ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.

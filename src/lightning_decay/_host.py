@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_decay import kernels
+from lightning_decay._compat import rank_zero_warn
 from lightning_decay.norms import all_reduce_partials
 
 __all__ = ["NonFiniteWarnings", "split_to_host", "to_host"]

@@ -15,14 +15,12 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay._attach import Attachment, not_attached_error, unwrap
 from lightning_decay._binding import Binding, Effect
-from lightning_decay._compat import Callback, MisconfigurationException, deepspeed_problem
+from lightning_decay._compat import Callback, MisconfigurationException, deepspeed_problem, pl, rank_zero_warn
 from lightning_decay._host import NonFiniteWarnings
 from lightning_decay._messages import few_names
 from lightning_decay._resume import Resume

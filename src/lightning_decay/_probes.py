@@ -12,13 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_decay import _amp
 from lightning_decay import norms as K
-from lightning_decay._compat import TENSORBOARD_LOGGERS
+from lightning_decay._compat import TENSORBOARD_LOGGERS, rank_zero_warn
 from lightning_decay._host import NonFiniteWarnings, split_to_host
 from lightning_decay._messages import few_names
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces

@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_decay._binding import Binding, Effect
+from lightning_decay._compat import rank_zero_warn
 from lightning_decay._messages import closest_names, few_names, unknown_name_message
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.names import clean_names, clean_param_name

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_decay._checks import check_choice, is_count
-from lightning_decay._compat import MisconfigurationException
+from lightning_decay._compat import MisconfigurationException, rank_zero_info, rank_zero_warn
 from lightning_decay.rules import DecayRules
 
 __all__ = ["MISSING_STATE", "RESTORED_HINT", "Resume"]

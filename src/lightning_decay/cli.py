@@ -9,17 +9,25 @@ optimizer the groups of [`DecayRules`][lightning_decay.DecayRules] instead, befo
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
-from typing import Any
+import numbers
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lightning_decay._compat import uses_pytorch_lightning
+from lightning_decay._compat import NAMESPACE, uses_pytorch_lightning
 from lightning_decay._plan_cache import plan_for
+from lightning_decay.decay import decoupled_by_name
 from lightning_decay.layers import apply_lr_scale, validate_layer_decay
+from lightning_decay.plan import validate_weight_decay
 from lightning_decay.rules import DecayRules, as_rules
 
 __all__ = ["DecayLightningCLI"]
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+else:
+    # The LightningCLI of the namespace the package's defaults come from: `lightning.pytorch` where installed.
+    LightningCLI = importlib.import_module(f"{NAMESPACE}.cli").LightningCLI
 
 
 class _DecayGroupsCLI:
@@ -41,6 +49,7 @@ class _DecayGroupsCLI:
         # scheduler built on it see the groups. Everything else about the automatic optimizer is unchanged.
         model = self.model  # type: ignore[attr-defined]
         rules, layer_decay = self._apply_decay_section(model)
+        self._check_automatic_weight_decay(subcommand)
         base_lr = self._automatic_optimizer_lr(subcommand) if layer_decay is not None else None
 
         def decay_groups(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
@@ -75,19 +84,44 @@ class _DecayGroupsCLI:
 
     def _automatic_optimizer_lr(self, subcommand: str | None) -> float | None:
         """The lr the automatic optimizer will be built with (its config, else its class default)."""
+        return self._automatic_optimizer_arg(subcommand, "lr")[0]
+
+    def _automatic_optimizer_arg(self, subcommand: str | None, name: str) -> tuple[Any, str]:
+        """An argument the automatic optimizer will be built with (its config, else its class default),
+        and the optimizer's class name (``""`` without an automatic optimizer)."""
         parser = self._parser(subcommand)
         keys = [k for k, (_, link) in parser._optimizers.items() if link == "AUTOMATIC"]
         init = self._get(self.config_init, keys[0], None) if keys else None
         if init is None:
-            return None
+            return None, ""
         # `{class_path, init_args}` for a subclass-mode optimizer, the arguments themselves otherwise.
         args = getattr(init, "init_args", None) or init
-        lr = args.get("lr") if hasattr(args, "get") else None
-        if lr is None:
-            cls = parser._optimizers[keys[0]][0]
-            param = inspect.signature(cls).parameters.get("lr") if isinstance(cls, type) else None
-            lr = None if param is None or param.default is inspect.Parameter.empty else param.default
-        return lr
+        value = args.get(name) if hasattr(args, "get") else None
+        class_path = getattr(init, "class_path", None)
+        cls = parser._optimizers[keys[0]][0]
+        cls_name = class_path.rsplit(".", 1)[-1] if class_path else getattr(cls, "__name__", "")
+        if value is None:
+            param = inspect.signature(cls).parameters.get(name) if isinstance(cls, type) else None
+            value = None if param is None or param.default is inspect.Parameter.empty else param.default
+        return value, cls_name
+
+    def _check_automatic_weight_decay(self, subcommand: str | None) -> None:
+        """The automatic optimizer's ``weight_decay`` (the decay group's) checked as `decay_param_groups` checks
+        its own, and, for a decoupled decay (AdamW), its factor ``1 - lr * weight_decay`` at the configured lr."""
+        wd, cls_name = self._automatic_optimizer_arg(subcommand, "weight_decay")
+        if wd is None:
+            return
+        wd = validate_weight_decay(wd, "optimizer.init_args.weight_decay")
+        decoupled = self._automatic_optimizer_arg(subcommand, "decoupled_weight_decay")[0]
+        if decoupled is None:
+            decoupled = decoupled_by_name(cls_name)
+        lr = self._automatic_optimizer_lr(subcommand)
+        if decoupled and isinstance(lr, numbers.Real) and lr * wd >= 1.0:
+            raise ValueError(
+                f"`optimizer.init_args.weight_decay`={wd} with lr {lr}: {cls_name}'s decoupled decay multiplies "
+                f"the weights by 1 - lr * weight_decay = {1.0 - lr * wd:g} <= 0 at every step, which flips or zeros "
+                "them. It must be < 1 / lr (AdamW-style values are about 1e-4 to 0.1)."
+            )
 
 
 class DecayLightningCLI(_DecayGroupsCLI, LightningCLI):
@@ -140,7 +174,7 @@ class DecayLightningCLI(_DecayGroupsCLI, LightningCLI):
         # A model, data module or Trainer class of `pytorch_lightning` needs that namespace's LightningCLI:
         # lightning.pytorch's Trainer refuses a pytorch_lightning.LightningModule, and the other way round.
         # (The flavour is not a subclass of this class, so Python does not call `__init__` a second time.)
-        if cls is DecayLightningCLI:
+        if cls is DecayLightningCLI and NAMESPACE != "pytorch_lightning":
             names = ("model_class", "datamodule_class", "trainer_class")
             if uses_pytorch_lightning(*args[:2], *(kwargs.get(n) for n in names)):
                 return _pytorch_lightning_flavour()(*args, **kwargs)

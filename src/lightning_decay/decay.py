@@ -11,10 +11,8 @@ import math
 import numbers
 from typing import Any, Literal
 
-import lightning.pytorch as pl
-
 from lightning_decay._checks import check_choice
-from lightning_decay._compat import MisconfigurationException
+from lightning_decay._compat import MisconfigurationException, pl
 from lightning_decay._decay_effect import (
     DecoupledDecay,
     Scheduled,
@@ -22,6 +20,7 @@ from lightning_decay._decay_effect import (
     Timescale,
     check_constant_factor,
     decay_shrink,
+    decoupled_by_name,
     timescale_weight_decay,
     uses_decoupled_decay,
 )
@@ -33,6 +32,7 @@ __all__ = [
     "WeightDecay",
     "check_constant_factor",
     "decay_shrink",
+    "decoupled_by_name",
     "steps_per_epoch",
     "timescale_weight_decay",
     "uses_decoupled_decay",
@@ -73,18 +73,23 @@ class WeightDecay(Regularizer):
     Modes:
         - ``"lr"``: ``w *= 1 - lr * wd`` (AdamW).
         - ``"lr_ratio"``: ``w *= 1 - (lr / lr0) * wd`` with ``lr0`` the group's initial learning rate
-          (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the peak learning rate.
+          (composer's ``DecoupledAdamW``): ``wd`` is then the decay per step at the initial learning rate.
+          A scheduler that raises the lr above it (``OneCycleLR`` starts at ``max_lr / 25``, ``CyclicLR``,
+          a warm-up factor above 1) shrinks by more, ``(lr / lr0) * wd``: a warning names the group and
+          the ratio, once per group.
         - ``"constant"``: ``w *= 1 - wd``, independent of the learning rate.
 
     A factor ``1 - shrink <= 0`` would flip the weights' signs (or zero them): it is refused with an error
-    naming the step, the learning rate and the coefficient, never applied. ``mode="constant"`` (and
-    ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a constant ``wd >= 1`` at
-    once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
+    naming the step, the learning rate and the coefficient, never applied. A tensor learning rate is
+    checked too, on the host only when it changes (another tensor, an in-place update, another coefficient).
+    ``mode="constant"`` (and ``"lr_ratio"``, whose shrink at the initial learning rate is ``wd``) refuse a
+    constant ``wd >= 1`` at once; ``"lr_ratio"`` also refuses a param group whose initial learning rate is 0.
 
     Taking over the optimizer's decay (``weight_decay=None``): the callback reads each param group's
     ``weight_decay``, sets it to 0 in the optimizer, and applies it itself to the decayed weights only,
     with the optimizer's own semantics -- decoupled for AdamW-style optimizers, an L2 gradient term
-    ``g += wd * w`` for torch's Adam and SGD (added after clipping, as those optimizers do). So
+    ``g += wd * w`` for torch's Adam and SGD (added after clipping, as those optimizers do); a taken-over
+    value is checked as an explicit one (``nan``, ``inf`` and negatives are refused). So
     ``--optimizer AdamW --optimizer.weight_decay 0.05`` in a LightningCLI config plus this callback decays
     weights at 0.05 and leaves biases and normalization parameters alone. With an explicit
     ``weight_decay``, an optimizer group that also decays the same weights is an error: never both.
@@ -120,7 +125,8 @@ class WeightDecay(Regularizer):
             ``mode`` or ``missing_state`` is unknown, the decay factor ``1 - shrink`` is not positive (at once
             for a constant ``weight_decay >= 1`` with ``mode="constant"`` or ``"lr_ratio"``, else at the step),
             ``timescale_epochs`` is not a positive number or is given with ``weight_decay`` or another
-            ``mode``, or a loaded state is malformed (naming the field).
+            ``mode``, a taken-over ``weight_decay`` is negative or not finite (at train start), or a loaded
+            state is malformed (naming the field).
         TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, ``rules`` not a
             ``DecayRules``, ``timescale_epochs`` not a number, or ``name`` not a string.
         MisconfigurationException: At train start (after a resumed optimizer is restored) or when param

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_decay._compat import BaseFinetuning
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import check_coefficient

@@ -44,6 +44,7 @@ Chunks = Sequence[Chunk]
 # 64 KiB floor keeps small lists in few chunks, where the launch overhead would dominate.
 CHUNK_FRACTION = 32
 MIN_CHUNK_BYTES = 64 * 2**10
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _scaled(tensors: list[Tensor], coeff: Tensor) -> list[Tensor]:
@@ -145,7 +146,7 @@ def add_l1_subgradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff,
     if not grads:
         return
     for g, w in _pieces(chunks if chunks is not None else chunk_ranges(params), grads, params):
-        signs = torch._foreach_sign(w)
+        signs = _complex_signs(w) if w[0].is_complex() else torch._foreach_sign(w)
         if isinstance(coeff, Tensor):
             torch._foreach_add_(g, _scaled(signs, coeff))
         else:
@@ -166,6 +167,9 @@ def soft_threshold_(params: list[Tensor], threshold: Coeff, chunks: Chunks | Non
     """
     if not params:
         return
+    if params[0].is_complex():  # buckets hold one dtype: the whole list is complex
+        _soft_threshold_complex_(params, threshold, chunks)
+        return
     negated = torch.neg(threshold) if isinstance(threshold, Tensor) else -threshold
     for (part,) in _pieces(chunks if chunks is not None else chunk_ranges(params), params):
         if isinstance(threshold, Tensor):
@@ -178,14 +182,34 @@ def soft_threshold_(params: list[Tensor], threshold: Coeff, chunks: Chunks | Non
         del inside  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
+def _complex_signs(tensors: list[Tensor]) -> list[Tensor]:
+    # ``sgn(w) = w / |w|`` (0 at 0), the gradient torch's autograd gives ``|w|`` of a complex ``w``; torch has
+    # no foreach ``sgn`` (``_foreach_sign`` refuses complex): one kernel per complex tensor, a rare case.
+    return [torch.sgn(t) for t in tensors]
+
+
+def _soft_threshold_complex_(params: list[Tensor], threshold: Coeff, chunks: Chunks | None) -> None:
+    """``w <- sgn(w) * max(|w| - threshold, 0)`` for complex ``w``: the modulus shrunk, the phase kept.
+
+    The proximal step of ``threshold * sum |w|`` on complex entries (``clamp`` refuses complex tensors).
+    """
+    for (part,) in _pieces(chunks if chunks is not None else chunk_ranges(params), params):
+        for w in part:
+            modulus = w.abs().sub_(threshold).clamp_min_(0)
+            w.copy_(torch.sgn(w).mul_(modulus))
+
+
 @torch.no_grad()
 def decay_(params: list[Tensor], factor: Coeff) -> None:
     """Decoupled weight decay, ``w <- factor * w`` (``factor = 1 - lr * weight_decay`` for AdamW)."""
     if not params:
         return
-    if not isinstance(factor, Tensor) and params[0].dtype == torch.float16 and params[0].device.type == "cpu":
-        # torch's CPU foreach multiply rounds a Python scalar to float16 before multiplying (`Tensor.mul_`
-        # and the optimizers' single-tensor paths do not): a float32 0-dim factor keeps AdamW's result.
+    if not isinstance(factor, Tensor) and params[0].dtype in _LOW_PRECISION and params[0].device.type == "cpu":
+        # torch's CPU foreach multiply rounds a Python scalar to the tensors' dtype before multiplying
+        # (bf16: 0.99 -> 0.98828125, a shrink of 0.0117, not 0.01), while `Tensor.mul_` and AdamW's single-tensor
+        # path (its default on CPU) multiply in float32: a float32 0-dim factor gives AdamW's result, for
+        # float16 and bfloat16 alike. (On CUDA the foreach kernel keeps the scalar in float32, as AdamW's
+        # foreach path there does: the scalar is passed on.)
         factor = torch.tensor(factor, dtype=torch.float32)
     torch._foreach_mul_(params, factor)
 
@@ -229,6 +253,12 @@ def sum_abs(params: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm(params, 1, dtype=_accumulation(params)))
 
 
-def _accumulation(tensors: list[Tensor]) -> torch.dtype:
-    """float32 for the penalty values, float64 for float64 tensors (``_foreach_norm`` cannot narrow)."""
+def _accumulation(tensors: list[Tensor]) -> torch.dtype | None:
+    """float32 for the penalty values, float64 for float64 tensors (``_foreach_norm`` cannot narrow).
+
+    Complex tensors: ``None``, their own precision (``_foreach_norm`` takes only a complex ``dtype`` for
+    them, and reduces complex64 to float32 and complex128 to float64 norms of the modulus).
+    """
+    if tensors[0].is_complex():
+        return None
     return torch.float64 if tensors[0].dtype == torch.float64 else torch.float32

@@ -12,8 +12,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
@@ -21,7 +19,14 @@ from lightning_decay import norms as K
 from lightning_decay._attach import Attachment, not_attached_error, unwrap
 from lightning_decay._binding import Binding, Effect, never
 from lightning_decay._checks import check_choice, check_flag
-from lightning_decay._compat import TENSORBOARD_LOGGERS, Callback, MisconfigurationException, deepspeed_problem
+from lightning_decay._compat import (
+    TENSORBOARD_LOGGERS,
+    Callback,
+    MisconfigurationException,
+    deepspeed_problem,
+    pl,
+    rank_zero_warn,
+)
 from lightning_decay._monitor_run import AttachedRun, TrainerRun
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._probes import Probes, bucket_name

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def parse_norm_type(value: Any, argument: str = "norm_type") -> float:
@@ -161,6 +162,9 @@ class TensorGroups:
         for (group_dtype, group), large in zip(self.groups, self._large, strict=True):
             # ``_foreach_norm`` refuses a narrowing ``dtype`` (float64 params with a float32 request).
             kernel_dtype = accumulate if group_dtype != accumulate and _widens(group_dtype, accumulate) else None
+            if kernel_dtype is not None and group_dtype.is_complex:
+                # Complex inputs take only a complex `dtype`; their norms (of the modulus) are then real ones.
+                kernel_dtype = _COMPLEX_OF.get(kernel_dtype, kernel_dtype)
             if kernel_dtype is not None and group_dtype not in _LOW_PRECISION and large:
                 # A widening kernel on float32 (float64 sums) copies each tensor to the wide dtype first.
                 norms = _sliced_norms(group, large, ord, kernel_dtype)

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_decay._checks import check_choice, check_flag
+from lightning_decay._compat import pl, rank_zero_warn
 from lightning_decay._lightning import Regularizer, should_log
 from lightning_decay._options import patterns
 from lightning_decay._penalty_effect import GradientPenalty, ProximalL1, penalty_values, uses
