@@ -14,15 +14,20 @@ import importlib.util
 from typing import Any
 
 from lightning.fabric.loggers import TensorBoardLogger as _LFTensorBoardLogger
+from lightning.pytorch.callbacks import BaseFinetuning as _LBaseFinetuning
 from lightning.pytorch.callbacks import Callback as _LCallback
 from lightning.pytorch.loggers import TensorBoardLogger as _LTensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as _LWandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
 from lightning.pytorch.utilities.exceptions import MisconfigurationException as _LMisconfiguration
 
 __all__ = [
+    "BASE_FINETUNING",
     "DEEPSPEED_STRATEGIES",
+    "HISTOGRAM_LOGGERS",
     "PL_AVAILABLE",
     "TENSORBOARD_LOGGERS",
+    "WANDB_LOGGERS",
     "Callback",
     "MisconfigurationException",
     "is_deepspeed",
@@ -48,7 +53,9 @@ if PL_AVAILABLE:
     _log = _rank_zero.log
     import pytorch_lightning as _pl
     from lightning_fabric.loggers import TensorBoardLogger as _PLFTensorBoardLogger
+    from pytorch_lightning.callbacks import BaseFinetuning as _PLBaseFinetuning
     from pytorch_lightning.loggers import TensorBoardLogger as _PLTensorBoardLogger
+    from pytorch_lightning.loggers import WandbLogger as _PLWandbLogger
     from pytorch_lightning.strategies import DeepSpeedStrategy as _PLDeepSpeed
     from pytorch_lightning.utilities.exceptions import MisconfigurationException as _PLMisconfiguration
 
@@ -61,6 +68,8 @@ if PL_AVAILABLE:
         _LFTensorBoardLogger,
         _PLFTensorBoardLogger,
     )
+    WANDB_LOGGERS: tuple[type, ...] = (_LWandbLogger, _PLWandbLogger)
+    BASE_FINETUNING: tuple[type, ...] = (_LBaseFinetuning, _PLBaseFinetuning)
     DEEPSPEED_STRATEGIES: tuple[type, ...] = (_LDeepSpeed, _PLDeepSpeed)
 
     class Callback(_LCallback, _pl.Callback):
@@ -73,6 +82,8 @@ if PL_AVAILABLE:
 
 else:
     TENSORBOARD_LOGGERS = (_LTensorBoardLogger, _LFTensorBoardLogger)
+    WANDB_LOGGERS = (_LWandbLogger,)
+    BASE_FINETUNING = (_LBaseFinetuning,)
     DEEPSPEED_STRATEGIES = (_LDeepSpeed,)
 
     class Callback(_LCallback):  # type: ignore[no-redef]
@@ -80,6 +91,10 @@ else:
 
     class MisconfigurationException(_LMisconfiguration):  # type: ignore[no-redef]
         """A configuration error (``lightning.pytorch``'s ``MisconfigurationException``)."""
+
+
+#: The loggers ``WeightNormMonitor(log_histograms=True)`` writes histograms to.
+HISTOGRAM_LOGGERS: tuple[type, ...] = TENSORBOARD_LOGGERS + WANDB_LOGGERS
 
 
 def is_deepspeed(strategy: Any) -> bool:
