@@ -74,8 +74,10 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
       by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``.
       A zero vector has no direction: the angle is 0 when ``w_before`` or ``w_after`` is zero;
     - ``sparsity/{name}`` (``log_sparsity=True``): the fraction of entries exactly equal to zero;
-    - TensorBoard histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through
-      ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.
+    - histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through ``add_histogram`` of
+      each ``TensorBoardLogger`` and as a ``wandb.Histogram`` to each ``WandbLogger`` (at the scalars'
+      ``trainer/global_step``); other loggers take none, and a monitor without a logger that does warns once.
+      These copy every weight to the host: use sparingly.
 
     With a ``TensorBoardLogger`` it also writes, once when training starts, a layout for TensorBoard's
     *Custom Scalars* tab ([`custom_scalars`][lightning_decay.WeightNormMonitor.custom_scalars]): one
@@ -136,7 +138,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         log_update_ratio: Also log ``||Δw|| / ||w||`` of the step.
         log_angular_update: Also log the angle between the weights before and after the step.
         log_sparsity: Also log the fraction of exact zeros.
-        log_histograms: Also log TensorBoard weight histograms.
+        log_histograms: Also log weight histograms, to TensorBoard and Weights & Biases loggers (a warning
+            when there is neither).
         include_frozen: Also monitor the weights of parameters with ``requires_grad=False``.
         group_separator: Separator between the metric and the name, ``"/"`` as in Lightning's ``grad_norm``.
 
