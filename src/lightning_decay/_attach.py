@@ -66,7 +66,8 @@ class Attachment:
 
     def state_dict(self) -> dict[str, Any]:
         """The regularizer's state (step counts, references, taken-over decay), to save beside the optimizer's."""
-        return self.regularizer.state_dict()  # type: ignore[no-any-return]
+        state: dict[str, Any] = self.regularizer.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict`` (after the optimizer's own ``load_state_dict``)."""
