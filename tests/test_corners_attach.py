@@ -323,14 +323,24 @@ class FirstStep(pl.Callback):
         self.stepped = True
 
 
-@pytest.mark.parametrize("regularizer", [WeightDecay(0.1), WeightPenalty(l2=0.1)], ids=repr)
-def test_base_finetuning_with_a_default_weight_decay_is_refused_before_the_first_step(regularizer: Any) -> None:
+@pytest.mark.parametrize(
+    ("regularizer", "what"),
+    [
+        (WeightDecay(0.1), "Double weight decay"),
+        (WeightPenalty(l2=0.1), "Double weight decay"),
+        (WeightPenalty(l2=0.1, reference="initial"), "Double L2 regularization"),
+    ],
+    ids=repr,
+)
+def test_base_finetuning_with_a_default_weight_decay_is_refused_before_the_first_step(
+    regularizer: Any, what: str
+) -> None:
     """AdamW built on ``weight_decay=0`` groups keeps its default 0.01, which the group ``BaseFinetuning`` adds at
     the unfreeze epoch would get: refused when training starts, not after an epoch, with the weights untouched."""
     module = Lit(lambda m: torch.optim.AdamW(decay_param_groups(m, weight_decay=0.0), lr=LR))
     start = weights(module)
     first = FirstStep()
-    with pytest.raises(MisconfigurationException, match=r"(?s)Double weight decay ahead.*default weight_decay=0\.01"):
+    with pytest.raises(MisconfigurationException, match=rf"(?s)^{what} ahead: UnfreezeFirstLayer.*weight_decay=0\.01"):
         fit(module, [UnfreezeFirstLayer(), regularizer, first], max_epochs=3)
     assert not first.stepped
     after = weights(module)

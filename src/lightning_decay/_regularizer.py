@@ -538,14 +538,17 @@ class RegularizerCallback(ArgumentsRepr, Callback):
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             later = [d.name for d in self._plan if self._regularizes(d) and id(d.param) not in held]
             if wd and later:
-                opt = type(optimizer).__name__
+                opt, pull = type(optimizer).__name__, self._pull()
+                what = "Double weight decay" if pull == "toward zero" else "Double L2 regularization"
+                take_over = (
+                    ", or let WeightDecay(weight_decay=None) take it over" if hasattr(self, "takes_over") else ""
+                )
                 raise MisconfigurationException(
-                    f"Double weight decay ahead: {type(finetuning).__name__} adds param groups when it unfreezes, and "
-                    f"a group added without weight_decay gets {opt}'s default weight_decay={wd} "
-                    f"(`optimizer.defaults`), on parameters {type(self).__name__} also pulls {self._pull()} and the "
-                    f"optimizer does not hold yet ({few_names(later, 3)}). Build the optimizer with weight_decay=0 "
-                    f"as its default too (`{opt}(groups, lr=..., weight_decay=0.0)`), or let "
-                    "WeightDecay(weight_decay=None) take the optimizer's weight_decay over."
+                    f"{what} ahead: {type(finetuning).__name__} adds param groups when it unfreezes, and a group "
+                    f"added without weight_decay gets {opt}'s default weight_decay={wd} (`optimizer.defaults`), "
+                    f"on parameters {type(self).__name__} also pulls {pull} and the optimizer does not hold yet "
+                    f"({few_names(later, 3)}). Build the optimizer with weight_decay=0 as its default too "
+                    f"(`{opt}(groups, lr=..., weight_decay=0.0)`){take_over}."
                 )
 
     def _check_group_names(self) -> None:
