@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -34,37 +35,75 @@ class Attachment:
 
     Also a context manager: ``with decay.attach(model, optimizer): ...`` removes the hooks on exit.
 
+    Attaching the same callback again (to other optimizers, or to the same ones: a new run) supersedes this
+    attachment: its ``remove()`` then does nothing but warn, and the later attachment's ``remove()`` is the one
+    that takes the callback off.
+
     Attributes:
-        regularizer: The attached ``WeightDecay`` or ``WeightPenalty``.
+        regularizer: The attached ``WeightDecay`` or ``WeightPenalty`` (or ``WeightNormMonitor``).
     """
 
     def __init__(self, regularizer: Any, handles: Sequence[RemovableHandle] = (), steps: Any = None) -> None:
         self.regularizer = regularizer
         self._handles = list(handles)
         self._steps = steps
+        self._removed = False
+        # The callback's live attachment is the latest one: an earlier one's `remove()` must not unbind it.
+        previous = regularizer._attachment
+        regularizer._attachment = self
+        if isinstance(previous, Attachment) and previous._handles:
+            previous._remove_handles()  # hooks of its own (a monitor's): superseded, they stop now
 
     @property
     def steps(self) -> list[int]:
         """Optimizer steps taken so far while attached, per optimizer (schedules read these)."""
         return list(self._steps()) if self._steps is not None else list(self.regularizer._steps)
 
+    @property
+    def attached(self) -> bool:
+        """Whether this attachment is the callback's live one: not removed, and not superseded by a later one."""
+        return not self._removed and self.regularizer._attachment is self
+
     def state_dict(self) -> dict[str, Any]:
         """The regularizer's state (step counts, references, taken-over decay), to save beside the optimizer's."""
-        return self.regularizer.state_dict()
+        state: dict[str, Any] = self.regularizer.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict`` (after the optimizer's own ``load_state_dict``)."""
         self.regularizer.load_state_dict(state_dict)
 
     def remove(self) -> None:
-        """Remove the step hooks: the optimizers step as if the regularizer had never been attached."""
+        """Remove the step hooks: the optimizers step as if the regularizer had never been attached.
+
+        Only this attachment's own binding: on one superseded by a later ``attach`` of the same callback, it
+        warns and does nothing. Removing twice does nothing; a ``Trainer`` given the callback removes it.
+        """
+        if self._removed:
+            return
+        if self.regularizer._attachment is not self:
+            rank_zero_warn(
+                f"{self!r}.remove() does nothing: {type(self.regularizer).__name__} was attached again since, and "
+                "that later binding stays. Call remove() on the Attachment the later `attach` returned."
+            )
+            self._removed = True
+            return
+        self._removed = True
+        self.regularizer._attachment = None
         if isinstance(self.regularizer, RegularizerCallback):
             self.regularizer.unbind()
         else:
             self.regularizer._standalone = None
+        self._remove_handles()
+
+    def _remove_handles(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def __repr__(self) -> str:
+        state = ", removed" if self._removed else "" if self.attached else ", superseded"
+        return f"Attachment({self.regularizer!r}, steps={self.steps}{state})"
 
     def __enter__(self) -> Attachment:
         return self
@@ -139,6 +178,7 @@ def attach_monitor(
     loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
     if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
         raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
+    monitor.check_histogram_loggers(loggers)
     epoch_loop = SimpleNamespace(
         batch_progress=SimpleNamespace(total=SimpleNamespace(ready=0)), _batches_that_stepped=0
     )

@@ -13,7 +13,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_decay import kernels
 from lightning_decay._checks import check_choice, is_count
 from lightning_decay._compat import (
+    BASE_FINETUNING,
     Callback,
     MisconfigurationException,
     is_deepspeed,
@@ -31,10 +32,14 @@ from lightning_decay._compat import (
     rank_zero_warn,
 )
 from lightning_decay._plan_cache import plan_for
+from lightning_decay._repr import ArgumentsRepr
 from lightning_decay.norms import all_reduce_partials, contributes_to_sum, is_dtensor, local_tensor
 from lightning_decay.plan import DecayPlan, ParamDecision, few_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 from lightning_decay.schedules import Constant, check_coefficient
+
+if TYPE_CHECKING:
+    from lightning_decay._attach import Attachment
 
 #: What a resumed run does when the checkpoint has no state for a callback that needs one.
 _MISSING_STATE = ("raise", "restart")
@@ -106,7 +111,7 @@ class OptimizerBuckets:
         return tuple(len(g["params"]) for g in self.optimizer.param_groups)
 
 
-class RegularizerCallback(Callback):
+class RegularizerCallback(ArgumentsRepr, Callback):
     """Base of the regularization callbacks: buckets, hooks, refusals, double-decay checks, resume.
 
     The work lives in methods that need no ``Trainer`` -- ``bind`` (to a module, its optimizers and a
@@ -137,6 +142,7 @@ class RegularizerCallback(Callback):
         self._scaler: Any = None
         self._module: nn.Module | None = None
         self._step_hooks = False
+        self._attachment: Any = None  # the live `Attachment` (Fabric, plain PyTorch), whose `remove()` unbinds
         self._warned_nonfinite: set[str] = set()
         self._state_key: str | None = None
         self._loaded = False  # a saved state was loaded for the current run
@@ -156,6 +162,14 @@ class RegularizerCallback(Callback):
     def _decays_like_weight_decay(self) -> bool:
         """Whether an optimizer's own ``weight_decay`` on the same parameters would be a double decay."""
         return True
+
+    def _pull(self) -> str:
+        """Where this callback's L2 term pulls the weights, for messages (L2-SP: toward its reference)."""
+        return "toward zero"
+
+    def _takes_over_optimizer_decay(self) -> bool:
+        """Whether an optimizer's own ``weight_decay`` is taken over (``WeightDecay(None)``), not refused."""
+        return False
 
     def _bucket_tag(self, decision: ParamDecision) -> Any:
         """Extra bucket key, for subclasses whose parameters need different treatment."""
@@ -338,7 +352,7 @@ class RegularizerCallback(Callback):
         return after_closure(args, kwargs, lambda: self.before_step(opt))
 
     # ------------------------------------------------ Fabric and plain PyTorch
-    def attach(self, model: nn.Module, optimizers: Any, scaler: Any = None) -> Any:
+    def attach(self, model: nn.Module, optimizers: Any, scaler: Any = None) -> Attachment:
         """Regularize ``model`` through ``optimizers`` without a Trainer (Fabric, plain PyTorch); a new run.
 
         The same per-step code as under a Trainer, run from the optimizers' step hooks: see
@@ -381,6 +395,8 @@ class RegularizerCallback(Callback):
                 "honors."
             )
         if stage == "fit":
+            if self._attachment is not None:  # attached before (Fabric, plain PyTorch): the Trainer takes it over
+                self._attachment.remove()
             # A new fit starts clean (a callback reused across Trainers carries nothing over); a resumed
             # one gets its saved state from `load_state_dict`, which Lightning calls after `setup`.
             self.unbind()
@@ -432,6 +448,7 @@ class RegularizerCallback(Callback):
         if self._loaded:  # again here for strategies that restore callbacks after their setup
             self._check_steps_against_checkpoint(self._steps, trainer.global_step, None)
         self._check_other_callbacks(trainer)
+        self._check_default_weight_decay(trainer)
         self._check_group_names()
 
     def _refuse_missing_state(self, trainer: pl.Trainer) -> None:
@@ -497,10 +514,48 @@ class RegularizerCallback(Callback):
                 if other._step_hooks
                 else ""
             )
-            raise MisconfigurationException(
+            mine_pull, other_pull = self._pull(), other._pull()
+            what = (
                 f"Double weight decay: {type(self).__name__} and {type(other).__name__} both pull the same "
-                f"parameters toward zero. Give them disjoint `rules`, or keep one of them.{attached}"
+                "parameters toward zero."
+                if mine_pull == other_pull == "toward zero"
+                else f"Double L2 regularization: {type(self).__name__} pulls the same parameters {mine_pull} as "
+                f"{type(other).__name__} pulls {other_pull}."
             )
+            raise MisconfigurationException(f"{what} Give them disjoint `rules`, or keep one of them.{attached}")
+
+    def _check_default_weight_decay(self, trainer: pl.Trainer) -> None:
+        """Refuse, before the first step, a double decay that ``BaseFinetuning`` would start at its unfreeze epoch.
+
+        ``unfreeze_and_add_param_group`` adds a group without ``weight_decay``, so the group gets the optimizer's
+        default (AdamW's is 0.01) although the groups given were built with 0: the parameters this callback
+        regularizes and the optimizer does not hold yet would be decayed twice from then on.
+        """
+        if not self._decays_like_weight_decay() or self._takes_over_optimizer_decay():
+            return
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+        finetuning = next((cb for cb in callbacks if isinstance(cb, BASE_FINETUNING)), None)
+        if finetuning is None:
+            return
+        assert self._plan is not None
+        for entry in self._per_optimizer:
+            optimizer = entry.optimizer
+            wd = optimizer.defaults.get("weight_decay", 0.0)
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            later = [d.name for d in self._plan if self._regularizes(d) and id(d.param) not in held]
+            if wd and later:
+                opt, pull = type(optimizer).__name__, self._pull()
+                what = "Double weight decay" if pull == "toward zero" else "Double L2 regularization"
+                take_over = (
+                    ", or let WeightDecay(weight_decay=None) take it over" if hasattr(self, "takes_over") else ""
+                )
+                raise MisconfigurationException(
+                    f"{what} ahead: {type(finetuning).__name__} adds param groups when it unfreezes, and a group "
+                    f"added without weight_decay gets {opt}'s default weight_decay={wd} (`optimizer.defaults`), "
+                    f"on parameters {type(self).__name__} also pulls {pull} and the optimizer does not hold yet "
+                    f"({few_names(later, 3)}). Build the optimizer with weight_decay=0 as its default too "
+                    f"(`{opt}(groups, lr=..., weight_decay=0.0)`){take_over}."
+                )
 
     def _check_group_names(self) -> None:
         """Warn when the optimizer's groups say otherwise: decayed weights in a ``no_decay`` group, or vice versa.
@@ -636,9 +691,11 @@ class RegularizerCallback(Callback):
             wd = group.get("weight_decay", 0.0)
             if wd:
                 name = group.get("name", f"param group {bucket.group_index}")
+                pull = self._pull()
+                what = "Double weight decay" if pull == "toward zero" else "Double L2 regularization"
                 raise MisconfigurationException(
-                    f"Double weight decay: {type(entry.optimizer).__name__}'s {name!r} has weight_decay={wd} on "
-                    f"parameters that {type(self).__name__} also regularizes ({few_names(bucket.names, 3)}). Set "
+                    f"{what}: {type(entry.optimizer).__name__}'s {name!r} has weight_decay={wd} (toward zero) on "
+                    f"parameters that {type(self).__name__} also pulls {pull} ({few_names(bucket.names, 3)}). Set "
                     "weight_decay=0 in the optimizer for those parameters (the 'no_decay'/'decay' groups of "
                     "decay_param_groups help), or let WeightDecay(weight_decay=None) take the optimizer's "
                     "weight_decay over." + (_RESTORED_HINT if self._resumed else "")

@@ -261,6 +261,9 @@ class WeightDecay(RegularizerCallback):
     def _decays_like_weight_decay(self) -> bool:
         return True
 
+    def _takes_over_optimizer_decay(self) -> bool:
+        return self.takes_over
+
     def _check_double_decay(self, index: int, entry: OptimizerBuckets) -> None:
         if not self.takes_over:
             super()._check_double_decay(index, entry)

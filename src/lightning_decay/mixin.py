@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -14,6 +14,10 @@ from lightning_decay.groups import check_optimizer_groups
 from lightning_decay.layers import LayerOf, apply_lr_scale
 from lightning_decay.plan import DecayPlan
 from lightning_decay.rules import DecayRules, module_rules
+
+if TYPE_CHECKING:
+    # The same alias in both namespaces (a union of optimizers, schedulers and their config dicts).
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 __all__ = ["DecayGroupsMixin"]
 
@@ -113,7 +117,7 @@ class DecayGroupsMixin:
             self._decay_plan_logged = True
         return groups
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         """Build ``self.optimizer`` over the decay groups, with ``self.lr_scheduler`` when set.
 
         With layer-wise lr decay, each group's ``lr`` becomes the optimizer's lr times the group's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,9 @@ from torch.optim import Optimizer
 from lightning_decay import norms as K
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import (
+    HISTOGRAM_LOGGERS,
     TENSORBOARD_LOGGERS,
+    WANDB_LOGGERS,
     Callback,
     MisconfigurationException,
     is_deepspeed,
@@ -28,10 +30,14 @@ from lightning_decay._compat import (
 )
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
+from lightning_decay._repr import ArgumentsRepr
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_names
 from lightning_decay.plan import few_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
+
+if TYPE_CHECKING:
+    from lightning_decay._attach import Attachment
 
 __all__ = ["WeightNormMonitor"]
 
@@ -39,7 +45,7 @@ _GRANULARITIES = ("param", "module")
 _TOTALS = ("total", "decay_total", "no_decay_total")
 
 
-class WeightNormMonitor(Callback):
+class WeightNormMonitor(ArgumentsRepr, Callback):
     r"""Log weight norms (and optionally gradient norms, update ratios, sparsity) to every logger.
 
     On each logging step it logs, per parameter tensor (default), per module (``granularity="module"``)
@@ -68,8 +74,10 @@ class WeightNormMonitor(Callback):
       by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``.
       A zero vector has no direction: the angle is 0 when ``w_before`` or ``w_after`` is zero;
     - ``sparsity/{name}`` (``log_sparsity=True``): the fraction of entries exactly equal to zero;
-    - TensorBoard histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through
-      ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.
+    - histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through ``add_histogram`` of
+      each ``TensorBoardLogger`` and as a ``wandb.Histogram`` to each ``WandbLogger`` (at the scalars'
+      ``trainer/global_step``); other loggers take none, and a monitor without a logger that does warns once.
+      These copy every weight to the host: use sparingly.
 
     With a ``TensorBoardLogger`` it also writes, once when training starts, a layout for TensorBoard's
     *Custom Scalars* tab ([`custom_scalars`][lightning_decay.WeightNormMonitor.custom_scalars]): one
@@ -130,7 +138,8 @@ class WeightNormMonitor(Callback):
         log_update_ratio: Also log ``||Δw|| / ||w||`` of the step.
         log_angular_update: Also log the angle between the weights before and after the step.
         log_sparsity: Also log the fraction of exact zeros.
-        log_histograms: Also log TensorBoard weight histograms.
+        log_histograms: Also log weight histograms, to TensorBoard and Weights & Biases loggers (a warning
+            when there is neither).
         include_frozen: Also monitor the weights of parameters with ``requires_grad=False``.
         group_separator: Separator between the metric and the name, ``"/"`` as in Lightning's ``grad_norm``.
 
@@ -203,16 +212,20 @@ class WeightNormMonitor(Callback):
         self._warned: set[tuple[str, str]] = set()
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
         self._standalone: Any = None  # what `attach` gives the hooks in place of a Trainer
+        self._attachment: Any = None  # the live `Attachment`, whose `remove()` takes the hooks off
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._attachment is not None:  # attached before (Fabric, plain PyTorch): the Trainer takes it over
+            self._attachment.remove()
         self.rules = module_rules(pl_module, self._given_rules)
         if not trainer.loggers:
             raise MisconfigurationException(
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."
             )
+        self.check_histogram_loggers(trainer.loggers)
         if self.log_grad_norm and is_deepspeed(trainer.strategy):
             rank_zero_warn(
                 "WeightNormMonitor(log_grad_norm=True) under DeepSpeed: `p.grad` is not the real gradient "
@@ -235,7 +248,7 @@ class WeightNormMonitor(Callback):
             writer.add_custom_scalars(layout)
             self._custom_scalars_written.add(id(writer))
 
-    def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Any:
+    def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Attachment:
         """Monitor ``model`` without a Trainer (Fabric, plain PyTorch): the same hooks, run from the step hooks.
 
         Every ``logging_interval`` optimizer steps (50 if ``None``) the metrics go to ``loggers``
@@ -255,6 +268,22 @@ class WeightNormMonitor(Callback):
         from lightning_decay._attach import attach_monitor
 
         return attach_monitor(self, model, optimizers, loggers, scaler)
+
+    def check_histogram_loggers(self, loggers: Any) -> None:
+        """With ``log_histograms=True``, warn (once per monitor) when none of ``loggers`` takes histograms.
+
+        Histograms go to TensorBoard (``add_histogram``) and Weights & Biases (``wandb.Histogram``) loggers;
+        others (CSV, MLflow...) get the scalars only. Called at ``setup`` and by ``attach``.
+        """
+        if not self.log_histograms or any(isinstance(lg, HISTOGRAM_LOGGERS) for lg in loggers):
+            return
+        if ("histograms", "") not in self._warned:
+            self._warned.add(("histograms", ""))
+            names = ", ".join(type(lg).__name__ for lg in loggers) or "none"
+            rank_zero_warn(
+                f"WeightNormMonitor(log_histograms=True) has no logger that takes histograms (loggers: {names}): "
+                "no histogram will be logged. Add a TensorBoardLogger or a WandbLogger, or set log_histograms=False."
+            )
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
@@ -588,19 +617,29 @@ class WeightNormMonitor(Callback):
 
     def _log_histograms(self, trainer: pl.Trainer, layout: Layout, step: int) -> None:
         tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
-        if not tb_loggers:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WANDB_LOGGERS)]
+        if not (tb_loggers or wandb_loggers):
             return
         members: dict[int, list[Tensor]] = {}
         for param, bucket in zip(layout.params, layout.bucket_of, strict=True):
             if bucket is not None:
                 members.setdefault(bucket, []).append(param)
+        histograms: dict[str, Tensor] = {}
         for bucket, params in members.items():
             # ``full_tensor`` is a collective: every rank gathers, only rank zero's logger writes.
             flat = [(t.full_tensor() if K.is_sharded(t) else t).detach().reshape(-1) for t in params]
-            values = torch.cat(flat).float().cpu()
             tag = f"weight_hist{self.group_separator}{layout.bucket_names[bucket]}"
-            for logger in tb_loggers:
+            histograms[tag] = torch.cat(flat).float().cpu()
+        for logger in tb_loggers:
+            for tag, values in histograms.items():
                 logger.experiment.add_histogram(tag, values, step)
+        if wandb_loggers:
+            import wandb  # a WandbLogger is there, so wandb is installed (its logger needs it)
+
+            # One `log_metrics` per logger, so the histograms share the scalars' `trainer/global_step`.
+            logged = {tag: wandb.Histogram(values.numpy()) for tag, values in histograms.items()}
+            for logger in wandb_loggers:
+                logger.log_metrics(logged, step=step)
 
 
 def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[str, re.Pattern[str]] | None:

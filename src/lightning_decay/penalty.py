@@ -178,6 +178,10 @@ class WeightPenalty(RegularizerCallback):
     def _decays_like_weight_decay(self) -> bool:
         return self._uses(self._l2) or self._uses(self._l2_head)
 
+    def _pull(self) -> str:
+        # L2-SP does not shrink the weights: it pulls them back toward the reference (only new ones toward zero).
+        return "toward its reference weights (L2-SP)" if self._reference is not None else "toward zero"
+
     def _bucket_tag(self, decision: ParamDecision) -> Any:
         if decision.name in self._refs:
             return "sp"
