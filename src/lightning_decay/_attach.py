@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_decay._compat import MisconfigurationException
+from lightning_decay._compat import MisconfigurationException, rank_zero_warn
 
 __all__ = ["Attachment", "not_attached_error", "unwrap"]
 
@@ -30,13 +30,21 @@ class Attachment:
 
     Also a context manager: ``with decay.attach(model, optimizer): ...`` removes the hooks on exit.
 
+    Attaching the same callback again (to other optimizers, or to the same ones: a new run) supersedes this
+    attachment: its ``remove()`` then does nothing but warn, and the later attachment's ``remove()`` is the one
+    that takes the callback off.
+
     Attributes:
-        regularizer: The attached ``WeightDecay``, ``WeightPenalty`` or ``WeightNormMonitor``.
+        regularizer: The attached ``WeightDecay`` or ``WeightPenalty`` (or ``WeightNormMonitor``).
     """
 
     def __init__(self, regularizer: Any, steps: Callable[[], list[int]]) -> None:
         self.regularizer = regularizer
         self._steps = steps
+        self._removed = False
+        # The callback's live attachment is the latest one: an earlier one's `remove()` must not unbind it.
+        # (The callback's `attach` has already replaced the earlier binding with its new one.)
+        regularizer._attachment = self
 
     @property
     def steps(self) -> list[int]:
@@ -44,17 +52,41 @@ class Attachment:
         the steps of its last optimizer."""
         return list(self._steps())
 
+    @property
+    def attached(self) -> bool:
+        """Whether this attachment is the callback's live one: not removed, and not superseded by a later one."""
+        return not self._removed and self.regularizer._attachment is self
+
     def state_dict(self) -> dict[str, Any]:
         """The regularizer's state (step counts, references, taken-over decay), to save beside the optimizer's."""
-        return self.regularizer.state_dict()
+        state: dict[str, Any] = self.regularizer.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict`` (after the optimizer's own ``load_state_dict``)."""
         self.regularizer.load_state_dict(state_dict)
 
     def remove(self) -> None:
-        """Remove the step hooks: the optimizers step as if the callback had never been attached."""
+        """Remove the step hooks: the optimizers step as if the regularizer had never been attached.
+
+        Only this attachment's own binding: on one superseded by a later ``attach`` of the same callback, it
+        warns and does nothing. Removing twice does nothing; a ``Trainer`` given the callback removes it.
+        """
+        if self._removed:
+            return
+        self._removed = True
+        if self.regularizer._attachment is not self:
+            rank_zero_warn(
+                f"{self!r}.remove() does nothing: {type(self.regularizer).__name__} was attached again since, and "
+                "that later binding stays. Call remove() on the Attachment the later `attach` returned."
+            )
+            return
+        self.regularizer._attachment = None
         self.regularizer.unbind()
+
+    def __repr__(self) -> str:
+        state = ", removed" if self._removed else "" if self.attached else ", superseded"
+        return f"Attachment({self.regularizer!r}, steps={self.steps}{state})"
 
     def __enter__(self) -> Attachment:
         return self

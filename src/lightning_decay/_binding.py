@@ -163,6 +163,15 @@ def never(*args: Any) -> bool:
     return False
 
 
+def toward_zero() -> str:
+    return "toward zero"
+
+
+def double_decay(pull: str) -> str:
+    """How a refusal names the double regularization: decay (toward zero) or L2 (toward a reference)."""
+    return "Double weight decay" if pull == "toward zero" else "Double L2 regularization"
+
+
 class Binding:
     """A module, its optimizers and a GradScaler, bound for ``effects``; the state is the step counts.
 
@@ -173,6 +182,7 @@ class Binding:
         tag: An extra bucket key, for effects whose parameters need different treatment.
         decays: Whether the effects pull the weights toward zero like ``weight_decay`` (double decay).
         count_skipped: Count every step whose post-hook runs, not only those that really ran.
+        pull: Where the effects' L2 term pulls the weights, for messages (L2-SP: toward its reference).
     """
 
     def __init__(
@@ -183,8 +193,9 @@ class Binding:
         tag: Callable[[ParamDecision], Any] = no_tag,
         decays: Callable[[], bool] = always,
         count_skipped: bool = False,
+        pull: Callable[[], str] = toward_zero,
     ) -> None:
-        self.owner, self.effects = owner, list(effects)
+        self.owner, self.effects, self.pull = owner, list(effects), pull
         self.selects, self.tag, self.decays, self.count_skipped = selects, tag, decays, count_skipped
         self.module: nn.Module | None = None
         self.rules: DecayRules | None = None
@@ -347,10 +358,11 @@ class Binding:
             group = entry.optimizer.param_groups[bucket.group_index]
             wd = group.get("weight_decay", 0.0)
             if wd:
-                name = group.get("name", f"param group {bucket.group_index}")
+                name, pull = group.get("name", f"param group {bucket.group_index}"), self.pull()
                 raise MisconfigurationException(
-                    f"Double weight decay: {type(entry.optimizer).__name__}'s {name!r} has weight_decay={wd} on "
-                    f"parameters that {self.owner} also regularizes ({few_names(bucket.names, 3)}). Set "
+                    f"{double_decay(pull)}: {type(entry.optimizer).__name__}'s {name!r} has weight_decay={wd} "
+                    f"(toward zero) on parameters that {self.owner} also pulls {pull} ({few_names(bucket.names, 3)}). "
+                    "Set "
                     "weight_decay=0 in the optimizer for those parameters (the 'no_decay'/'decay' groups of "
                     "decay_param_groups help), or let WeightDecay(weight_decay=None) take the optimizer's "
                     "weight_decay over." + self.hint
@@ -366,10 +378,14 @@ class Binding:
             if other.step_hooks
             else ""
         )
-        raise MisconfigurationException(
-            f"Double weight decay: {self.owner} and {other.owner} both pull the same parameters toward zero. "
-            f"Give them disjoint `rules`, or keep one of them.{attached}"
+        mine_pull, other_pull = self.pull(), other.pull()
+        what = (
+            f"Double weight decay: {self.owner} and {other.owner} both pull the same parameters toward zero."
+            if mine_pull == other_pull == "toward zero"
+            else f"Double L2 regularization: {self.owner} pulls the same parameters {mine_pull} as {other.owner} "
+            f"pulls {other_pull}."
         )
+        raise MisconfigurationException(f"{what} Give them disjoint `rules`, or keep one of them.{attached}")
 
     # ----------------------------------------------------------------------------- steps
     def before_step(self, index: int) -> None:

@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING, Any
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 __all__ = [
+    "BASE_FINETUNING",
     "DEEPSPEED_STRATEGIES",
+    "HISTOGRAM_LOGGERS",
     "LIGHTNING_AVAILABLE",
     "NAMESPACE",
     "PL_AVAILABLE",
     "TENSORBOARD_LOGGERS",
+    "WANDB_LOGGERS",
     "BaseFinetuning",
     "Callback",
     "MisconfigurationException",
@@ -89,6 +92,8 @@ TENSORBOARD_LOGGERS: tuple[type, ...] = (
     *_classes("loggers", "TensorBoardLogger", fabric=True),
 )
 DEEPSPEED_STRATEGIES: tuple[type, ...] = _classes("strategies", "DeepSpeedStrategy")
+WANDB_LOGGERS: tuple[type, ...] = _classes("loggers", "WandbLogger")
+BASE_FINETUNING: tuple[type, ...] = _classes("callbacks", "BaseFinetuning")
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -106,6 +111,10 @@ else:
 
     class MisconfigurationException(*_classes("utilities.exceptions", "MisconfigurationException")):
         """A configuration error, catchable as the ``MisconfigurationException`` of each installed namespace."""
+
+
+#: The loggers ``WeightNormMonitor(log_histograms=True)`` writes histograms to.
+HISTOGRAM_LOGGERS: tuple[type, ...] = TENSORBOARD_LOGGERS + WANDB_LOGGERS
 
 
 def is_deepspeed(strategy: Any) -> bool:

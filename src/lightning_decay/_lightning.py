@@ -19,10 +19,18 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay._attach import Attachment, not_attached_error, unwrap
-from lightning_decay._binding import Binding, Effect
-from lightning_decay._compat import Callback, MisconfigurationException, deepspeed_problem, pl, rank_zero_warn
+from lightning_decay._binding import Binding, Effect, double_decay
+from lightning_decay._compat import (
+    BASE_FINETUNING,
+    Callback,
+    MisconfigurationException,
+    deepspeed_problem,
+    pl,
+    rank_zero_warn,
+)
 from lightning_decay._host import NonFiniteWarnings
 from lightning_decay._messages import few_names
+from lightning_decay._repr import ArgumentsRepr
 from lightning_decay._resume import Resume
 from lightning_decay.plan import ParamDecision
 from lightning_decay.rules import DecayRules, as_rules, module_rules
@@ -30,7 +38,7 @@ from lightning_decay.rules import DecayRules, as_rules, module_rules
 __all__ = ["Regularizer", "attach", "group_kind", "should_log"]
 
 
-class Regularizer(Callback):
+class Regularizer(ArgumentsRepr, Callback):
     """Base of ``WeightDecay`` and ``WeightPenalty``: a binding, its effects and a resume, under Lightning.
 
     Subclasses give their effects and their saved fields: ``_state`` (fields besides ``steps``),
@@ -47,6 +55,7 @@ class Regularizer(Callback):
         effects: Sequence[Effect],
         tag: Any = None,
         decays: Any = None,
+        pull: Any = None,
     ) -> None:
         self._resume = Resume(self, name, rules, missing_state)
         self.rules = as_rules(rules)
@@ -56,8 +65,11 @@ class Regularizer(Callback):
         options = {"tag": tag} if tag is not None else {}
         if decays is not None:
             options["decays"] = decays
+        if pull is not None:
+            options["pull"] = pull
         self._binding = Binding(type(self).__name__, effects, **options)
         self._nonfinite = NonFiniteWarnings(type(self).__name__)
+        self._attachment: Any = None  # the live `Attachment` (Fabric, plain PyTorch), whose `remove()` unbinds
 
     # --------------------------------------------------------------- what subclasses save
     def _state(self) -> dict[str, Any]:
@@ -77,6 +89,10 @@ class Regularizer(Callback):
 
     def _check_module(self, state: dict[str, Any], module: nn.Module) -> None:
         """At load, when the module is known (ordinary strategies): refuse state that cannot fit it."""
+
+    def _takes_over_optimizer_decay(self) -> bool:
+        """Whether an optimizer's own ``weight_decay`` is taken over (``WeightDecay(None)``), not refused."""
+        return False
 
     # ------------------------------------------------------------------- state key, state
     @property
@@ -200,6 +216,8 @@ class Regularizer(Callback):
                 "decay / no-decay groups of `DecayGroupsMixin` or `decay_param_groups`, which DeepSpeed honors."
             )
         if stage == "fit":
+            if self._attachment is not None:  # attached before (Fabric, plain PyTorch): the Trainer takes it over
+                self._attachment.remove()
             # A new fit starts clean (a callback reused across Trainers carries nothing over); a resumed
             # one gets its saved state from `load_state_dict`, which Lightning calls after `setup`.
             self.unbind()
@@ -223,6 +241,7 @@ class Regularizer(Callback):
         self.bind(pl_module, trainer.optimizers, getattr(trainer.precision_plugin, "scaler", None))
         if self._resume.loaded:  # again here for strategies that restore callbacks after their setup
             self._resume.check_steps(self._binding.steps, trainer.global_step, None)
+        self._check_default_weight_decay(trainer.callbacks)  # type: ignore[attr-defined]
         self._check_group_names()
 
     def on_train_batch_start(
@@ -249,6 +268,38 @@ class Regularizer(Callback):
         if stage == "fit":
             self.unbind()
             self._resume.end_fit()
+
+    def _check_default_weight_decay(self, callbacks: list[Any]) -> None:
+        """Refuse, before the first step, a double decay that ``BaseFinetuning`` would start at its unfreeze epoch.
+
+        ``unfreeze_and_add_param_group`` adds a group without ``weight_decay``, so the group gets the optimizer's
+        default (AdamW's is 0.01) although the groups given were built with 0: the parameters this callback
+        regularizes and the optimizer does not hold yet would be decayed twice from then on.
+        """
+        binding = self._binding
+        if not binding.decays() or self._takes_over_optimizer_decay():
+            return
+        finetuning = next((cb for cb in callbacks if isinstance(cb, BASE_FINETUNING)), None)
+        if finetuning is None:
+            return
+        assert binding.plan is not None
+        for entry in binding.bound:
+            optimizer = entry.optimizer
+            wd = optimizer.defaults.get("weight_decay", 0.0)
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            later = [d.name for d in binding.plan if binding.selects(d) and id(d.param) not in held]
+            if wd and later:
+                opt, pull = type(optimizer).__name__, binding.pull()
+                take_over = (
+                    ", or let WeightDecay(weight_decay=None) take it over" if hasattr(self, "takes_over") else ""
+                )
+                raise MisconfigurationException(
+                    f"{double_decay(pull)} ahead: {type(finetuning).__name__} adds param groups when it unfreezes, and "
+                    f"a group added without weight_decay gets {opt}'s default weight_decay={wd} "
+                    f"(`optimizer.defaults`), on parameters {type(self).__name__} also pulls {pull} and the optimizer "
+                    f"does not hold yet ({few_names(later, 3)}). Build the optimizer with weight_decay=0 as its "
+                    f"default too (`{opt}(groups, lr=..., weight_decay=0.0)`){take_over}."
+                )
 
     def _check_group_names(self) -> None:
         """Warn when the optimizer's groups say otherwise: decayed weights in a ``no_decay`` group, or vice versa.

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_decay import _amp
 from lightning_decay import norms as K
-from lightning_decay._compat import TENSORBOARD_LOGGERS, rank_zero_warn
+from lightning_decay._compat import TENSORBOARD_LOGGERS, WANDB_LOGGERS, rank_zero_warn
 from lightning_decay._host import NonFiniteWarnings, split_to_host
 from lightning_decay._messages import few_names
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
@@ -255,16 +255,26 @@ class Probes:
 
     def _log_histograms(self, loggers: list[Any], layout: Layout, step: int) -> None:
         tb_loggers = [lg for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
-        if not tb_loggers:
+        wandb_loggers = [lg for lg in loggers if isinstance(lg, WANDB_LOGGERS)]
+        if not (tb_loggers or wandb_loggers):
             return
         members: dict[int, list[Tensor]] = {}
         for param, bucket in zip(layout.params, layout.bucket_of, strict=True):
             if bucket is not None:
                 members.setdefault(bucket, []).append(param)
+        histograms: dict[str, Tensor] = {}
         for bucket, params in members.items():
             # ``full_tensor`` is a collective: every rank gathers, only rank zero's logger writes.
             flat = [(t.full_tensor() if K.is_sharded(t) else t).detach().reshape(-1) for t in params]
-            values = torch.cat(flat).float().cpu()
             tag = f"weight_hist{self.options.group_separator}{layout.bucket_names[bucket]}"
-            for logger in tb_loggers:
+            histograms[tag] = torch.cat(flat).float().cpu()
+        for logger in tb_loggers:
+            for tag, values in histograms.items():
                 logger.experiment.add_histogram(tag, values, step)
+        if wandb_loggers:
+            import wandb  # a WandbLogger is there, so wandb is installed (its logger needs it)
+
+            # One `log_metrics` per logger, so the histograms share the scalars' `trainer/global_step`.
+            logged = {tag: wandb.Histogram(values.numpy()) for tag, values in histograms.items()}
+            for logger in wandb_loggers:
+                logger.log_metrics(logged, step=step)

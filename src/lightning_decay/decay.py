@@ -173,6 +173,9 @@ class WeightDecay(Regularizer):
     def takes_over(self) -> bool:
         return self._weight_decay is None and self.timescale_epochs is None
 
+    def _takes_over_optimizer_decay(self) -> bool:
+        return self.takes_over
+
     # ------------------------------------------------------------------------ timescale
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if isinstance(self._decay.source, Timescale):

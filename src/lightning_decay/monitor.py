@@ -20,6 +20,7 @@ from lightning_decay._attach import Attachment, not_attached_error, unwrap
 from lightning_decay._binding import Binding, Effect, never
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import (
+    HISTOGRAM_LOGGERS,
     TENSORBOARD_LOGGERS,
     Callback,
     MisconfigurationException,
@@ -30,6 +31,7 @@ from lightning_decay._compat import (
 from lightning_decay._monitor_run import AttachedRun, TrainerRun
 from lightning_decay._plan_cache import plan_for
 from lightning_decay._probes import Probes, bucket_name
+from lightning_decay._repr import ArgumentsRepr
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
@@ -40,7 +42,7 @@ _GRANULARITIES = ("param", "module")
 _TOTALS = ("total", "decay_total", "no_decay_total")
 
 
-class WeightNormMonitor(Callback):
+class WeightNormMonitor(ArgumentsRepr, Callback):
     r"""Log weight norms (and optionally gradient norms, update ratios, sparsity) to every logger.
 
     On each logging step it logs, per parameter tensor (default), per module (``granularity="module"``)
@@ -69,8 +71,10 @@ class WeightNormMonitor(Callback):
       by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``.
       A zero vector has no direction: the angle is 0 when ``w_before`` or ``w_after`` is zero;
     - ``sparsity/{name}`` (``log_sparsity=True``): the fraction of entries exactly equal to zero;
-    - TensorBoard histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through
-      ``add_histogram`` of each ``TensorBoardLogger``. These copy every weight to the host: use sparingly.
+    - histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through ``add_histogram`` of
+      each ``TensorBoardLogger`` and as a ``wandb.Histogram`` to each ``WandbLogger`` (at the scalars'
+      ``trainer/global_step``); other loggers take none, and a monitor without a logger that does warns once.
+      These copy every weight to the host: use sparingly.
 
     With a ``TensorBoardLogger`` it also writes, once when training starts, a layout for TensorBoard's
     *Custom Scalars* tab ([`custom_scalars`][lightning_decay.WeightNormMonitor.custom_scalars]): one
@@ -131,7 +135,8 @@ class WeightNormMonitor(Callback):
         log_update_ratio: Also log ``||Δw|| / ||w||`` of the step.
         log_angular_update: Also log the angle between the weights before and after the step.
         log_sparsity: Also log the fraction of exact zeros.
-        log_histograms: Also log TensorBoard weight histograms.
+        log_histograms: Also log weight histograms, to TensorBoard and Weights & Biases loggers (a warning
+            when there is neither).
         include_frozen: Also monitor the weights of parameters with ``requires_grad=False``.
         group_separator: Separator between the metric and the name, ``"/"`` as in Lightning's ``grad_norm``.
 
@@ -201,16 +206,21 @@ class WeightNormMonitor(Callback):
         self._probes = Probes(self)
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
         self._binding: Binding | None = None  # attached without a Trainer: the step hooks
+        self._attachment: Any = None  # the live `Attachment`, whose `remove()` takes the hooks off
+        self._warned_histograms = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._attachment is not None:  # attached before (Fabric, plain PyTorch): the Trainer takes it over
+            self._attachment.remove()
         self.rules = module_rules(pl_module, self._given_rules)
         if not trainer.loggers:
             raise MisconfigurationException(
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."
             )
+        self.check_histogram_loggers(trainer.loggers)
         problem = deepspeed_problem(trainer.strategy)
         if self.log_grad_norm and problem is not None:
             rank_zero_warn(f"WeightNormMonitor(log_grad_norm=True) under {problem}: grad norms are not meaningful.")
@@ -231,7 +241,7 @@ class WeightNormMonitor(Callback):
             writer.add_custom_scalars(layout)
             self._custom_scalars_written.add(id(writer))
 
-    def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Any:
+    def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Attachment:
         """Monitor ``model`` without a Trainer (Fabric, plain PyTorch): the same hooks, run from the step hooks.
 
         Every ``logging_interval`` optimizer steps (50 if ``None``) the metrics go to ``loggers``
@@ -252,6 +262,7 @@ class WeightNormMonitor(Callback):
         loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
         if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
             raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
+        self.check_histogram_loggers(loggers)
         self.unbind()
         # The same hooks as under a Trainer, from the optimizers' step hooks: `before_step` after each
         # closure, the logging after a step of the last optimizer; every step counted, as the Trainer's label.
@@ -269,6 +280,22 @@ class WeightNormMonitor(Callback):
         if self._binding is not None:
             self._binding.unbind()
             self._binding = None
+
+    def check_histogram_loggers(self, loggers: Any) -> None:
+        """With ``log_histograms=True``, warn (once per monitor) when none of ``loggers`` takes histograms.
+
+        Histograms go to TensorBoard (``add_histogram``) and Weights & Biases (``wandb.Histogram``) loggers;
+        others (CSV, MLflow...) get the scalars only. Called at ``setup`` and by ``attach``.
+        """
+        if not self.log_histograms or any(isinstance(lg, HISTOGRAM_LOGGERS) for lg in loggers):
+            return
+        if not self._warned_histograms:
+            self._warned_histograms = True
+            names = ", ".join(type(lg).__name__ for lg in loggers) or "none"
+            rank_zero_warn(
+                f"WeightNormMonitor(log_histograms=True) has no logger that takes histograms (loggers: {names}): "
+                "no histogram will be logged. Add a TensorBoardLogger or a WandbLogger, or set log_histograms=False."
+            )
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer

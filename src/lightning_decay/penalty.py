@@ -136,12 +136,18 @@ class WeightPenalty(Regularizer):
             GradientPenalty(self._l2, self._l2_head, None if proximal else self._l1),
             *([ProximalL1(self._l1)] if proximal else []),
         ]
-        super().__init__(rules, name, missing_state, effects, tag=self._references.tag, decays=self._decays)
+        super().__init__(
+            rules, name, missing_state, effects, tag=self._references.tag, decays=self._decays, pull=self._pull
+        )
         self._warn_no_ops(l2_head)
 
     @property
     def _reference(self) -> Any:
         return self._references.reference
+
+    def _pull(self) -> str:
+        # L2-SP does not shrink the weights: it pulls them back toward the reference (only new ones toward zero).
+        return "toward its reference weights (L2-SP)" if self._reference is not None else "toward zero"
 
     def _decays(self) -> bool:
         """Whether the penalty pulls weights toward zero like ``weight_decay`` (an L2 term)."""
