@@ -122,7 +122,8 @@ def compare_fit(old: Any, new: Any, repeats: int, steps: int = 200, warmup: int 
          f"{R.paired_ratio(times, 'new_wd', 'adamw'):.3f}x {R.spread(times, 'new_wd', 'adamw', '{:.3f}')}"),
         ("... old Adam + WeightDecay / AdamW",
          f"{R.paired_ratio(times, 'old_wd', 'adamw'):.3f}x {R.spread(times, 'old_wd', 'adamw', '{:.3f}')}"),
-        ("... new / old Adam + WeightDecay", f"{R.paired_ratio(times, 'new_wd', 'old_wd'):.3f}x {R.spread(times, 'new_wd', 'old_wd', '{:.3f}')}"),
+        ("... new / old Adam + WeightDecay",
+         f"{R.paired_ratio(times, 'new_wd', 'old_wd'):.3f}x {R.spread(times, 'new_wd', 'old_wd', '{:.3f}')}"),
     ]  # fmt: skip
 
 
