@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,gpt")
     parser.add_argument("--no-fit", action="store_true")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -141,6 +142,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         old = load_old(args.ref, Path(tmp))
+        for name in [n for n in CASES if args.cases not in n]:
+            del CASES[name]
         rows = [row for model in args.models.split(",") for row in compare_hooks(old, new, model, args.repeats)]
         if not args.no_fit:
             rows += compare_fit(old, new, args.repeats)

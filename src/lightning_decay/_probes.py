@@ -176,7 +176,11 @@ class Probes:
         o, dtype, dev = self.options, layout.dtype, layout.device
         p = o.norm_type
         pieces: Pieces = {}
-        w_norms = groups.norms(p, dtype=dtype, accumulate=torch.float32)
+        # The angle over every parameter needs ``||w_after||^2`` accumulated in ``dtype``: with p=2 the weight
+        # norms are accumulated so, and their squares reused, one pass over the weights instead of two (a
+        # float64 pass is the dearest part of an angle-logging step on CPU: benchmarks/compare_versions.py).
+        reuse = o.log_angular_update and p == 2 and len(pending.snap_idx) == len(layout.params)
+        w_norms = groups.norms(p, dtype=dtype, accumulate=dtype if reuse else torch.float32)
         if layout.sharded or not self._identity():  # partials to reduce across shards, or to combine into buckets
             pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
         if pending.grad_parts:
@@ -189,7 +193,8 @@ class Probes:
             idx = layout.subset(tuple(pending.snap_idx)).idx
             before, after = pending.snapshots, [weights[i] for i in pending.snap_idx]
             pieces["a2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), idx, "sum")
-            pieces["b2"] = (K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc), idx, "sum")
+            b2 = w_norms.square()[idx] if reuse else K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc)
+            pieces["b2"] = (b2, idx, "sum")
             # ``before - after`` in place into the snapshot, no second copy of the weights: it is ``-Δw``
             # exactly (IEEE subtraction is antisymmetric), so the same norm.
             K.sub_tensors_(before, after)
