@@ -87,9 +87,33 @@ class Layout:
     total_names: list[str]  # "total", "decay_total", "no_decay_total" for the rows of ``total_mask``
     zero: Tensor  # a 0-dim ``dtype`` zero on ``device`` (``where`` takes it faster than a Python 0.0)
     everything: tuple[int, ...]  # every position, the key of the subset of all parameters
+    in_order: list[int]  # every position, as a list (what a step's positions are compared with)
     subsets: dict[tuple[int, ...], Subset] = field(default_factory=dict)
     keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     all_params: Subset | None = None
+
+    def mirror(self, tensors: list[Tensor], positions: list[int]) -> list[Tensor] | K.TensorGroups:
+        """``tensors`` (one per position: gradients, a snapshot) split like the parameters when they are all of
+        them in layout order and the parameters are one (device, dtype) group, so the kernels do not group them
+        again (no per-tensor work); else as given (the kernels group them)."""
+        groups = self.weight_groups
+        if groups is not None and groups.simple and len(positions) == len(self.params) and positions == self.in_order:
+            return groups.like(tensors)
+        return tensors
+
+    def snapshot(self, positions: list[int]) -> list[Tensor]:
+        """Copies of the (local) parameters at ``positions``: one foreach kernel per (device, dtype) group."""
+        sources = self.local([self.params[i] for i in positions])
+        mirrored = self.mirror(sources, positions)
+        return mirrored.clone() if isinstance(mirrored, K.TensorGroups) else K.clone_tensors(sources)
+
+    @staticmethod
+    def subtract_(a: list[Tensor] | K.TensorGroups, b: list[Tensor] | K.TensorGroups) -> None:
+        """``a -= b`` tensor by tensor, ``a`` and ``b`` both from `mirror` of the same positions."""
+        if isinstance(a, K.TensorGroups):
+            a.sub_(b)  # type: ignore[arg-type]
+        else:
+            K.sub_tensors_(a, b)  # type: ignore[arg-type]
 
     def local(self, tensors: list[Tensor]) -> list[Tensor]:
         """The local tensors of ``tensors`` (parameters or gradients of the layout): themselves without DTensors."""
@@ -217,6 +241,7 @@ def build_layout(
         total_names=total_names,
         zero=torch.zeros((), dtype=dtype, device=device),
         everything=tuple(range(len(params))),
+        in_order=list(range(len(params))),
     )
 
 

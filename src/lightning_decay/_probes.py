@@ -77,13 +77,14 @@ class Probes:
         pending.seen.update(positions)
         if not positions:
             return
+        if len(positions) == len(layout.params):  # every parameter (distinct positions): in layout order, so
+            positions = layout.in_order  # their gradients and snapshot mirror the parameters' split
         with torch.no_grad():
             if o.log_grad_norm:
                 self._gather_grads(run, optimizer, layout, pending, positions)
             if snapshot:
-                sources = layout.local([layout.params[i] for i in positions])
                 pending.snap_idx.extend(positions)
-                pending.snapshots.extend(K.clone_tensors(sources))
+                pending.snapshots.extend(layout.snapshot(positions))
 
     def _gather_grads(
         self, run: Any, optimizer: Optimizer, layout: Layout, pending: Pending, positions: list[int]
@@ -91,7 +92,8 @@ class Probes:
         present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
         if not present:
             return
-        grads = layout.local([g for _, g in present])  # type: ignore[misc]
+        idx = [i for i, _ in present]
+        grads = layout.mirror(layout.local([g for _, g in present]), idx)  # type: ignore[misc]
         # float32 kernels (fp16/bf16 widened to float32, as Lightning's ``grad_norm``), combined in float64.
         p = self.options.norm_type
         parts = K.partials(grads, p, dtype=layout.dtype, device=layout.device, accumulate=torch.float32)
@@ -101,7 +103,7 @@ class Probes:
             # scale. Divide on the device (no ``.item()``); p=2 partials are squares.
             inv = scale.reshape(()).to(device=layout.device, dtype=layout.dtype).reciprocal()
             parts = parts * (inv.square() if p == 2 else inv)
-        pending.grad_idx.extend(i for i, _ in present)
+        pending.grad_idx.extend(idx)
         pending.grad_parts.append(parts)
 
     # -------------------------------------------------------------------------- after the step
@@ -179,7 +181,11 @@ class Probes:
         # The angle over every parameter needs ``||w_after||^2`` accumulated in ``dtype``: with p=2 the weight
         # norms are accumulated so, and their squares reused, one pass over the weights instead of two (a
         # float64 pass is the dearest part of an angle-logging step on CPU: benchmarks/compare_versions.py).
-        reuse = o.log_angular_update and p == 2 and len(pending.snap_idx) == len(layout.params)
+        reuse = (
+            o.log_angular_update
+            and p == 2
+            and isinstance(layout.mirror(pending.snapshots, pending.snap_idx), K.TensorGroups)
+        )
         w_norms = groups.norms(p, dtype=dtype, accumulate=dtype if reuse else torch.float32)
         if layout.sharded or not self._identity():  # partials to reduce across shards, or to combine into buckets
             pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
@@ -191,13 +197,14 @@ class Probes:
             # of each float32 tensor it reduces (large tensors: of one slice at a time).
             acc = dtype if o.log_angular_update else torch.float32
             idx = layout.subset(tuple(pending.snap_idx)).idx
-            before, after = pending.snapshots, [weights[i] for i in pending.snap_idx]
+            before = layout.mirror(pending.snapshots, pending.snap_idx)
+            after = layout.mirror([weights[i] for i in pending.snap_idx], pending.snap_idx)
             pieces["a2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), idx, "sum")
             b2 = w_norms.square()[idx] if reuse else K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc)
             pieces["b2"] = (b2, idx, "sum")
             # ``before - after`` in place into the snapshot, no second copy of the weights: it is ``-Δw``
             # exactly (IEEE subtraction is antisymmetric), so the same norm.
-            K.sub_tensors_(before, after)
+            layout.subtract_(before, after)
             pieces["d2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), idx, "sum")
             pending.snapshots.clear()  # the copy is no longer needed
         if o.log_sparsity:
