@@ -1052,7 +1052,9 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    tensors outgrow the caches: the rows show the growth of a bare `torch._foreach_add_(grads, params)`,
    and where it exceeds x4 the target is 1.25 times it. The least of {scale_repeats} calls
    in CPU time of the process (on CUDA: wall time), GC off during each. Linear
-   growth means x4 for x4 tensors; target x5.
+   growth means x4 for x4 tensors; target x5. Row 5.groups: `decay_param_groups` against timm 1.0's
+   `param_groups_weight_decay` (reimplemented) on `ManyBlocks` of {group_scale} tensors, the same decay
+   set asserted; the median of paired ratios of interleaved calls; target at most 3x at each size.
 6. *One large tensor*: state + peak (as in 4) for one weight of {large_numel} float32 entries (an
    embedding table), as multiples of its bytes, on a logging step. Targets: 0.1x (temporaries are
    chunked inside a tensor too), plus 1.0x for L2-SP's reference and for the monitor's snapshot.
@@ -1094,6 +1096,7 @@ def render(report: Report, args: argparse.Namespace, devices: Sequence[str], bud
             ),
             scale=" / ".join(map(str, budget.scale)),
             scale_repeats=budget.scale_repeats,
+            group_scale=" / ".join(map(str, budget.group_scale)),
             large_numel=budget.large_numel,
         ),
     ]

@@ -354,7 +354,7 @@ class DecayPlan:
         # the names are looked up only to say what went wrong.
         grouped = [id(p) for g in groups for p in g["params"]]
         seen = set(grouped)
-        if len(seen) == len(grouped) and seen == set(map(id, (d.param for d in self.decisions))):
+        if len(seen) == len(grouped) and seen == {id(d.param) for d in self.decisions}:
             return
         count: dict[int, int] = {}
         for key in grouped:

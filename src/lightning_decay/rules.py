@@ -594,7 +594,10 @@ def _keyword_match(name: str, hook_keywords: dict[str, list[str]]) -> str | None
 
 def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: str) -> list[str]:
     result = hook()
-    if isinstance(result, str) or not isinstance(result, Iterable):
+    # The usual containers first: the ABC check is slow when every block of a large model has a hook.
+    if not isinstance(result, (set, frozenset, list, tuple)) and (
+        isinstance(result, str) or not isinstance(result, Iterable)
+    ):
         raise TypeError(f"{owner}.{what}() must return a set or list of names, got {result!r}")
     return [str(r) for r in result]
 
