@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import gc
 import importlib.util
 import logging
@@ -89,6 +90,7 @@ class Budget:
     fit_repeats: int
     scale: tuple[int, int, int] = (1000, 5000, 20000)  # tensors of the scaling rows (5.*)
     scale_repeats: int = 3
+    group_scale: tuple[int, int] = (10_000, 100_000)  # tensors of the grouping row against timm's rule (5.groups)
     large_numel: int = 2**24  # entries of the one large weight of the memory rows (6.*)
 
 
@@ -103,6 +105,7 @@ BUDGETS = {
         fit_repeats=1,
         scale=(16, 32, 64),
         scale_repeats=1,
+        group_scale=(16, 64),
         large_numel=2**16,
     ),
     "small": Budget(
@@ -825,6 +828,52 @@ def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Bu
     for key, (what, _) in SCALE_CALLBACKS.items():
         _scaling_row(report, f"5.setup/{dev_tag}/{key}", f"{what}: set-up hooks", sizes, setup[key])
         _scaling_row(report, f"5.step/{dev_tag}/{key}", f"{what}: its hooks in one step", sizes, step[key], foreach)
+    bench_grouping(report, dev_tag, device, budget)
+
+
+def timm_param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm 1.0's ``param_groups_weight_decay`` as ``create_optimizer_v2`` calls it: no decay for ``ndim <= 1``,
+    a ``.bias`` suffix or a (glob) match of the top-level model's ``no_weight_decay()``."""
+    no_weight_decay_list = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, p) for p in no_weight_decay_list):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def bench_grouping(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
+    """``decay_param_groups`` against timm's rule on the same model, the same decisions asserted: paired ratios."""
+    ratios: list[list[float]] = []
+    times: list[tuple[float, float]] = []
+    for n in budget.group_scale:
+        model = M.ManyBlocks(n).to(device)
+        ours = lambda m=model: decay_param_groups(m, WD)  # noqa: E731
+        timm = lambda m=model: timm_param_groups_weight_decay(m, WD)  # noqa: E731
+        decayed = {id(p) for g in ours() if g["weight_decay"] for p in g["params"]}
+        if decayed != {id(p) for g in timm() if g["weight_decay"] for p in g["params"]}:
+            raise AssertionError(f"decay_param_groups and timm's rule decide differently on ManyBlocks({n})")
+        gc.collect()
+        pairs = []
+        for r in range(max(3, budget.scale_repeats)):  # ABBA: the order reversed every other repetition
+            first, second = (ours, timm) if r % 2 == 0 else (timm, ours)
+            a, b = _timed(first, device), _timed(second, device)
+            pairs.append((a, b) if r % 2 == 0 else (b, a))
+        ratios.append([a / b for a, b in pairs])
+        times.append((statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)))
+        del model
+    medians = [statistics.median(r) for r in ratios]
+    value = "; ".join(
+        f"{_k(n)}: {m:.2f}x [{min(r):.2f}, {max(r):.2f}] ({a * 1e3:.1f} / {b * 1e3:.1f} ms)"
+        for n, m, r, (a, b) in zip(budget.group_scale, medians, ratios, times, strict=True)
+    )
+    sizes = " / ".join(_k(n) for n in budget.group_scale)
+    what = f"decay_param_groups / timm's param_groups_weight_decay, same decisions ({sizes} tensors)"
+    report.add(f"5.groups/{dev_tag}", what, value, "<= 3x", max(medians) <= 3.0)
 
 
 @torch.no_grad()
@@ -921,6 +970,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
     per_device = [
         "5.classify",
         *[f"5.{part}/{{}}/{cb}" for cb in SCALE_CALLBACKS for part in ("setup", "step")],
+        "5.groups",
         *[f"6.mem/{{}}/{key}" for key in LARGE_CASES],
     ]
     keys = []
@@ -1002,7 +1052,9 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    tensors outgrow the caches: the rows show the growth of a bare `torch._foreach_add_(grads, params)`,
    and where it exceeds x4 the target is 1.25 times it. The least of {scale_repeats} calls
    in CPU time of the process (on CUDA: wall time), GC off during each. Linear
-   growth means x4 for x4 tensors; target x5.
+   growth means x4 for x4 tensors; target x5. Row 5.groups: `decay_param_groups` against timm 1.0's
+   `param_groups_weight_decay` (reimplemented) on `ManyBlocks` of {group_scale} tensors, the same decay
+   set asserted; the median of paired ratios of interleaved calls; target at most 3x at each size.
 6. *One large tensor*: state + peak (as in 4) for one weight of {large_numel} float32 entries (an
    embedding table), as multiples of its bytes, on a logging step. Targets: 0.1x (temporaries are
    chunked inside a tensor too), plus 1.0x for L2-SP's reference and for the monitor's snapshot.
@@ -1044,6 +1096,7 @@ def render(report: Report, args: argparse.Namespace, devices: Sequence[str], bud
             ),
             scale=" / ".join(map(str, budget.scale)),
             scale_repeats=budget.scale_repeats,
+            group_scale=" / ".join(map(str, budget.group_scale)),
             large_numel=budget.large_numel,
         ),
     ]
