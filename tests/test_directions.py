@@ -143,7 +143,7 @@ class Rewritten(torch.optim.Adam):
     """A subclass that rewrites the update: Adam's direction must not be inherited."""
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # noqa: D102
+    def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 p.add_(p.grad)  # the opposite of Adam's direction
@@ -211,7 +211,258 @@ def test_registry_exact_class_then_unchanged_step_in_the_mro() -> None:
 
 
 def test_register_direction_rejects_bad_input() -> None:
-    with pytest.raises(TypeError, match="optimizer_class must be a subclass of torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer_class must be a subclass of torch\.optim\.Optimizer"):
         register_direction(dict, directions.gradient_direction)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="fn must be callable"):
         register_direction(torch.optim.SGD, None)  # type: ignore[arg-type]
+
+
+# ---- the kernels ----------------------------------------------------------------------------------------
+
+
+def copy_direction(us: list[Tensor]) -> Direction:
+    """A given direction ``us``, copied chunk by chunk as a direction function's fresh output is."""
+    return Direction((us,), lambda u: torch._foreach_mul(u, 1.0))
+
+
+def edge_lists(dtype: torch.dtype, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+    """Weights and directions with zeros, -0.0, and float16-underflowing products of opposite signs."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(13, 7), (29,), (3, 4, 5), ()]
+    xs = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    us = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    xs[0][0, :3] = torch.tensor([0.0, -0.0, 1e-4])
+    us[0][0, :3] = torch.tensor([1.0, 1.0, -1e-4])  # 1e-4 * -1e-4 underflows to -0.0 in float16
+    us[1][:4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    return xs, us
+
+
+def formula(x: Tensor, u: Tensor, factor: float | Tensor) -> Tensor:
+    """The paper's decay term by hand: ``x * factor`` where ``u * x >= 0`` (exact in float64), else ``x``."""
+    return torch.where(u.double() * x.double() >= 0, x * factor, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("factor", [0.9, 1 - 3e-4])
+def test_cautious_decay_is_the_formula_entry_by_entry(dtype: torch.dtype, factor: float) -> None:
+    xs, us = edge_lists(dtype)
+    got = [x.clone() for x in xs]
+    share = cautious_decay_(got, copy_direction(us), factor, fraction=True)
+    kept = 0
+    for x, u, y in zip(xs, us, got, strict=True):
+        want = formula(x, u, factor)
+        # equal values; only a zero weight's sign may differ: lerp's fused multiply-add gives +0.0 for -0.0
+        assert y.dtype == dtype and torch.equal(y, want)
+        assert torch.equal(torch.signbit(y)[y != 0], torch.signbit(want)[want != 0])
+        kept += int((u.double() * x.double() < 0).sum())
+    assert 0 < kept < sum(x.numel() for x in xs)  # the mask let some entries through and held others
+    assert got[0][0, 2] == xs[0][0, 2]  # the underflowing product of opposite signs is not decayed
+    total = sum(x.numel() for x in xs)
+    assert share is not None and share.dtype == torch.float32 and share.dim() == 0
+    assert share.item() == pytest.approx((total - kept) / total, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_equals_whole_bitwise(dtype: torch.dtype) -> None:
+    xs, us = edge_lists(dtype, 1)
+    whole, chunked = [x.clone() for x in xs], [x.clone() for x in xs]
+    f_whole = cautious_decay_(whole, copy_direction(us), 0.95, chunks=[(0, len(xs))], fraction=True)
+    chunks = cautious_chunks(xs, 1, budget=96)  # cuts the first tensors into flat slices
+    assert any(len(c) == 4 for c in chunks)
+    f_chunked = cautious_decay_(chunked, copy_direction(us), 0.95, chunks=chunks, fraction=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    assert f_whole is not None and f_chunked is not None and torch.equal(f_whole, f_chunked)
+    news = [x + 0.01 for x in xs]
+    m_whole, m_chunked = [x.clone() for x in news], [x.clone() for x in news]
+    measured_cautious_decay_(m_whole, xs, 0.95, chunks=[(0, len(xs))])
+    measured_cautious_decay_(m_chunked, xs, 0.95, chunks=chunks)
+    assert all(torch.equal(a, b) for a, b in zip(m_whole, m_chunked, strict=True))
+
+
+def test_tensor_factor_is_the_float_factor() -> None:
+    xs, us = edge_lists(torch.float32)
+    a, b, c = ([x.clone() for x in xs] for _ in range(3))
+    cautious_decay_(a, copy_direction(us), 0.9)
+    cautious_decay_(b, copy_direction(us), torch.tensor(0.9))
+    cautious_decay_(c, copy_direction(us), torch.tensor(1.0))  # a step the GradScaler skips
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(c, xs, strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_measured_path_is_the_formula_from_the_weights_before(dtype: torch.dtype) -> None:
+    olds, steps = edge_lists(dtype, 2)
+    news = [o - 0.05 * s for o, s in zip(olds, steps, strict=True)]
+    news[1][:6] = olds[1][:6]  # entries the step did not move: u = 0, decayed as by AdamW alone
+    got = [n.clone() for n in news]
+    share = measured_cautious_decay_(got, olds, 0.9, fraction=True)
+    for old, new, y in zip(olds, news, got, strict=True):
+        decay = torch.where((old.double() - new.double()) * old.double() >= 0, old * 0.9 - old, 0)
+        assert torch.equal(y, new + decay.to(dtype))
+    assert torch.equal(got[1][:6], olds[1][:6] * 0.9)
+    assert share is not None and 0 < share.item() < 1
+
+
+# ---- CautiousAdamW by hand, per tensor, step by step --------------------------------------------------
+
+
+def cautious_adamw_by_hand(
+    params: list[Tensor], grads: list[Tensor], state: dict[int, dict[str, Any]], lr: float, wd: float, eps: float
+) -> None:
+    """One step of ``x <- x - lr * (u + wd * 1[u * x >= 0] * x)``, ``u = m_hat / (sqrt(v_hat) + eps)``.
+
+    The moments and the update use torch Adam's single-tensor ops (so the result can be bitwise), the
+    mask the paper's ``u``, computed in float64 from the updated moments.
+    """
+    beta1, beta2 = 0.9, 0.999
+    for i, (x, g) in enumerate(zip(params, grads, strict=True)):
+        s = state.setdefault(i, {"m": torch.zeros_like(x), "v": torch.zeros_like(x), "t": 0})
+        s["t"] += 1
+        s["m"].lerp_(g, 1 - beta1)
+        s["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1, bc2 = 1 - beta1 ** s["t"], 1 - beta2 ** s["t"]
+        u = (s["m"].double() / bc1) / (s["v"].double().sqrt() / bc2**0.5 + eps)
+        x.copy_(torch.where(u * x.double() >= 0, x * (1 - lr * wd), x))  # decay first, as AdamW does
+        denom = (s["v"].sqrt() / bc2**0.5).add_(eps)
+        x.addcdiv_(s["m"], denom, value=-lr / bc1)
+
+
+def train(dtype: torch.dtype, steps: int, run: Callable[[nn.Module, list[Tensor]], None]) -> list[Tensor]:
+    model = two_layers(dtype, seed=3)
+    for step in range(steps):
+        backward(model, step + 1, dtype)
+        run(model, list(model.parameters()))
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adam_plus_cautious_decay_is_cautious_adamw_by_hand(dtype: torch.dtype) -> None:
+    lr, wd, eps = 1e-2, 0.5, 1e-8 if dtype != torch.float16 else 1e-4
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def ours(model: nn.Module, params: list[Tensor]) -> None:
+        opt = optimizers.setdefault("adam", torch.optim.Adam(params, lr=lr, eps=eps, foreach=False))
+        d = direction(opt, opt.param_groups[0], params)
+        assert isinstance(d, Direction)
+        cautious_decay_([p.detach() for p in params], d, 1 - lr * wd)
+        opt.step()
+
+    def plain(model: nn.Module, params: list[Tensor]) -> None:
+        optimizers.setdefault("adamw", torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=wd)).step()
+
+    hand_state: dict[int, dict[str, Any]] = {}
+
+    def hand(model: nn.Module, params: list[Tensor]) -> None:
+        with torch.no_grad():
+            cautious_adamw_by_hand([p.detach() for p in params], [p.grad for p in params], hand_state, lr, wd, eps)
+
+    got, want, adamw = train(dtype, 5, ours), train(dtype, 5, hand), train(dtype, 5, plain)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))  # same ops, same order: bitwise
+    assert not all(torch.equal(a, b) for a, b in zip(got, adamw, strict=True))  # the mask really acts
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_mask_of_ones_is_torch_adamw_bitwise(dtype: torch.dtype) -> None:
+    """Where the mask lets everything through, the decay is AdamW's own ``param.mul_(1 - lr * wd)``."""
+    lr, wd, eps = 1e-2, 0.5, 1e-8 if dtype != torch.float16 else 1e-4
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def ours(model: nn.Module, params: list[Tensor]) -> None:
+        opt = optimizers.setdefault("adam", torch.optim.Adam(params, lr=lr, eps=eps))
+        weights = [p.detach() for p in params]
+        cautious_decay_(weights, Direction((weights,), lambda w: torch._foreach_sign(w)), 1 - lr * wd)
+        opt.step()
+
+    def plain(model: nn.Module, params: list[Tensor]) -> None:
+        optimizers.setdefault("adamw", torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=wd)).step()
+
+    got, want = train(dtype, 4, ours), train(dtype, 4, plain)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_measured_path_equals_the_known_direction_within_rounding() -> None:
+    lr, wd = 1e-2, 0.5
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def known(model: nn.Module, params: list[Tensor]) -> None:
+        opt = optimizers.setdefault("known", torch.optim.Adam(params, lr=lr))
+        d = direction(opt, opt.param_groups[0], params)
+        assert isinstance(d, Direction)
+        cautious_decay_([p.detach() for p in params], d, 1 - lr * wd)
+        opt.step()
+
+    def measured(model: nn.Module, params: list[Tensor]) -> None:
+        opt = optimizers.setdefault("measured", torch.optim.Adam(params, lr=lr))
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        measured_cautious_decay_([p.detach() for p in params], before, 1 - lr * wd)
+
+    def plain(model: nn.Module, params: list[Tensor]) -> None:
+        optimizers.setdefault("adamw", torch.optim.AdamW(params, lr=lr, weight_decay=wd)).step()
+
+    a, b, c = train(torch.float32, 5, known), train(torch.float32, 5, measured), train(torch.float32, 5, plain)
+    for x, y in zip(a, b, strict=True):
+        # one rounding per step apart (AdamW rounds x * factor before its update, the measured path after)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    assert max(float((x - z).abs().max()) for x, z in zip(a, c, strict=True)) > 1e-3  # far from plain decay
+
+
+# ---- bounded temporaries --------------------------------------------------------------------------------
+
+
+class PeakBytes(TorchDispatchMode):
+    """The most bytes of new tensors alive at once, counted by the ops that create them."""
+
+    def __init__(self, inputs: list[Tensor]) -> None:
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live = self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.known.add(t.untyped_storage().data_ptr())
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (torch.optim.Adam, {"maximize": True}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        (torch.optim.RMSprop, {"momentum": 0.9, "centered": True}),
+    ],
+)
+def test_peak_extra_memory_stays_within_the_chunk_budget(
+    cls: type[torch.optim.Optimizer], options: dict[str, Any]
+) -> None:
+    big = nn.Linear(300, 200)  # 240 KB of weights: cut into slices
+    opt = cls(big.parameters(), **options)
+    for _ in range(2):  # the second step has state
+        big.zero_grad()
+        big(torch.randn(4, 300)).pow(2).sum().backward()
+        params = list(big.parameters())
+        d = direction(opt, opt.param_groups[0], params)
+        assert isinstance(d, Direction)
+        budget = 24 * 2**10
+        chunks = cautious_chunks([p.detach() for p in params], d.temporaries, budget)
+        inputs = [p.detach() for p in params] + [t for lst in d.inputs for t in lst if t is not None]
+        with PeakBytes(inputs) as peak:
+            cautious_decay_([p.detach() for p in params], d, 0.99, chunks=chunks, fraction=True)
+        assert 0 < peak.peak <= budget
+        with PeakBytes(inputs) as unchunked:  # the tracker sees the temporaries: whole, they exceed it
+            cautious_decay_([p.detach().clone() for p in params], d, 0.99, chunks=[(0, len(params))])
+        assert unchunked.peak > 2 * budget
+        opt.step()
+    before = [p.detach().clone() for p in params]
+    with PeakBytes([p.detach() for p in params] + before) as peak:
+        measured_cautious_decay_([p.detach() for p in params], before, 0.99, cautious_chunks(before, 1, budget))
+    assert 0 < peak.peak <= budget

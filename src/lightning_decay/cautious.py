@@ -7,10 +7,12 @@ decays before its update (``param.mul_(1 - lr * wd)``, then ``param.addcdiv_(...
 with the direction from [`lightning_decay.directions`][lightning_decay.directions] (computed from the
 state and gradients before the step, with the weights before the step), it turns the step into the
 formula above. The masked entries become ``x * factor`` exactly as ``Tensor.mul`` rounds it (bitwise
-AdamW's own decay, bf16 and fp16 included), the others stay bitwise as they are.
+AdamW's own decay, bf16 and fp16 included), the others stay bitwise as they are; only a zero weight
+``-0.0`` comes out ``+0.0`` (lerp's fused multiply-add), an equal value.
 
-For an optimizer without a known direction, [`measured_cautious_decay_`][lightning_decay.cautious.measured_cautious_decay_]
-runs after the step, from a copy of the weights taken before it: ``u`` is proportional to
+For an optimizer without a known direction,
+[`measured_cautious_decay_`][lightning_decay.cautious.measured_cautious_decay_] runs after the step,
+from a copy of the weights taken before it: ``u`` is proportional to
 ``x_old - x_new``, and the formula's decay term uses ``x_old``, so it adds AdamW's decay increment
 ``x_old * factor - x_old`` to the masked entries of ``x_new``. It equals the formula within one rounding
 (AdamW's order rounds ``x_old * factor`` before adding the update; here the update was already added);
