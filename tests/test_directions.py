@@ -279,8 +279,23 @@ def test_chunked_equals_whole_bitwise(dtype: torch.dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(m_whole, m_chunked, strict=True))
 
 
-def test_tensor_factor_is_the_float_factor() -> None:
-    xs, us = edge_lists(torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_skipped_step_leaves_the_weights_bitwise(dtype: torch.dtype) -> None:
+    """A GradScaler-skipped step: infinite or NaN directions, factor 1 as a tensor; no NaN may leak in."""
+    xs, us = edge_lists(dtype, 4)
+    us[0][1, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    got = [x.clone() for x in xs]
+    cautious_decay_(got, copy_direction(us), torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(got, xs, strict=True))
+    decayed = [x.clone() for x in xs]
+    cautious_decay_(decayed, copy_direction(us), 0.5)
+    assert decayed[0][1, 0] == xs[0][1, 0] * 0.5  # a NaN direction reads as u = 0: decayed
+    assert torch.equal(decayed[0][1, 1:3], formula(xs[0][1, 1:3], us[0][1, 1:3], 0.5))  # +-inf: a sign
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_factor_is_the_float_factor(dtype: torch.dtype) -> None:
+    xs, us = edge_lists(dtype)
     a, b, c = ([x.clone() for x in xs] for _ in range(3))
     cautious_decay_(a, copy_direction(us), 0.9)
     cautious_decay_(b, copy_direction(us), torch.tensor(0.9))

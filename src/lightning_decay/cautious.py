@@ -76,7 +76,9 @@ def _mask_(directions: list[Tensor], weights: list[Tensor]) -> None:
     """``directions`` becomes ``1[sign(u) * x >= 0]`` in the weights' dtype, in place.
 
     ``sign(u) * x`` is exact (``+-x`` or 0), so the test neither underflows nor rounds; then
-    ``min(sign(.) + 1, 1)`` maps ``-1, 0, 1`` to ``0, 1, 1``.
+    ``min(sign(.) + 1, 1)`` maps ``-1, 0, 1`` to ``0, 1, 1``. ``torch.sign`` maps NaN to 0, so the mask
+    is 0 or 1 even where the direction is NaN or infinite (a step the GradScaler skips, decayed by a
+    factor of 1): such an entry reads as ``u = 0``.
     """
     if directions[0].dtype != weights[0].dtype:
         raise TypeError(
@@ -90,10 +92,23 @@ def _mask_(directions: list[Tensor], weights: list[Tensor]) -> None:
     torch._foreach_clamp_max_(directions, 1.0)
 
 
+def _decayed(weights: list[Tensor], factor: Coeff) -> list[Tensor]:
+    """New ``weights * factor`` in the weights' dtype, rounded once as ``Tensor.mul`` (AdamW's decay) does.
+
+    A float: the out-of-place foreach multiply (the in-place one rounds a float to a low-precision dtype
+    first). A 0-dim tensor: in place on a copy (out of place, a float32 tensor would promote the result).
+    """
+    if not isinstance(factor, Tensor):
+        return torch._foreach_mul(weights, factor)
+    out = torch._foreach_clone(weights)
+    torch._foreach_mul_(out, factor)
+    return out
+
+
 def _count(masks: list[Tensor]) -> Tensor:
-    """The number of ones in ``masks``, a 0-dim float64 tensor on their device (exact below 2**53)."""
+    """The number of ones in ``masks``, a 0-dim float32 tensor on their device (float64 for float64)."""
     dtype = torch.float64 if masks[0].dtype == torch.float64 else torch.float32
-    return torch.stack(torch._foreach_norm(masks, 1, dtype=dtype)).to(torch.float64).sum()
+    return torch.stack(torch._foreach_norm(masks, 1, dtype=dtype)).sum()
 
 
 def _fraction(count: Tensor | None, params: list[Tensor]) -> Tensor:
@@ -136,7 +151,7 @@ def cautious_decay_(
         _mask_(mask, x)  # type: ignore[arg-type]
         if fraction:
             count = _count(mask) if count is None else count + _count(mask)
-        decayed = torch._foreach_mul(x, factor)  # type: ignore[arg-type]
+        decayed = _decayed(x, factor)  # type: ignore[arg-type]
         # lerp with a weight of exactly 1 or 0 returns its end or its start bitwise (lerp's two branches)
         torch._foreach_lerp_(x, decayed, mask)  # type: ignore[arg-type]
         del mask, decayed  # before the next chunk's are allocated
@@ -175,7 +190,7 @@ def measured_cautious_decay_(
         _mask_(mask, old)  # type: ignore[arg-type]
         if fraction:
             count = _count(mask) if count is None else count + _count(mask)
-        step = torch._foreach_mul(old, factor)  # type: ignore[arg-type]
+        step = _decayed(old, factor)  # type: ignore[arg-type]
         torch._foreach_sub_(step, old)  # type: ignore[arg-type]  # exact: x * factor and x are within a factor 2
         torch._foreach_addcmul_(x, mask, step)  # type: ignore[arg-type]
         del mask, step

@@ -196,7 +196,7 @@ def _mul(tensors: list[Tensor], scalar: float, in_place: bool) -> list[Tensor]:
     rounds the scalar to a low-precision dtype first; the out-of-place one and ``Tensor.mul_`` do not."""
     if not in_place:
         return torch._foreach_mul(tensors, scalar)
-    out = torch._foreach_mul(tensors, 1.0)  # an exact copy
+    out = torch._foreach_clone(tensors)
     torch._foreach_mul_(out, scalar)
     return out
 
