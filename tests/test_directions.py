@@ -61,6 +61,8 @@ CASES: list[tuple[str, type[torch.optim.Optimizer], dict[str, Any], str | None]]
     ),
     ("adagrad", torch.optim.Adagrad, {"lr": 0.1}, None),
     ("adagrad-lr-decay-maximize", torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.1, "maximize": True}, None),
+    ("adadelta", torch.optim.Adadelta, {"lr": 50.0}, None),
+    ("adadelta-maximize", torch.optim.Adadelta, {"lr": 50.0, "maximize": True}, None),
 ]
 
 
@@ -167,6 +169,7 @@ class Configured(torch.optim.Adam):
         (lambda ps: torch.optim.Adam(ps, betas=(torch.tensor(0.9), torch.tensor(0.999))), "tensor beta1"),
         (lambda ps: Rewritten(ps), "no direction is registered for Rewritten"),
         (lambda ps: torch.optim.Rprop(ps), "no direction is registered for Rprop"),
+        (lambda ps: torch.optim.Adadelta(ps, eps=0.0), "eps=0.0"),
     ],
 )
 def test_refusals_say_why(make: Factory, needle: str) -> None:

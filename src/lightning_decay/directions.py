@@ -10,8 +10,8 @@ computed before the step, by replaying the optimizer's own update of the state t
 ========================  ==================================  =============================================
 optimizer (torch 2.13)    sign of ``u``                       from (site-packages ``torch/optim/``)
 ========================  ==================================  =============================================
-Adam, AdamW (amsgrad,     ``exp_avg.lerp(g, 1 - beta1)``,     ``adam.py``: ``exp_avg.lerp_(grad, 1 - beta1)``,
-capturable)               zeros as ``exp_avg`` on a first     ``param.addcdiv_(exp_avg, denom, -step_size)``,
+Adam, AdamW (amsgrad)     ``exp_avg.lerp(g, 1 - beta1)``,     ``adam.py``: ``exp_avg.lerp_(grad, 1 - beta1)``,
+                          zeros as ``exp_avg`` on a first     ``param.addcdiv_(exp_avg, denom, -step_size)``,
                           step                                ``denom = sqrt(v or max v) / bc2 + eps > 0``
 RAdam                     as Adam                             ``radam.py``: both branches add
                                                               ``-exp_avg / bc1 * lr * (rect * adaptive)``
@@ -23,6 +23,8 @@ SGD                       ``g``; momentum: ``momentum * buf   ``sgd.py``: ``buf 
 RMSprop (centered)        ``g``; momentum: ``momentum * buf   ``rmsprop.py``: ``param.addcdiv_(grad, avg)``
                           + g / avg`` (replayed)              or ``buf.mul_(momentum).addcdiv_(grad, avg)``
 Adagrad                   ``g``                               ``adagrad.py``: ``addcdiv_(grad, std, -clr)``
+Adadelta (``eps > 0``)    ``g``                               ``adadelta.py``: ``param.add_(delta, -lr)``,
+                                                              ``delta = sqrt(acc + eps) / sqrt(v + eps) * g``
 ========================  ==================================  =============================================
 
 ``g`` is the gradient, negated under ``maximize`` as the optimizer does. Where the direction is ``g``
@@ -35,7 +37,10 @@ an approximate mask): ``fused=True``; a non-CPU device where the optimizer takes
 tensor ``betas``/``momentum``; a nonzero ``weight_decay`` of the optimizer; complex parameters; sparse
 gradients; NAdam (its update ``c1 * g + c2 * exp_avg`` has two coefficients, so its sign is not that
 of one tensor the optimizer computes, and rounding can flip it where the two nearly cancel); any other
-optimizer unless a direction is registered with [`register_direction`][lightning_decay.directions.register_direction].
+optimizer (``Muon``'s orthogonalized momentum, ``Rprop``, ``ASGD``'s built-in shrink, ``Adafactor``,
+``SparseAdam``, Lion, custom ones) unless a direction is registered with
+[`register_direction`][lightning_decay.directions.register_direction]. (Capturable Adam on CUDA runs the
+same lerp, but it is not tested here, on CPU.)
 
 The direction is this step's: the state is read before the step and updated on copies, so call it after
 every change to the gradients (unscaling, clipping, penalties) and right before ``optimizer.step()``.
@@ -356,6 +361,17 @@ def rmsprop_direction(optimizer: Optimizer, group: dict[str, Any], params: list[
     return Direction(inputs, compute, 3 + maximize)
 
 
+def adadelta_direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor]) -> Direction | str:
+    """Adadelta: the gradient (``adadelta.py``: ``delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g``).
+
+    The factor is positive only with ``eps > 0``: with ``eps = 0`` the first ``acc_delta`` is 0 and so
+    is every update, whose direction is then 0, not the gradient's sign.
+    """
+    if not group["eps"] > 0:
+        return f"Adadelta has eps={group['eps']} (its update is 0, not along the gradient, from acc_delta = 0)"
+    return gradient_direction(optimizer, group, params)
+
+
 def nadam_refusal(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor]) -> str:
     """NAdam: refused, so that its update is measured (see the module)."""
     return (
@@ -372,6 +388,7 @@ for _cls, _fn in [
     (torch.optim.SGD, sgd_direction),
     (torch.optim.RMSprop, rmsprop_direction),
     (torch.optim.Adagrad, gradient_direction),
+    (torch.optim.Adadelta, adadelta_direction),
     (torch.optim.NAdam, nadam_refusal),
 ]:
     register_direction(_cls, _fn)
