@@ -139,12 +139,47 @@ def add_l2_gradient_(
         del diff  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
+def _slice_scratch(chunks: Chunks, tensors: list[Tensor]) -> Tensor | None:
+    """One flat buffer for the temporaries of the flat slices in ``chunks`` (the largest's entries), or None.
+
+    Allocated once per call and reused by every slice, instead of one allocation per slice: the
+    temporaries of a large tensor's slices are then one allocation of one chunk. One per slice made
+    glibc's malloc keep several chunks resident (its dynamic mmap threshold moves chunk-sized blocks
+    onto the heap after the first is freed, and the heap keeps up to twice that unreturned), so the
+    peak RSS of a fit grew by about three chunks where the allocator's own peak was one.
+    """
+    numel = max((c[3] - c[2] for c in chunks if len(c) == 4), default=0)
+    return tensors[0].new_empty(numel) if numel else None
+
+
+def _fits(part: list[Tensor], scratch: Tensor | None) -> Tensor | None:
+    """The first ``numel`` entries of ``scratch`` when ``part`` is one flat slice that fits in it."""
+    if scratch is None or len(part) != 1 or part[0].dim() != 1 or part[0].numel() > scratch.numel():
+        return None
+    return scratch[: part[0].numel()]
+
+
 @torch.no_grad()
 def add_l1_subgradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff, chunks: Chunks | None = None) -> None:
-    """``g += coeff * sign(w)``, a subgradient of ``coeff * ||w||_1`` (0 at ``w == 0``)."""
+    """``g += coeff * sign(w)``, a subgradient of ``coeff * ||w||_1`` (0 at ``w == 0``).
+
+    The temporary ``sign(w)`` is one chunk's; the flat slices of a large tensor share one buffer
+    (`_slice_scratch`). Each entry gets the same operations in either form, so the chunking does not
+    change the values.
+    """
     if not grads:
         return
-    for g, w in _pieces(chunks if chunks is not None else chunk_ranges(params), grads, params):
+    chunks = chunks if chunks is not None else chunk_ranges(params)
+    scratch = _slice_scratch(chunks, params)
+    for g, w in _pieces(chunks, grads, params):
+        out = _fits(w, scratch)
+        if out is not None:  # a slice: the same kernels as below, into the shared buffer
+            torch.sign(w[0], out=out)
+            if isinstance(coeff, Tensor):
+                g[0].add_(out.mul_(coeff))  # a 1-d slice: in place rounds as `_scaled` does
+            else:
+                g[0].add_(out, alpha=coeff)
+            continue
         signs = torch._foreach_sign(w)
         if isinstance(coeff, Tensor):
             torch._foreach_add_(g, _scaled(signs, coeff))
@@ -159,23 +194,30 @@ def soft_threshold_(params: list[Tensor], threshold: Coeff, chunks: Chunks | Non
 
     It produces exact zeros, unlike the subgradient, which makes weights oscillate around zero.
 
-    Computed as ``w - clamp(w, -threshold, threshold)``: three passes and one temporary list (instead
-    of six passes and two), with the same values as the formula above (shrunk weights are ``+0.0``
-    where the formula gives ``-0.0`` for negative ones). A 0-dim tensor ``threshold`` is broadcast on
-    the device, never read on the host. The temporary is one chunk's (``chunks``, see the module).
+    Computed as written, ``m = |w|; m -= t; m = max(m, 0); w = sign(w); w *= m``, so that it is bitwise
+    the formula (``-0.0`` for shrunk negative weights, NaN kept) with one temporary ``m`` of one chunk
+    (``chunks``, see the module); the flat slices of a large tensor share one buffer (`_slice_scratch`).
+    A 0-dim tensor ``threshold`` is broadcast on the device, never read on the host.
     """
     if not params:
         return
-    negated = torch.neg(threshold) if isinstance(threshold, Tensor) else -threshold
-    for (part,) in _pieces(chunks if chunks is not None else chunk_ranges(params), params):
+    chunks = chunks if chunks is not None else chunk_ranges(params)
+    scratch = _slice_scratch(chunks, params)
+    for (part,) in _pieces(chunks, params):
+        out = _fits(part, scratch)
+        if out is not None:  # a slice: the same kernels as below, into the shared buffer
+            torch.abs(part[0], out=out).sub_(threshold).clamp_min_(0)
+            part[0].sign_().mul_(out)
+            continue
+        magnitude = torch._foreach_abs(part)
         if isinstance(threshold, Tensor):
-            inside = torch._foreach_clamp_max(part, [threshold] * len(part))
-            torch._foreach_clamp_min_(inside, [negated] * len(part))
+            torch._foreach_sub_(magnitude, [threshold] * len(part))
         else:
-            inside = torch._foreach_clamp_max(part, threshold)
-            torch._foreach_clamp_min_(inside, negated)
-        torch._foreach_sub_(part, inside)
-        del inside  # before the next chunk's is allocated: one chunk's temporary at a time, not two
+            torch._foreach_sub_(magnitude, threshold)
+        torch._foreach_clamp_min_(magnitude, 0)
+        torch._foreach_sign_(part)
+        torch._foreach_mul_(part, magnitude)
+        del magnitude  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
 @torch.no_grad()
