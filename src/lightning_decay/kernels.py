@@ -130,7 +130,16 @@ def add_l2_gradient_(
         for g, w in _pieces(chunks, grads, params):
             torch._foreach_add_(g, _scaled(w, coeff))
         return
+    scratch = _slice_scratch(chunks, params)  # the slices of a large tensor: one buffer for all (see there)
     for g, w, r in _pieces(chunks, grads, params, refs):
+        out = _fits(w, scratch)
+        if out is not None and len(r) == 1 and r[0].dim() == 1:
+            torch.sub(w[0], r[0], out=out)
+            if isinstance(coeff, Tensor):
+                g[0].add_(out.mul_(coeff))  # a 1-d slice: in place rounds as `_scaled` does
+            else:
+                g[0].add_(out, alpha=coeff)
+            continue
         diff = torch._foreach_sub(w, r)
         if isinstance(coeff, Tensor):
             torch._foreach_add_(g, _scaled(diff, coeff))
@@ -139,17 +148,27 @@ def add_l2_gradient_(
         del diff  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
+# glibc's malloc gives a block of at least 32 MiB (its largest mmap threshold) a mapping of its own, unmapped
+# when freed. A smaller chunk-sized block comes from the heap once the first is freed (the threshold rises to
+# its size); there small allocations carve up the freed block, so the next step's takes new pages, and a fit's
+# peak RSS grew by a chunk per step until malloc trimmed (+0.10x of a huge weight, where one chunk is 0.03x).
+# Asked for at least this size, the buffer is a mapping on CPU, and only the pages written (one slice) are
+# resident, then returned when it is freed.
+MAPPED_BYTES = 32 * 2**20
+
+
 def _slice_scratch(chunks: Chunks, tensors: list[Tensor]) -> Tensor | None:
     """One flat buffer for the temporaries of the flat slices in ``chunks`` (the largest's entries), or None.
 
-    Allocated once per call and reused by every slice, instead of one allocation per slice: the
-    temporaries of a large tensor's slices are then one allocation of one chunk. One per slice made
-    glibc's malloc keep several chunks resident (its dynamic mmap threshold moves chunk-sized blocks
-    onto the heap after the first is freed, and the heap keeps up to twice that unreturned), so the
-    peak RSS of a fit grew by about three chunks where the allocator's own peak was one.
+    Allocated once per call and shared by every slice, not once per slice; on CPU at least `MAPPED_BYTES`
+    of address space (see there), of which the slices touch one slice's pages.
     """
     numel = max((c[3] - c[2] for c in chunks if len(c) == 4), default=0)
-    return tensors[0].new_empty(numel) if numel else None
+    if not numel:
+        return None
+    if tensors[0].device.type == "cpu":
+        numel = max(numel, MAPPED_BYTES // tensors[0].element_size())
+    return tensors[0].new_empty(numel)
 
 
 def _fits(part: list[Tensor], scratch: Tensor | None) -> Tensor | None:
