@@ -5,7 +5,7 @@ value to the host. They run under ``torch.no_grad()``: optimizer step hooks run 
 optimizer's own no-grad region. Coefficients are Python floats or 0-dim tensors on the tensors' device (the AMP
 scale, a ``found_inf`` mask), so nothing here waits for the device.
 
-Kernels that need a temporary (``w - ref``, ``sign(w)``, ``clamp(w, -t, t)``) run over ``chunks``, index
+Kernels that need a temporary (``w - ref``, ``sign(w)``, ``|w| - t``) run over ``chunks``, index
 ranges of the list from [`chunk_ranges`][lightning_decay.kernels.chunk_ranges], so that the temporary is
 a few percent of the list, never a copy of it. A tensor larger than the budget is cut too, into views
 of flat slices of it (one embedding or LM head can be most of a model). The element-wise kernels give
