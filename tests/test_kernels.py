@@ -319,8 +319,8 @@ def cpu_allocations(fn: Callable[[], None]) -> list[int]:
 
 
 def test_slices_of_a_large_tensor_share_one_temporary() -> None:
-    """The L1 and L2-SP kernels over a large tensor's slices allocate one buffer per call, not one per slice, and on CPU one
-    of at least `MAPPED_BYTES` (a mapping of its own in glibc's malloc, of which a slice's pages are written):
+    """The L1 and L2-SP kernels over a large tensor's slices allocate one buffer per call, not one per slice, and on
+    CPU one of at least `MAPPED_BYTES` (a mapping of its own in glibc's malloc, of which a slice's pages are written):
     chunk-sized blocks freed and reallocated on malloc's heap made a fit's peak RSS grow by a chunk a step
     (issue 23)."""
     w, g, refs = [torch.randn(512, 512)], [torch.randn(512, 512)], [torch.randn(512, 512)]
