@@ -93,7 +93,7 @@ def custom_scalars_layout(
         lines = charts.setdefault((chart, labels[bucket]), [])
         if all(bucket != b for _, b in lines):
             lines.append((position, bucket))
-    first = {}  # a block's charts stay together, at the block's first position
+    first: dict[str, int] = {}  # a block's charts stay together, at the block's first position
     for (chart, _), lines in charts.items():
         first[chart] = min(first.get(chart, lines[0][0]), *(p for p, _ in lines))
     ordered = sorted(charts.items(), key=lambda item: (first[item[0][0]], natural_key(item[0][0]), order[item[0][1]]))
