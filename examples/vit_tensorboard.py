@@ -4,8 +4,9 @@ Each 8x8 digit is cut into 16 patches of 2x2 pixels; a ViT of 12 pre-norm blocks
 ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
 mlp.fc2}``, ``norm``, ``head``) trains with AdamW on the decay / no-decay groups. ``WeightNormMonitor`` logs
 weight norms, update ratios and angular updates of its ~150 tensors and, through the ``TensorBoardLogger``,
-a Custom Scalars layout: one category per metric, one chart per block in model order (``blocks.2`` before
-``blocks.10``), the totals first. The screenshot in ``docs/img/custom_scalars.png`` is this run.
+a Custom Scalars layout: one category per metric, a chart per total, then per block in model order
+(``blocks.2`` before ``blocks.10``) one chart of its decayed and one of its not-decayed tensors. The
+screenshot in ``docs/img/custom_scalars.png`` is this run.
 
 Usage::
 

@@ -347,6 +347,12 @@ ROWS = [
         [("false", TypeError), (0, TypeError), (None, TypeError)],
     ),
     Row(
+        "DecayRules(decay_position_bias=)",
+        lambda v: DecayRules(decay_position_bias=v),
+        [True, False],
+        [("false", TypeError), (0, TypeError), (None, TypeError)],
+    ),
+    Row(
         "DecayRules(**other)",
         lambda v: DecayRules(**{v: True}),
         [],

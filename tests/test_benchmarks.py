@@ -32,3 +32,14 @@ def test_benchmark_runs_and_writes_every_row(tmp_path: Path) -> None:
     # Every target is shown with its verdict; the verdicts themselves are not asserted (tiny sizes, noise).
     assert sum(r.ok is not None for r in report.rows) >= 20
     assert "targets met" in text
+
+
+def test_peak_rss_of_a_fit_in_a_fresh_interpreter() -> None:
+    """The harness of the peak-RSS rows (6.mem on CPU): one real fit in a fresh interpreter, its ``ru_maxrss``.
+
+    A fit of a 64 MiB weight holds the weight and its gradient at once, so its peak RSS exceeds their bytes
+    (a unit slip, KiB read as bytes, would give a thousandth of that)."""
+    run = load_benchmark()
+    shape = (4096, 4096)
+    peak = run.fit_peak_rss("l1prox", shape, steps=2)
+    assert peak > 2 * shape[0] * shape[1] * 4

@@ -120,3 +120,20 @@ def test_weight_decay_callback_in_yaml_takes_over_automatic_optimizer(
     # decoupled for AdamW, an L2 gradient term for SGD) and the weights match it on decay groups.
     assert [g["weight_decay"] for g in cli.trainer.optimizers[0].param_groups] == [0.0]
     _assert_same_weights(cli, _reference(optimizer, 0.05, lr))
+
+
+def test_decay_section_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    # `fit --help` of the real CLI: the decay.rules.* help comes from DecayRules' docstring, written for the
+    # docs site; the terminal gets it without RST/Markdown markup, and each option's default printed once.
+    with pytest.raises(SystemExit) as exit_info:
+        DecayLightningCLI(PlainModel, RegressionData, args=["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    sections = [s for s in out.split("\n\n") if "--decay.rules.decay_bias" in s and "usage:" not in s]
+    assert len(sections) == 1, out
+    (section,) = sections
+    for option in ("exclude", "include", "decay_bias", "decay_norm", "decay_embeddings", "use_model_hooks"):
+        assert f"--decay.rules.{option}" in section
+    assert "`" not in section, section
+    assert "names ending in 'bias'" in " ".join(section.split())  # ``bias`` becomes a quoted word
+    assert section.count("default: False") == 3 and "Default" not in section

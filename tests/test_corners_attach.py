@@ -281,7 +281,8 @@ def test_histograms_go_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         warnings.simplefilter("always")
         fit(module, [WeightNormMonitor(log_histograms=True)], logger=logger, max_steps=4, log_every_n_steps=2)
     assert histogram_warnings(record) == []
-    wandb.finish()
+    logger.experiment.finish()
+    wandb.teardown()  # stops the W&B service, which writes the offline run file asynchronously
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
 
     rows = [history_row(rec) for rec in read_wandb_records(run_file) if rec.WhichOneof("record_type") == "history"]

@@ -4,13 +4,15 @@
 parse. It skips where the docs tools are not installed, except in CI (``CI`` set, as ``.ci/run`` does), where
 a missing tool is a failure: the ``test`` extra installs them.
 
-mkdocs.yml reports links to files outside ``docs/`` (``../tests/...``, ``../examples/...``) only at INFO level,
-so the relative links of ``docs/*.md`` and ``README.md`` are checked here against the repository instead.
+The relative links of ``docs/*.md`` and ``README.md`` to the examples and tests (``../tests/...``) resolve in the
+repository, which is checked here; in the site they point at ``repo_url`` (``scripts/mkdocs_hooks.py``), and a
+link mkdocs cannot resolve fails the build.
 """
 
 from __future__ import annotations
 
 import ast
+import html
 import io
 import os
 import re
@@ -51,9 +53,39 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"mkdocs build --strict failed ({elapsed:.1f} s):\n{proc.stdout}\n{proc.stderr}"
-    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    # A link mkdocs cannot resolve is a 404 in the site, whatever level mkdocs.yml gives it.
+    assert "not found among documentation files" not in proc.stderr + proc.stdout, proc.stderr
+    site = tmp_path / "site"
+    api = (site / "api" / "index.html").read_text()
     # Sphinx roles and ``Example::`` blocks are not Markdown: they would show up literally.
     assert not re.search(r":(class|meth|func|mod|attr|math):`|Example::", api)
+    _assert_signatures_formatted(api)
+    _assert_source_links_exist(site)
+    import lightning_decay
+
+    title = re.search(r"<title>(.*?)</title>", (site / "index.html").read_text()).group(1)
+    assert f"lightning-decay {lightning_decay.__version__}" in title
+
+
+def _assert_signatures_formatted(api: str) -> None:
+    """API signatures are formatted (ruff) to mkdocs.yml's ``line_length``, not one line of 400 characters."""
+    blocks = re.findall(r'class="doc-signature[^>]*>(.*?)</code>', api, flags=re.S)
+    signatures = [html.unescape(re.sub(r"<[^>]+>", "", s)) for s in blocks]
+    assert len(signatures) > 10
+    config = (ROOT / "mkdocs.yml").read_text()
+    limit = int(re.search(r"^\s*line_length:\s*(\d+)", config, flags=re.M).group(1))
+    too_long = [line for s in signatures for line in s.splitlines() if len(line) > limit]
+    assert not too_long, too_long
+
+
+def _assert_source_links_exist(site: Path) -> None:
+    """Links the docs hook pointed at the repository name files that exist in this checkout."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    repo_url = re.search(r"^repo_url:\s*(\S+)", config, flags=re.M).group(1).rstrip("/")
+    blob = re.compile(re.escape(repo_url) + r"/blob/[^/\"]+/([^\"#]+)")
+    targets = {t for page in site.rglob("*.html") for t in blob.findall(page.read_text())}
+    assert {"examples/vit_tensorboard.py", "tests/test_math_claims.py"} <= targets
+    assert [t for t in targets if not (ROOT / t).is_file()] == []
 
 
 # ------------------------------------------------------------------------------------------- links

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -26,11 +30,18 @@ def load(path: Path) -> ModuleType:
     return module
 
 
-def test_train_digits_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str, Path]:
+    """The main job as the docs run it (``python examples/train_digits.py``, 60 epochs per run), once."""
+    out = tmp_path_factory.mktemp("digits")
     train_digits = load(EXAMPLES / "train_digits.py")
-    results = train_digits.main(["--fast", "--out", str(tmp_path)])
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        results = train_digits.main(["--out", str(out)])
+    return results, printed.getvalue(), out
 
-    out = capsys.readouterr().out
+
+def test_train_digits(main_job: tuple[list[dict[str, Any]], str, Path], tmp_path: Path) -> None:
+    results, out, logdir = main_job
     assert "no_decay" in out and "|w| decay" in out and "val_acc" in out  # the comparison table
     assert "weight of Linear" in out  # the printed plan
     assert [r["run"] for r in results] == ["no_decay", "decay"]
@@ -38,13 +49,67 @@ def test_train_digits_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0
         assert r["total"] > r["decay_total"] > 0 and r["no_decay_total"] > 0
     for run in ("no_decay", "decay"):
-        events = list((tmp_path / run).glob("version_*/events.out.tfevents.*"))
+        events = list((logdir / run).glob("version_*/events.out.tfevents.*"))
         assert events, f"no TensorBoard event file for {run}"
 
     # plot_norms reads those event files and writes a PNG
     plot_norms = load(EXAMPLES / "plot_norms.py")
-    png = plot_norms.main(["--logdir", str(tmp_path), "--output", str(tmp_path / "norms.png")])
+    png = plot_norms.main(["--logdir", str(logdir), "--output", str(tmp_path / "norms.png")])
     assert png.stat().st_size > 10_000
+
+
+# How far another machine's run may be from the page. The job is seeded and deterministic on one machine,
+# but another CPU's kernels (AVX2 against AVX-512) sum in another order, and over 60 epochs those
+# last-bit differences change the prediction of a few borderline images. Measured on one AMD EPYC, the
+# page's AVX-512 run against the same machine held to AVX2 (`ATEN_CPU_CAPABILITY=avx2
+# MKL_ENABLE_INSTRUCTIONS=AVX2`, which gives what issue 22 saw on two other machines): train_acc 0.004,
+# val_acc 0.004, gap 0.006, noise_fit 0.018 apart at most, norms 0.6%. The tolerances are about twice that,
+# in images: 10 of the 898 training or 899 validation images, 6 of the 161 corrupted training images
+# (noise_fit), and 1.5% for the norms.
+TOLERANCE = {"train_acc": 0.012, "val_acc": 0.012, "gap": 0.015, "noise_fit": 0.04}
+NORM_RTOL = 0.015
+NORM_COLUMNS = {"|w| total": "total", "|w| decay": "decay_total", "|w| no_decay": "no_decay_total"}
+
+
+def _page_table(text: str) -> dict[str, dict[str, float]]:
+    """The ```text table that follows "The main job's final table" on the page: run -> column -> value."""
+    block = re.search(r"The main job's final table.*?```text\n(.*?)```", text, flags=re.S)
+    assert block, "the page has no main-job table"
+    header, _, *rows = block.group(1).strip().splitlines()
+    columns = re.split(r"\s{2,}", header.strip())
+    table = {}
+    for row in rows:
+        cells = row.split()
+        table[cells[0]] = {c: float(v) for c, v in zip(columns[1:], cells[1:], strict=True)}
+    return table
+
+
+def test_docs_show_the_main_job_table(main_job: tuple[list[dict[str, Any]], str, Path]) -> None:
+    results, _, _ = main_job
+    run = {r["run"]: r for r in results}
+    page = (EXAMPLES.parent / "docs" / "index.md").read_text()
+    table = _page_table(page)
+    assert list(table) == list(run)
+    for name, row in table.items():
+        fresh = run[name]
+        measured = {**fresh, "wd": fresh["weight_decay"], "gap": fresh["train_acc"] - fresh["val_acc"]}
+        for column, value in row.items():
+            key = NORM_COLUMNS.get(column, column)
+            if column == "wd":
+                assert value == measured["wd"], name
+            elif key in TOLERANCE:
+                assert abs(value - measured[key]) <= TOLERANCE[key], (
+                    f"{name} {column}: page {value}, run {measured[key]:.3f}"
+                )
+            else:
+                assert value == pytest.approx(measured[key], rel=NORM_RTOL), f"{name} {column}: page {value}"
+    # And the sentences that quote it.
+    fitted = re.search(r"\((\d+)% of them fitted instead of (\d+)%\)", page)
+    assert fitted and abs(int(fitted.group(1)) / 100 - run["decay"]["noise_fit"]) <= TOLERANCE["noise_fit"] + 0.005
+    assert abs(int(fitted.group(2)) / 100 - run["no_decay"]["noise_fit"]) <= TOLERANCE["noise_fit"] + 0.005
+    val = re.search(r"validation accuracy from ([\d.]+)% to\s+([\d.]+)%", page)
+    assert val and abs(float(val.group(1)) / 100 - run["no_decay"]["val_acc"]) <= TOLERANCE["val_acc"]
+    assert abs(float(val.group(2)) / 100 - run["decay"]["val_acc"]) <= TOLERANCE["val_acc"]
 
 
 @pytest.mark.parametrize(
@@ -134,4 +199,5 @@ def test_vit_tensorboard_fast(tmp_path: Path) -> None:
     acc.Reload()
     assert len(acc.Tensors("custom_scalars__config__")) == 1  # the layout the screenshot in the docs shows
     charts = list(out["layout"]["weight_norm"])
-    assert charts.index("blocks.2") < charts.index("blocks.10") and charts[0] == "totals"
+    assert charts.index("blocks.2 · decayed") < charts.index("blocks.10 · decayed") and charts[0] == "totals · all"
+    assert charts.index("blocks.2 · decayed") + 1 == charts.index("blocks.2 · not decayed")  # side by side

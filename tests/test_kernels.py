@@ -95,25 +95,25 @@ def test_soft_threshold(dtype: torch.dtype, threshold: float) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_soft_threshold_is_bitwise_the_explicit_formula(dtype: torch.dtype) -> None:
-    """``w - clamp(w, -t, t)`` against ``sign(w) * max(|w| - t, 0)`` on many values and thresholds,
-    including exact zeros, values at +-t, +-inf and NaN; a 0-dim tensor threshold gives the same."""
+    """Against ``sign(w) * max(|w| - t, 0)`` bit for bit (``-0.0`` for shrunk negative weights, NaN kept) on many
+    values and thresholds, including exact zeros, values at +-t, +-inf and NaN, in every chunking (whole tensors
+    and flat slices of one tensor, which take another code path); a 0-dim tensor threshold gives the same."""
     g = torch.Generator().manual_seed(0)
     for t in (0.0, 1e-3, 0.1234567, 0.4, 3.0):
         w = [(torch.randn(4000, generator=g) * scale).to(dtype) for scale in (1e-3, 1.0, 10.0)]
         w[1][:8] = torch.tensor([0.0, -0.0, t, -t, float("inf"), -float("inf"), float("nan"), 2 * t]).to(dtype)
         want = [torch.sign(x) * torch.clamp(x.abs() - t, min=0) for x in w]
-        for threshold in (t, torch.tensor(t, dtype=torch.float64)):  # the Python float's value
-            got = clones(w)
-            kernels.soft_threshold_(got, threshold)
-            for x, y in zip(got, want, strict=True):
-                assert x.dtype == dtype
-                # equal values (NaN where NaN); only the sign of a zero may differ: -0.0 there, +0.0 here
-                assert torch.equal(torch.isnan(x), torch.isnan(y))
-                assert torch.equal(x.nan_to_num(), y.nan_to_num())
-                assert not torch.signbit(x[x == 0]).any()
-            shrunk = got[1][:8]
-            assert shrunk[:2].eq(0).all() and torch.isinf(shrunk[4:6]).all() and torch.isnan(shrunk[6])
-            assert (got[0] == 0).any() or t == 0.0  # small weights are set to exact zeros
+        sliced = [(i, i + 1, lo, lo + 999) for i in range(3) for lo in range(0, 4000, 999)]
+        sliced = [(i, j, lo, min(hi, 4000)) for i, j, lo, hi in sliced]
+        for chunks in (None, [(0, 3)], [(0, 1), (1, 3)], sliced):
+            for threshold in (t, torch.tensor(t, dtype=torch.float64)):  # the Python float's value
+                got = clones(w)
+                kernels.soft_threshold_(got, threshold, chunks)
+                assert_bitwise(got, want)
+                shrunk = got[1][:8]
+                assert shrunk[:2].eq(0).all() and torch.isinf(shrunk[4:6]).all() and torch.isnan(shrunk[6])
+                assert (got[0] == 0).any() or t == 0.0  # small weights are set to exact zeros
+                assert torch.signbit(got[0][(w[0] < 0) & (got[0] == 0)]).all()  # -0.0, as the formula gives
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -293,14 +293,48 @@ def test_temporaries_inside_one_large_tensor_are_one_slice() -> None:
     chunks = kernels.chunk_ranges(w)
     budget = max(kernels.MIN_CHUNK_BYTES, w[0].numel() * 4 // kernels.CHUNK_FRACTION)
     assert len(chunks) == w[0].numel() * 4 // budget and all(len(c) == 4 for c in chunks)
-    for fn in (
-        lambda: kernels.soft_threshold_(w, 0.1),
-        lambda: kernels.add_l2_gradient_(g, w, 0.1, refs),
+    for fn in (  # the L1 and L2-SP kernels: `test_slices_of_a_large_tensor_share_one_temporary`
         lambda: kernels.add_l2_gradient_(g, w, torch.tensor(0.1)),
-        lambda: kernels.add_l1_subgradient_(g, w, 0.1),
         lambda: kernels.squared_distances(w, refs),
     ):
         assert 0 < peak_cpu_bytes(fn) <= budget + 4096
+
+
+def cpu_allocations(fn: Callable[[], None]) -> list[int]:
+    """Sizes of the CPU allocations made while ``fn`` runs (profiler events, as `peak_cpu_bytes`)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(events: Any) -> Iterator[Any]:
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    events = walk(prof.profiler.kineto_results.experimental_event_tree())
+    allocations = [e for e in events if e.tag == _EventType.Allocation]
+    return [e.extra_fields.alloc_size for e in allocations if e.extra_fields.alloc_size > 0]
+
+
+def test_slices_of_a_large_tensor_share_one_temporary() -> None:
+    """The L1 and L2-SP kernels over a large tensor's slices allocate one buffer per call, not one per slice, and on
+    CPU one of at least `MAPPED_BYTES` (a mapping of its own in glibc's malloc, of which a slice's pages are written):
+    chunk-sized blocks freed and reallocated on malloc's heap made a fit's peak RSS grow by a chunk a step
+    (issue 23)."""
+    w, g, refs = [torch.randn(512, 512)], [torch.randn(512, 512)], [torch.randn(512, 512)]
+    chunks = kernels.chunk_ranges(w)
+    slice_bytes = w[0].numel() * 4 // len(chunks)
+    assert len(chunks) > 4
+    for fn in (
+        lambda: kernels.soft_threshold_(w, 0.1, chunks),
+        lambda: kernels.add_l1_subgradient_(g, w, 0.1, chunks),
+        lambda: kernels.add_l1_subgradient_(g, w, torch.tensor(0.1), chunks),
+        lambda: kernels.add_l2_gradient_(g, w, 0.1, refs, chunks),  # L2-SP
+    ):
+        large = [n for n in cpu_allocations(fn) if n >= slice_bytes // 2]
+        assert large == [max(slice_bytes, kernels.MAPPED_BYTES)]
 
 
 def test_a_gradient_without_a_flat_view_is_taken_whole() -> None:

@@ -375,9 +375,10 @@ def test_swin_keyword_hook_on_submodule() -> None:
         d = plan[f"layers.{i}.attn.relative_position_bias_table"]
         assert not d.decay and d.reason == "no_weight_decay_keywords() 'relative_position_bias_table'"
     assert plan["absolute_pos_embed"].reason == "no_weight_decay() 'absolute_pos_embed'"
-    # a keyword of one block does not leak outside that block
+    # a keyword of one block does not leak outside that block: outside it, the built-in table rule decides
     model.head.relative_position_bias_table = nn.Parameter(torch.zeros(3, 3))
-    assert DecayRules().classify(model)["head.relative_position_bias_table"].decay
+    assert DecayRules().classify(model)["head.relative_position_bias_table"].reason == "position bias table"
+    assert DecayRules(decay_position_bias=True).classify(model)["head.relative_position_bias_table"].decay
 
 
 def test_hooks_of_wrapped_model_honored_with_prefix() -> None:

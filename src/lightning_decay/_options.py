@@ -40,6 +40,7 @@ RULE_OPTIONS = (
     "decay_embeddings",
     "decay_vectors",
     "use_model_hooks",
+    "decay_position_bias",
 )
 
 #: Keys a param group may carry besides the optimizer's hyperparameters: ours, and torch schedulers' own.

@@ -2,13 +2,18 @@
 
 TensorBoard's Scalars tab shows every tag of a prefix in one flat section, sorted as strings: a ViT-tiny
 gives some 300 charts with ``blocks.10`` before ``blocks.2``. The layout built here gives one category per
-metric family (``weight_norm``, ``grad_norm``, ...) and in it one multi-line chart per block or depth of
-the model -- the totals first, then each group of names up to their first numbered component
-(``blocks.3``, ``encoder.layers.0``; otherwise the module that owns the tensor), in model order. A tied
-tensor, logged once under its first name, is drawn in the charts of each of its names (a GPT's
-``lm_head`` chart shows ``wte.weight``).
+metric family (``weight_norm``, ``grad_norm``, ...) and in it, first, one chart per total (``total``,
+``decay_total``, ``no_decay_total``: their scales differ by an order of magnitude), then the charts of each
+block or depth of the model -- the names up to their first numbered component (``blocks.3``,
+``encoder.layers.0``; otherwise the module that owns the tensor), in model order -- split by the decay
+decision: ``blocks.3 · decayed`` holds the decayed tensors of ``blocks.3`` and ``blocks.3 · not decayed`` the
+others, so a bias (norm 0.1) never shares a y-axis with its weight matrix (norm 5) and each chart says
+what weight decay acts on. A bucket that merges both kinds (``granularity="module"``, ``blocks=``) is
+drawn in a chart of its own, ``· decayed + not decayed``. A tied tensor, logged once under its first name,
+is drawn in the charts of each of its names (a GPT's ``lm_head`` chart shows ``wte.weight``).
 
-Framework-free: the monitor passes the names; ``SummaryWriter.add_custom_scalars`` takes the result.
+Framework-free, a function of the names and the plan's decisions: the monitor passes them in;
+``SummaryWriter.add_custom_scalars`` takes the result.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-__all__ = ["custom_scalars_layout", "depth_key", "natural_key"]
+__all__ = ["custom_scalars_layout", "decay_label", "depth_key", "natural_key"]
 
 Layout = dict[str, dict[str, list[object]]]
 """``{category: {chart title: ["Multiline", [tag regex, ...]]}}``, as ``add_custom_scalars`` takes it."""
@@ -42,9 +47,23 @@ def depth_key(name: str, is_param: bool = True) -> str:
     return name
 
 
+DECAYED, NOT_DECAYED, MIXED = "decayed", "not decayed", "decayed + not decayed"
+SEP = " · "  # between a chart's block and what it holds: "net.0 · decayed"
+TOTAL_CHARTS = {"total": "all", "decay_total": DECAYED, "no_decay_total": NOT_DECAYED}
+"""The chart title of each total (``totals · decayed``); a total not listed is drawn under its own name."""
+
+
+def decay_label(decisions: Iterable[bool]) -> str:
+    """What a bucket holds: ``"decayed"``, ``"not decayed"``, or both (a module with a weight and a bias)."""
+    kinds = set(decisions)
+    if kinds == {True}:
+        return DECAYED
+    return NOT_DECAYED if kinds == {False} else MIXED
+
+
 def custom_scalars_layout(
     families: Sequence[str],
-    rows: Iterable[tuple[str, str, int]],
+    rows: Iterable[tuple[str, str, int, bool]],
     totals: dict[str, Sequence[str]],
     separator: str = "/",
 ) -> Layout:
@@ -52,29 +71,42 @@ def custom_scalars_layout(
 
     Args:
         families: Metric families in display order (``"weight_norm"``, ``"grad_norm"``, ...).
-        rows: ``(bucket, chart, position)``: the metric ``{family}{separator}{bucket}`` is drawn in ``chart``;
-            ``position`` is where that name comes in the model (a tied tensor gives one row per name).
-            Charts are ordered by their first position, lines in a chart by position.
-        totals: Family -> total names (``"total"``, ``"decay_total"``...) drawn first, in a ``totals`` chart.
+        rows: ``(bucket, chart, position, decayed)`` per parameter name: the metric ``{family}{separator}{bucket}``
+            is drawn in the chart ``f"{chart} · {label}"``, where the label says whether the bucket's
+            parameters are decayed (`decay_label`); ``position`` is where that name comes in the model (a
+            tied tensor gives one row per name). Charts are ordered by their first position, the decayed
+            before the others, lines in a chart by position.
+        totals: Family -> total names (``"total"``, ``"decay_total"``...), one chart each, drawn first.
         separator: Between the family and the bucket name, as in the logged tags.
 
     Returns:
         The layout, one category per family.
     """
-    charts: dict[str, list[tuple[int, str]]] = {}
-    for bucket, chart, position in rows:
-        lines = charts.setdefault(chart, [])
+    rows = list(rows)
+    decided: dict[str, list[bool]] = {}
+    for bucket, _, _, decayed in rows:
+        decided.setdefault(bucket, []).append(decayed)
+    labels = {bucket: decay_label(flags) for bucket, flags in decided.items()}
+    order = {DECAYED: 0, NOT_DECAYED: 1, MIXED: 2}
+    charts: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for bucket, chart, position, _ in rows:
+        lines = charts.setdefault((chart, labels[bucket]), [])
         if all(bucket != b for _, b in lines):
             lines.append((position, bucket))
-    ordered = sorted(charts.items(), key=lambda item: (min(p for p, _ in item[1]), natural_key(item[0])))
+    first: dict[str, int] = {}  # a block's charts stay together, at the block's first position
+    for (chart, _), lines in charts.items():
+        first[chart] = min(first.get(chart, lines[0][0]), *(p for p, _ in lines))
+    ordered = sorted(charts.items(), key=lambda item: (first[item[0][0]], natural_key(item[0][0]), order[item[0][1]]))
     layout: Layout = {}
     for family in families:
         category: dict[str, list[object]] = {}
-        if totals.get(family):
-            category["totals"] = ["Multiline", [_exact(f"{family}{separator}{t}") for t in totals[family]]]
-        for chart, lines in ordered:
+        for total in totals.get(family, ()):
+            title = f"totals{SEP}{TOTAL_CHARTS[total]}" if total in TOTAL_CHARTS else total
+            category[title] = ["Multiline", [_exact(f"{family}{separator}{total}")]]
+        for (chart, label), lines in ordered:
             tags = [_exact(f"{family}{separator}{bucket}") for _, bucket in sorted(lines)]
-            category[chart if chart != "totals" else "totals (module)"] = ["Multiline", tags]
+            name = chart if chart != "totals" else "totals (module)"
+            category[f"{name}{SEP}{label}"] = ["Multiline", tags]
         layout[family] = category
     return layout
 

@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import numbers
+import re
 from typing import TYPE_CHECKING, Any
 
 from lightning_decay._compat import NAMESPACE, uses_pytorch_lightning
@@ -195,9 +196,30 @@ def _pytorch_lightning_flavour() -> type:
 def add_decay_section(parser: LightningArgumentParser) -> None:
     """Add the ``decay`` section (``decay.rules.*`` from ``DecayRules``, ``decay.layer_decay``) to ``parser``."""
     parser.add_class_arguments(DecayRules, "decay.rules", instantiate=True, skip={"predicate"})
+    # jsonargparse takes the help from the docstrings, written for the docs site (``code``, [`X`][ref]),
+    # and prints the default itself ("(type: bool, default: False)"): the docstrings' "Default ``False``." goes.
+    for action in parser._actions:
+        if action.dest.startswith("decay.rules") and action.help:
+            action.help = console_text(
+                _DEFAULT.sub(lambda m: f" As in {m.group(1)}." if m.group(1) else "", action.help)
+            )
     parser.add_argument(
         "--decay.layer_decay",
         type=float | None,
         default=None,
         help="Layer-wise lr decay in (0, 1]: layer i of L gets lr * layer_decay ** (L - 1 - i). Default: none.",
     )
+
+
+_DEFAULT = re.compile(r" ?Default ``[^`]*``(?: \(([^)]*)\))?\.")  # "Default ``True`` (timm, nanoGPT)."
+_CROSS_REF = re.compile(r"\[`([^`\]]+)`\]\[[^\]]*\]")  # mkdocstrings' [`DecayRules`][lightning_decay.DecayRules]
+_LITERAL = re.compile(r"``([^`]+)``|`([^`]+)`")  # RST ``code`` and Markdown `code`
+
+
+def console_text(text: str) -> str:
+    """A docstring sentence as a terminal shows it: cross-references by name, code quoted, no backticks.
+
+    ``"Decay biases (names ending in ``bias``)."`` -> ``"Decay biases (names ending in 'bias')."``
+    """
+    text = _CROSS_REF.sub(r"\1", text)
+    return _LITERAL.sub(lambda m: f"'{m.group(1) or m.group(2)}'", text)

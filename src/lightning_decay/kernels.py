@@ -5,7 +5,7 @@ value to the host. They run under ``torch.no_grad()``: optimizer step hooks run 
 optimizer's own no-grad region. Coefficients are Python floats or 0-dim tensors on the tensors' device (the AMP
 scale, a ``found_inf`` mask), so nothing here waits for the device.
 
-Kernels that need a temporary (``w - ref``, ``sign(w)``, ``clamp(w, -t, t)``) run over ``chunks``, index
+Kernels that need a temporary (``w - ref``, ``sign(w)``, ``|w| - t``) run over ``chunks``, index
 ranges of the list from [`chunk_ranges`][lightning_decay.kernels.chunk_ranges], so that the temporary is
 a few percent of the list, never a copy of it. A tensor larger than the budget is cut too, into views
 of flat slices of it (one embedding or LM head can be most of a model). The element-wise kernels give
@@ -131,7 +131,16 @@ def add_l2_gradient_(
         for g, w in _pieces(chunks, grads, params):
             torch._foreach_add_(g, _scaled(w, coeff))
         return
+    scratch = _slice_scratch(chunks, params)  # the slices of a large tensor: one buffer for all (see there)
     for g, w, r in _pieces(chunks, grads, params, refs):
+        out = _fits(w, scratch)
+        if out is not None and len(r) == 1 and r[0].dim() == 1:
+            torch.sub(w[0], r[0], out=out)
+            if isinstance(coeff, Tensor):
+                g[0].add_(out.mul_(coeff))  # a 1-d slice: in place rounds as `_scaled` does
+            else:
+                g[0].add_(out, alpha=coeff)
+            continue
         diff = torch._foreach_sub(w, r)
         if isinstance(coeff, Tensor):
             torch._foreach_add_(g, _scaled(diff, coeff))
@@ -140,12 +149,57 @@ def add_l2_gradient_(
         del diff  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
+# glibc's malloc gives a block of at least 32 MiB (its largest mmap threshold) a mapping of its own, unmapped
+# when freed. A smaller chunk-sized block comes from the heap once the first is freed (the threshold rises to
+# its size); there small allocations carve up the freed block, so the next step's takes new pages, and a fit's
+# peak RSS grew by a chunk per step until malloc trimmed (+0.10x of a huge weight, where one chunk is 0.03x).
+# Asked for at least this size, the buffer is a mapping on CPU, and only the pages written (one slice) are
+# resident, then returned when it is freed.
+MAPPED_BYTES = 32 * 2**20
+
+
+def _slice_scratch(chunks: Chunks, tensors: list[Tensor]) -> Tensor | None:
+    """One flat buffer for the temporaries of the flat slices in ``chunks`` (the largest's entries), or None.
+
+    Allocated once per call and shared by every slice, not once per slice; on CPU at least `MAPPED_BYTES`
+    of address space (see there), of which the slices touch one slice's pages.
+    """
+    numel = max((c[3] - c[2] for c in chunks if len(c) == 4), default=0)
+    if not numel:
+        return None
+    if tensors[0].device.type == "cpu":
+        numel = max(numel, MAPPED_BYTES // tensors[0].element_size())
+    return tensors[0].new_empty(numel)
+
+
+def _fits(part: list[Tensor], scratch: Tensor | None) -> Tensor | None:
+    """The first ``numel`` entries of ``scratch`` when ``part`` is one flat slice that fits in it."""
+    if scratch is None or len(part) != 1 or part[0].dim() != 1 or part[0].numel() > scratch.numel():
+        return None
+    return scratch[: part[0].numel()]
+
+
 @torch.no_grad()
 def add_l1_subgradient_(grads: list[Tensor], params: list[Tensor], coeff: Coeff, chunks: Chunks | None = None) -> None:
-    """``g += coeff * sign(w)``, a subgradient of ``coeff * ||w||_1`` (0 at ``w == 0``)."""
+    """``g += coeff * sign(w)``, a subgradient of ``coeff * ||w||_1`` (0 at ``w == 0``).
+
+    The temporary ``sign(w)`` is one chunk's; the flat slices of a large tensor share one buffer
+    (`_slice_scratch`). Each entry gets the same operations in either form, so the chunking does not
+    change the values.
+    """
     if not grads:
         return
-    for g, w in _pieces(chunks if chunks is not None else chunk_ranges(params), grads, params):
+    chunks = chunks if chunks is not None else chunk_ranges(params)
+    scratch = None if params[0].is_complex() else _slice_scratch(chunks, params)
+    for g, w in _pieces(chunks, grads, params):
+        out = _fits(w, scratch)
+        if out is not None:  # a slice: the same kernels as below, into the shared buffer
+            torch.sign(w[0], out=out)
+            if isinstance(coeff, Tensor):
+                g[0].add_(out.mul_(coeff))  # a 1-d slice: in place rounds as `_scaled` does
+            else:
+                g[0].add_(out, alpha=coeff)
+            continue
         signs = _complex_signs(w) if w[0].is_complex() else torch._foreach_sign(w)
         if isinstance(coeff, Tensor):
             torch._foreach_add_(g, _scaled(signs, coeff))
@@ -160,26 +214,33 @@ def soft_threshold_(params: list[Tensor], threshold: Coeff, chunks: Chunks | Non
 
     It produces exact zeros, unlike the subgradient, which makes weights oscillate around zero.
 
-    Computed as ``w - clamp(w, -threshold, threshold)``: three passes and one temporary list (instead
-    of six passes and two), with the same values as the formula above (shrunk weights are ``+0.0``
-    where the formula gives ``-0.0`` for negative ones). A 0-dim tensor ``threshold`` is broadcast on
-    the device, never read on the host. The temporary is one chunk's (``chunks``, see the module).
+    Computed as written, ``m = |w|; m -= t; m = max(m, 0); w = sign(w); w *= m``, so that it is bitwise
+    the formula (``-0.0`` for shrunk negative weights, NaN kept) with one temporary ``m`` of one chunk
+    (``chunks``, see the module); the flat slices of a large tensor share one buffer (`_slice_scratch`).
+    A 0-dim tensor ``threshold`` is broadcast on the device, never read on the host.
     """
     if not params:
         return
     if params[0].is_complex():  # buckets hold one dtype: the whole list is complex
         _soft_threshold_complex_(params, threshold, chunks)
         return
-    negated = torch.neg(threshold) if isinstance(threshold, Tensor) else -threshold
-    for (part,) in _pieces(chunks if chunks is not None else chunk_ranges(params), params):
+    chunks = chunks if chunks is not None else chunk_ranges(params)
+    scratch = _slice_scratch(chunks, params)
+    for (part,) in _pieces(chunks, params):
+        out = _fits(part, scratch)
+        if out is not None:  # a slice: the same kernels as below, into the shared buffer
+            torch.abs(part[0], out=out).sub_(threshold).clamp_min_(0)
+            part[0].sign_().mul_(out)
+            continue
+        magnitude = torch._foreach_abs(part)
         if isinstance(threshold, Tensor):
-            inside = torch._foreach_clamp_max(part, [threshold] * len(part))
-            torch._foreach_clamp_min_(inside, [negated] * len(part))
+            torch._foreach_sub_(magnitude, [threshold] * len(part))
         else:
-            inside = torch._foreach_clamp_max(part, threshold)
-            torch._foreach_clamp_min_(inside, negated)
-        torch._foreach_sub_(part, inside)
-        del inside  # before the next chunk's is allocated: one chunk's temporary at a time, not two
+            torch._foreach_sub_(magnitude, threshold)
+        torch._foreach_clamp_min_(magnitude, 0)
+        torch._foreach_sign_(part)
+        torch._foreach_mul_(part, magnitude)
+        del magnitude  # before the next chunk's is allocated: one chunk's temporary at a time, not two
 
 
 def _complex_signs(tensors: list[Tensor]) -> list[Tensor]:

@@ -78,7 +78,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
 
     With a ``TensorBoardLogger`` it also writes, once when training starts, a layout for TensorBoard's
     *Custom Scalars* tab ([`custom_scalars`][lightning_decay.WeightNormMonitor.custom_scalars]): one
-    category per metric family, one multi-line chart per block or depth of the model, in model order.
+    category per metric family, a chart per total, then per block or depth of the model, in model order,
+    the decayed tensors and the others in separate charts (``blocks.3 · decayed``, ``blocks.3 · not decayed``).
 
     ``/`` above stands for ``group_separator``. Names are the cleaned parameter names
     ([`clean_names`][lightning_decay.clean_names]); a tied parameter is measured once, under its first name.
@@ -308,12 +309,16 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         """The TensorBoard Custom Scalars layout of this monitor's metrics for ``module``.
 
         One category per metric family logged (``weight_norm``, then ``grad_norm``, ``update_ratio``,
-        ``angular_update``, ``sparsity`` when asked), and in each one multi-line chart per block or depth of
-        the model: the totals first, then the names grouped up to their first numbered component
-        (``blocks.3``, ``encoder.layers.0``), else by owner module, in model order. A tied tensor is drawn
-        in the chart of each of its names. With ``blocks=``, one chart holds the blocks. The monitor writes
-        it to each ``TensorBoardLogger`` when training starts; every parameter of ``module`` is laid out,
-        frozen ones included, so that a tensor unfrozen later has its place.
+        ``angular_update``, ``sparsity`` when asked). In each, a chart per total first (``totals · all``,
+        ``totals · decayed``, ``totals · not decayed``), then the names grouped up to their first numbered
+        component (``blocks.3``, ``encoder.layers.0``), else by owner module, in model order, and split by
+        the plan's decision: ``blocks.3 · decayed`` and ``blocks.3 · not decayed`` (a bias never shares
+        a chart and a y-axis with its weight matrix). A module or block that holds both kinds
+        (``granularity="module"``, ``blocks=``) is drawn under ``· decayed + not decayed``. A tied tensor
+        is drawn in the charts of each of its names. With ``blocks=``, the blocks are the charts'
+        lines (``blocks · decayed``, ...). The monitor writes it to each ``TensorBoardLogger`` when
+        training starts; every parameter of ``module`` is laid out, frozen ones included, so that a tensor
+        unfrozen later has its place.
 
         Args:
             module: The model the monitor measures.
@@ -339,7 +344,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
                     chart = depth_key(name.rpartition(".")[0] or name, is_param=False)
                 else:
                     chart = depth_key(name)
-                rows.append((bucket, chart, positions.get(name, len(positions))))
+                rows.append((bucket, chart, positions.get(name, len(positions)), d.decay))
         flags = (self.log_grad_norm, self.log_update_ratio, self.log_angular_update, self.log_sparsity)
         optional = ("grad_norm", "update_ratio", "angular_update", "sparsity")
         families = ["weight_norm", *(f for f, on in zip(optional, flags, strict=True) if on)]

@@ -78,6 +78,14 @@ def _attributes(module: nn.Module, types: list[tuple[type, tuple[str, ...]]]) ->
     return attrs
 
 
+def _class_attributes(module_type: type, types: list[tuple[type, tuple[str, ...]]]) -> tuple[str, ...]:
+    attrs: tuple[str, ...] = ()
+    for cls, names in types:
+        if issubclass(module_type, cls):
+            attrs += names
+    return attrs
+
+
 def named_modules_clean(root: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """``(raw name, cleaned name, module)`` for every module path of ``root``, parents first.
 
@@ -85,13 +93,16 @@ def named_modules_clean(root: nn.Module) -> Iterator[tuple[str, str, nn.Module]]
     components of wrapper modules (see `wrapper_attributes`), decided by the type of the module that
     holds each component. The cleaned names are not checked for uniqueness here (see `clean_names`).
     """
-    types = _loaded_wrapper_types()  # once per walk; a module's wrapper test is then a few isinstance
-    classes = tuple(cls for cls, _ in types)
+    types = _loaded_wrapper_types()  # once per walk
+    skips: dict[type, tuple[str, ...]] = {}  # by class: ActivationWrapper is an ABC, slow to isinstance per module
     stack: list[tuple[str, str, nn.Module]] = [("", "", root)]
     while stack:
         raw, clean, mod = stack.pop()
         yield raw, clean, mod
-        skip = _attributes(mod, types) if classes and isinstance(mod, classes) else ()
+        cls = type(mod)
+        skip = skips.get(cls)
+        if skip is None:
+            skip = skips[cls] = _class_attributes(cls, types)
         children = []
         for attr, child in mod._modules.items():
             if child is None:

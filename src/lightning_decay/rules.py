@@ -1,8 +1,11 @@
 """Decay / no-decay classification rules: pure functions of a module, no framework involved.
 
-The defaults are the consensus of timm, Hugging Face and minGPT: biases, every parameter of a
-normalization layer and every other parameter with at most one dimension are not decayed; matrix
-weights (Linear, convolutions, attention projections, embeddings) are.
+The defaults follow timm, Hugging Face and minGPT where they agree: biases and every parameter of a
+normalization layer are not decayed, nor are the position-bias tables added to attention logits (Swin,
+BEiT, T5); matrix weights (Linear, convolutions, attention projections, embeddings) are. Every other
+parameter with at most one dimension (gains, scalars, BEiT's layer scale, CLIP's class embedding) is not
+decayed either, as in timm and minGPT; Hugging Face's Trainer decays those whose names lack "bias" and
+"norm".
 
 Precedence, first match wins (documented in ``docs/`` and tested):
 
@@ -11,8 +14,8 @@ Precedence, first match wins (documented in ``docs/`` and tested):
 3. ``exclude`` glob patterns (no decay);
 4. ``exclude_modules`` types (no decay);
 5. model hooks: ``no_weight_decay()`` names and ``no_weight_decay_keywords()`` substrings (no decay);
-6. built-in rules: bias, normalization layer, embedding (only when ``decay_embeddings=False``),
-   matrix weight of a known layer (decay), ``ndim <= 1`` (no decay);
+6. built-in rules: position bias table, bias, normalization layer, embedding (only when
+   ``decay_embeddings=False``), matrix weight of a known layer (decay), ``ndim <= 1`` (no decay);
 7. otherwise decay.
 
 A tied parameter is judged under each of its names. When the names disagree, an explicit user
@@ -22,9 +25,9 @@ a GPT embedding tied to ``lm_head``. The explanation shows both names.
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -35,7 +38,7 @@ from torch import nn
 from lightning_decay._checks import check_flag
 from lightning_decay._options import RULE_OPTIONS, patterns
 from lightning_decay.names import named_modules_clean
-from lightning_decay.plan import DecayPlan, ParamDecision
+from lightning_decay.plan import DecayPlan, ParamDecision, make_decision
 
 __all__ = ["DecayRules", "Predicate", "as_rules", "is_norm_module", "logical_shape", "module_rules"]
 
@@ -50,9 +53,13 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.CrossMapLRN2d,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-# Class names of custom norm layers: LlamaRMSNorm, T5LayerNorm, FusedLayerNorm, BatchNormAct2d,
-# LayerNormalization... "Normal" (a distribution, NormalLinear) is not a normalization layer.
-_NORM_NAME = re.compile(r"norm(?!al(?!iz))", re.IGNORECASE)
+# Custom norm layers by the last word of their class name, a dimension suffix aside: LlamaRMSNorm, T5LayerNorm,
+# FusedLayerNorm, LayerNorm2d, GroupNorm1, LayerNormalization, Layernorm. A class that merely contains "norm"
+# (Enormous, NormalizingFlow, NormalizedLinear, WeightNormedConv, Denormalizer, NormHead) is no norm layer:
+# timm and Hugging Face decay its matrices.
+_NORM_NAME = re.compile(
+    r"(?:Norm|(?:^|_|\d)norm|(?i:layer|rms|batch|group|instance)norm)(?:alization)?(?:_?\d+[dD]?)?$"
+)
 
 # Layers whose ``weight`` is a matrix (or a conv kernel) however its storage is sharded or flattened.
 _MATRIX_TYPES: tuple[type[nn.Module], ...] = (
@@ -63,14 +70,31 @@ _MATRIX_TYPES: tuple[type[nn.Module], ...] = (
     nn.RNNBase,
     nn.RNNCellBase,
 )
-# `bias`, `in_proj_bias`, RNN `bias_ih_l0`; not Swin's 2-D `relative_position_bias_table`.
-_BIAS = re.compile(r"(^|_)bias($|_[ih]h_)")
+# `bias`, `in_proj_bias`, RNN `bias_ih_l0`, RNN cell `bias_ih`; not Swin's 2-D `relative_position_bias_table`.
+_BIAS = re.compile(r"(^|_)bias($|_[ih]h(_|$))")
+# Tables of learned biases added to attention logits, by the parameter's name or its module's: Swin's and BEiT's
+# `relative_position_bias_table`, T5's `relative_attention_bias` (an Embedding of buckets x heads), LayoutLM's
+# `rel_pos_bias`. Hugging Face's Trainer excludes them (its "bias" pattern), timm through `no_weight_decay()`.
+_POSITION_BIAS = re.compile(
+    r"relative_position_bias_table|relative_attention_bias|relative_position_bias|rel_pos_bias|rel_pos_[xy]_bias"
+)
 _EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 
 def is_norm_module(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalization layer, by type or by class name."""
-    return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+    """Whether ``module`` is a normalization layer: a torch norm layer (or a subclass), or a class whose
+    name ends in ``Norm`` / ``Normalization`` (``LlamaRMSNorm``, ``LayerNorm2d``, ``LayerNormalization``)."""
+    return _is_norm_class(type(module))
+
+
+def _is_norm_class(cls: type) -> bool:
+    return issubclass(cls, _NORM_TYPES) or bool(_NORM_NAME.search(cls.__name__))
+
+
+def _is_position_bias(name: str) -> bool:
+    """Whether the parameter (the last component of ``name``) or its module (the one before) is named like a
+    position-bias table."""
+    return any(_POSITION_BIAS.fullmatch(part) for part in name.rsplit(".", 2)[-2:])
 
 
 # FSDP2's `fully_shard` and composable `replicate` swap a module's class for a dynamic subclass
@@ -78,8 +102,8 @@ def is_norm_module(module: nn.Module) -> bool:
 _WRAPPER_PREFIXES = ("FSDP", "Replicate")
 
 
-def _class_name(module: nn.Module) -> str:
-    cls = type(module)
+def _class_name(module: nn.Module | type) -> str:
+    cls = module if isinstance(module, type) else type(module)
     for base in cls.__bases__:
         if any(cls.__name__ == prefix + base.__name__ for prefix in _WRAPPER_PREFIXES):
             return base.__name__
@@ -110,9 +134,10 @@ class DecayRules:
     3. ``exclude`` glob patterns (no decay);
     4. ``exclude_modules`` types (no decay);
     5. model hooks: ``no_weight_decay()`` names and ``no_weight_decay_keywords()`` substrings (no decay);
-    6. built-in rules: bias, normalization layer (by type, or a class name such as ``LlamaRMSNorm``),
-       embedding (only when ``decay_embeddings=False``), matrix weight of a known layer (decay),
-       ``ndim <= 1`` (no decay);
+    6. built-in rules: position bias table (``relative_position_bias_table``, T5's ``relative_attention_bias``),
+       bias, normalization layer (a torch norm layer, or a class name ending in ``Norm`` /
+       ``Normalization`` such as ``LlamaRMSNorm``), embedding (only when ``decay_embeddings=False``), matrix
+       weight of a known layer (decay), ``ndim <= 1`` (no decay);
     7. otherwise decay.
 
     A tied parameter is judged under each of its names. When the names disagree, an explicit decision
@@ -124,10 +149,13 @@ class DecayRules:
         include: Glob patterns on parameter names that are always decayed; beats ``exclude``.
         exclude_modules: Module types whose own parameters are never decayed.
         predicate: ``(name, param, module) -> bool | None``, asked first; ``None`` defers to the rules.
-        decay_bias: Decay biases (names ending in ``bias``). Default ``False``.
+        decay_bias: Decay biases (names ending in ``bias``, RNN ``bias_ih``/``bias_hh``...). Default ``False``.
         decay_norm: Decay parameters of normalization layers. Default ``False``.
         decay_embeddings: Decay embedding tables. Default ``True`` (timm, Hugging Face, nanoGPT).
         decay_vectors: Decay other parameters with ``ndim <= 1`` (gains, scalars). Default ``False``.
+        decay_position_bias: Decay position-bias tables added to attention logits (a parameter or module named
+            ``relative_position_bias_table``, ``relative_attention_bias``, ``relative_position_bias``,
+            ``rel_pos_bias``). Default ``False`` (timm's hooks, Hugging Face's Trainer).
         use_model_hooks: Honor ``no_weight_decay()`` and ``no_weight_decay_keywords()`` of every
             submodule. Default ``True``.
 
@@ -159,6 +187,7 @@ class DecayRules:
         decay_embeddings: bool = True,
         decay_vectors: bool = False,
         use_model_hooks: bool = True,
+        decay_position_bias: bool = False,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -171,13 +200,15 @@ class DecayRules:
         if predicate is not None and not callable(predicate):
             raise TypeError(f"`predicate` must be callable (name, param, module) -> bool | None, got {predicate!r}")
         self.predicate = predicate
-        for flag in ("decay_bias", "decay_norm", "decay_embeddings", "decay_vectors", "use_model_hooks"):
+        flags = ("decay_bias", "decay_norm", "decay_embeddings", "decay_vectors", "use_model_hooks")
+        for flag in (*flags, "decay_position_bias"):
             check_flag(locals()[flag], flag)
         self.decay_bias = decay_bias
         self.decay_norm = decay_norm
         self.decay_embeddings = decay_embeddings
         self.decay_vectors = decay_vectors
         self.use_model_hooks = use_model_hooks
+        self.decay_position_bias = decay_position_bias
 
     def __repr__(self) -> str:
         defaults = DecayRules.__init__.__defaults__ or ()
@@ -211,99 +242,152 @@ class DecayRules:
         owners, modules = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
-        all_names = [name for aliases in owners.values() for name, _ in aliases]
-        hook_names, hook_keywords = _model_hooks(modules, all_names) if self.use_model_hooks else ({}, {})
-        flat_shapes = _fsdp1_original_shapes(module)
+        hooks = _model_hooks(modules) if self.use_model_hooks else ({}, {})
+        flat_shapes = _fsdp1_original_shapes(modules)
+        explicit = self._explicit_rules()
+        builtin: dict[tuple[type, str, bool, bool], tuple[bool, str, bool]] = {}  # one verdict per kind of tensor
 
         decisions: list[ParamDecision] = []
         frozen: list[str] = []
-        for param, aliases in owners.items():
-            names = [name for name, _ in aliases]
-            if not param.requires_grad and not include_frozen:
-                frozen.append(names[0])
+        for param, aliases in owners:
+            if not include_frozen and not param.requires_grad:
+                frozen.append(aliases[0][0])
                 continue
-            verdicts = [
-                self._decide(name, param, owner, hook_names, hook_keywords, flat_shapes) for name, owner in aliases
-            ]
+            shape = logical_shape(param, flat_shapes)
+            if len(aliases) == 1:
+                name, owner = aliases[0]
+                decay, reason, _ = self._decide(name, param, owner, len(shape), explicit, hooks, builtin)
+                decisions.append(make_decision(name, param, decay, reason, shape, type(owner).__name__, ()))
+                continue
+            names = [name for name, _ in aliases]
+            verdicts = [self._decide(n, param, o, len(shape), explicit, hooks, builtin) for n, o in aliases]
             decay, reason = _resolve_tied(names, verdicts)
-            decisions.append(
-                ParamDecision(
-                    name=names[0],
-                    param=param,
-                    decay=decay,
-                    reason=reason,
-                    shape=logical_shape(param, flat_shapes),
-                    module_type=type(aliases[0][1]).__name__,
-                    aliases=tuple(names[1:]),
-                )
-            )
+            owner_type = type(aliases[0][1]).__name__
+            decisions.append(make_decision(names[0], param, decay, reason, shape, owner_type, tuple(names[1:])))
         if not decisions:
             raise ValueError(
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
             )
+        all_names = [name for _, aliases in owners for name, _ in aliases] if self.include or self.exclude else []
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
         return DecayPlan(decisions, frozen, module=module)
 
     # ----------------------------------------------------------------- private
+    def _explicit_rules(self) -> _Explicit | None:
+        """Levels 1-4, with the glob patterns compiled once (``fnmatchcase``'s own translation), or ``None``."""
+        if self.predicate is None and not self.include and not self.exclude and not self.exclude_modules:
+            return None
+        include = [(p, re.compile(fnmatch.translate(p)).match) for p in self.include]
+        exclude = [(p, re.compile(fnmatch.translate(p)).match) for p in self.exclude]
+        return self.predicate, include, exclude, self.exclude_modules
+
     def _decide(
         self,
         name: str,
         param: nn.Parameter,
         owner: nn.Module,
-        hook_names: dict[str, str],
-        hook_keywords: dict[str, list[str]],
-        flat_shapes: dict[int, torch.Size],
+        ndim: int,
+        explicit: _Explicit | None,
+        hooks: tuple[dict[str, str], dict[str, list[str]]],
+        builtin: dict[tuple[type, str, bool, bool], tuple[bool, str, bool]],
     ) -> tuple[bool, str, bool]:
-        """Return ``(decay, reason, explicit)`` for one name of a parameter."""
-        if self.predicate is not None:
-            try:
-                verdict = self.predicate(name, param, owner)
-            except Exception as err:
-                raise ValueError(f"DecayRules predicate raised for parameter {name!r}: {err!r}") from err
+        """Return ``(decay, reason, explicit)`` for one name of a parameter.
+
+        Levels 1-5 are asked per name; the built-in rules (6-7) depend only on the owner's class, the last
+        component of the name, ``ndim <= 1`` and whether the name is a position-bias table's, so their
+        verdict is computed once per such key (``builtin``, one dict per ``classify`` call).
+        """
+        if explicit is not None:
+            verdict = _explicit_verdict(name, param, owner, *explicit)
             if verdict is not None:
-                if not isinstance(verdict, bool):
-                    raise TypeError(
-                        f"DecayRules predicate must return True, False or None; returned {verdict!r} for {name!r}"
-                    )
-                return verdict, "predicate", True
-        for pattern in self.include:
-            if fnmatch.fnmatchcase(name, pattern):
-                return True, f"include pattern {pattern!r}", True
-        for pattern in self.exclude:
-            if fnmatch.fnmatchcase(name, pattern):
-                return False, f"exclude pattern {pattern!r}", True
-        if self.exclude_modules and isinstance(owner, self.exclude_modules):
-            return False, f"exclude_modules ({_class_name(owner)})", True
-        if name in hook_names:
-            return False, hook_names[name], False
+                return verdict
+        hook_names, hook_keywords = hooks
+        if hook_names:
+            reason = hook_names.get(name)
+            if reason is not None:
+                return False, reason, False
         if hook_keywords:
             kw = _keyword_match(name, hook_keywords)
             if kw is not None:
                 return False, f"no_weight_decay_keywords() {kw!r}", False
-        leaf = name.rsplit(".", 1)[-1]
+        leaf = name[name.rfind(".") + 1 :]
+        key = (type(owner), leaf, ndim <= 1, "_bias" in name and _is_position_bias(name))
+        verdict = builtin.get(key)
+        if verdict is None:
+            verdict = builtin[key] = self._builtin(*key)
+        return verdict
+
+    def _builtin(self, owner: type, leaf: str, vector: bool, table: bool) -> tuple[bool, str, bool]:
+        """Levels 6-7: the verdict for a tensor called ``leaf`` of a module of class ``owner``."""
+        if table:
+            if not self.decay_position_bias:
+                return False, "position bias table", False
+            return True, "position bias table (decay_position_bias=True)", False
+        norm = _is_norm_class(owner)
         if _BIAS.search(leaf):
             if not self.decay_bias:
                 return False, "bias", False
-            if not is_norm_module(owner):
+            if not norm:
                 return True, "bias (decay_bias=True)", False
             # A normalization layer's bias with decay_bias=True: decay_norm decides below.
-        if is_norm_module(owner):
+        if norm:
             if not self.decay_norm:
                 return False, f"normalization layer ({_class_name(owner)})", False
             return True, f"normalization layer ({_class_name(owner)}, decay_norm=True)", False
-        if isinstance(owner, _EMBEDDING_TYPES):
+        if issubclass(owner, _EMBEDDING_TYPES):
             if not self.decay_embeddings:
                 return False, "embedding (decay_embeddings=False)", False
             return True, f"embedding ({_class_name(owner)})", False
-        if isinstance(owner, _MATRIX_TYPES) and "weight" in leaf:
+        if issubclass(owner, _MATRIX_TYPES) and "weight" in leaf:
             # Decided by type and name, so flattened or sharded storage cannot change the answer.
             return True, f"weight of {_class_name(owner)}", False
-        if len(logical_shape(param, flat_shapes)) <= 1:
+        if vector:
             return self.decay_vectors, "ndim <= 1 (decay_vectors=True)" if self.decay_vectors else "ndim <= 1", False
         return True, "default (ndim >= 2)", False
+
+
+#: ``(predicate, [(include pattern, match)], [(exclude pattern, match)], exclude_modules)``
+_Explicit = tuple[
+    "Predicate | None",
+    list[tuple[str, Callable[[str], Any]]],
+    list[tuple[str, Callable[[str], Any]]],
+    tuple[type[nn.Module], ...],
+]
+
+
+def _explicit_verdict(
+    name: str,
+    param: nn.Parameter,
+    owner: nn.Module,
+    predicate: Predicate | None,
+    include: list[tuple[str, Callable[[str], Any]]],
+    exclude: list[tuple[str, Callable[[str], Any]]],
+    exclude_modules: tuple[type[nn.Module], ...],
+) -> tuple[bool, str, bool] | None:
+    """Levels 1-4 (the user's own decisions) for one name, ``None`` when none decides."""
+    if predicate is not None:
+        try:
+            verdict = predicate(name, param, owner)
+        except Exception as err:
+            raise ValueError(f"DecayRules predicate raised for parameter {name!r}: {err!r}") from err
+        if verdict is not None:
+            if not isinstance(verdict, bool):
+                raise TypeError(
+                    f"DecayRules predicate must return True, False or None; returned {verdict!r} for {name!r}"
+                )
+            return verdict, "predicate", True
+    for pattern, match in include:
+        if match(name) is not None:
+            return True, f"include pattern {pattern!r}", True
+    for pattern, match in exclude:
+        if match(name) is not None:
+            return False, f"exclude pattern {pattern!r}", True
+    if exclude_modules and isinstance(owner, exclude_modules):
+        return False, f"exclude_modules ({_class_name(owner)})", True
+    return None
 
 
 def _module_types(value: Any, argument: str) -> tuple[type[nn.Module], ...]:
@@ -340,68 +424,124 @@ def as_rules(value: Any, argument: str = "rules") -> DecayRules:
 
 def _owners(
     module: nn.Module,
-) -> tuple[dict[nn.Parameter, list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]:
-    """Every parameter once, with all its (cleaned name, owning module) pairs in registration order.
+) -> tuple[list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]], list[tuple[str, nn.Module]]]:
+    """Every parameter once, with all its (cleaned name, owning module) pairs, in registration order.
 
     Also returns ``(cleaned module name, module)`` of every module path, named as the parameters are.
     Names are cleaned from the module tree (only real wrappers lose their component); if two
     parameters would get the same cleaned name, every name is kept raw (see `clean_names`).
     """
     modules = list(named_modules_clean(module))
-    for clean in (True, False):
-        owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
-        holder: dict[str, nn.Parameter] = {}
+    # Raw names are unique (one per module path and attribute); cleaned ones need checking only where a
+    # wrapper's component was removed.
+    cleaned = any(raw != clean for raw, clean, _ in modules)
+    for clean in (True, False) if cleaned else (False,):
+        owners: dict[int, tuple[nn.Parameter, list[tuple[str, nn.Module]]]] = {}
+        holder: dict[str, int] = {}
         unique = True
         for raw_prefix, clean_prefix, mod in modules:
+            params = mod._parameters
+            if not params:
+                continue
             prefix = clean_prefix if clean else raw_prefix
-            for leaf, param in mod._parameters.items():
+            dotted = f"{prefix}." if prefix else ""
+            for leaf, param in params.items():
                 if param is None:
                     continue
-                name = f"{prefix}.{leaf}" if prefix else leaf
-                if holder.setdefault(name, param) is not param:
+                name = dotted + leaf
+                key = id(param)
+                if clean and holder.setdefault(name, key) != key:
                     unique = False
-                entry = owners.setdefault(param, [])
-                if all(name != n for n, _ in entry):
-                    entry.append((name, mod))
+                entry = owners.get(key)
+                if entry is None:
+                    owners[key] = (param, [(name, mod)])
+                elif all(name != n for n, _ in entry[1]):  # a shared module: one more name, or the same again
+                    entry[1].append((name, mod))
         if unique:
-            return owners, [(c if clean else r, m) for r, c, m in modules]
-    return owners, [(r, m) for r, _, m in modules]
+            return list(owners.values()), [(c if clean else r, m) for r, c, m in modules]
+    return list(owners.values()), [(r, m) for r, _, m in modules]
 
 
-def _model_hooks(
-    modules: Iterable[tuple[str, nn.Module]], param_names: Iterable[str]
-) -> tuple[dict[str, str], dict[str, list[str]]]:
+_HOOKS = ("no_weight_decay", "no_weight_decay_keywords")
+
+
+def _model_hooks(modules: list[tuple[str, nn.Module]]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path.
 
-    Linear in the number of parameters: an entry of a hook is looked up in the sorted parameter names
-    (the name itself, then the range of names under it), not compared with every name.
+    A hook is a method of the class (looked up once per class: nn.Module's own miss formats an AttributeError,
+    slow on every module of a large model) or an attribute or submodule of the instance; a class with its own
+    ``__getattr__`` (a wrapper that forwards) is asked as usual. Linear in the number of parameters.
     """
     names: dict[str, str] = {}
     keywords: dict[str, list[str]] = {}
-    ordered = sorted(set(param_names))
+    covered: _Covered | None = None  # built at the first no_weight_decay() hook
+    kinds: dict[type, tuple[bool, bool]] = {}
     for mod_name, mod in modules:
+        cls = type(mod)
+        kind = kinds.get(cls)
+        if kind is None:
+            forwards = cls.__getattr__ is not nn.Module.__getattr__
+            kind = kinds[cls] = (forwards or hasattr(cls, _HOOKS[0]), forwards or hasattr(cls, _HOOKS[1]))
+        own, children = mod.__dict__, mod._modules  # a parameter or buffer is a tensor: never a hook
+        has_hook = kind[0] or _HOOKS[0] in own or _HOOKS[0] in children
+        has_kw_hook = kind[1] or _HOOKS[1] in own or _HOOKS[1] in children
+        if not (has_hook or has_kw_hook):
+            continue
+        hook = getattr(mod, _HOOKS[0], None) if has_hook else None
+        kw_hook = getattr(mod, _HOOKS[1], None) if has_kw_hook else None
         prefix = f"{mod_name}." if mod_name else ""
-        where = f" of {mod_name}" if mod_name else ""
-        hook = getattr(mod, "no_weight_decay", None)
         if callable(hook):
-            for entry in _call_hook(hook, "no_weight_decay", type(mod).__name__):
-                full = prefix + entry
+            covered = covered or _Covered(modules)
+            where = f" of {mod_name}" if mod_name else ""
+            for entry in _call_hook(hook, "no_weight_decay", cls.__name__):
                 # An entry names a parameter, or a module whose parameters are all excluded.
                 reason = f"no_weight_decay(){where} {entry!r}"
-                i = bisect.bisect_left(ordered, full)
-                if i < len(ordered) and ordered[i] == full:
-                    names.setdefault(full, reason)
-                under = full + "."
-                i = bisect.bisect_left(ordered, under, i)
-                while i < len(ordered) and ordered[i].startswith(under):
-                    names.setdefault(ordered[i], reason)
-                    i += 1
-        hook = getattr(mod, "no_weight_decay_keywords", None)
-        if callable(hook):
-            kws = _call_hook(hook, "no_weight_decay_keywords", type(mod).__name__)
+                for name in covered(prefix + entry):
+                    names.setdefault(name, reason)
+        if callable(kw_hook):
+            kws = _call_hook(kw_hook, "no_weight_decay_keywords", cls.__name__)
             if kws:
                 keywords.setdefault(prefix, []).extend(kws)
     return names, keywords
+
+
+class _Covered:
+    """The parameter names a ``no_weight_decay()`` entry covers: the name itself if a parameter has it, and every
+    name under it where it is a module path.
+
+    The modules come parents first, so the modules under a path follow each module of that path, and their
+    paths begin with it: the names are found by scanning from there, not by sorting or searching every name.
+    """
+
+    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
+        self._modules = modules
+        self._at: dict[str, list[int]] = {}  # path -> positions in `modules`
+        for i, (path, _) in enumerate(modules):
+            self._at.setdefault(path, []).append(i)
+
+    def __call__(self, full: str) -> list[str]:
+        modules = self._modules
+        found: list[str] = []
+        path, _, leaf = full.rpartition(".")  # a parameter's name is its module's path and its attribute
+        for i in self._at.get(path, ()):
+            if modules[i][1]._parameters.get(leaf) is not None:
+                found.append(full)
+                break
+        if not full:  # the root's path: no name is "under" the empty string
+            return found
+        under = full + "."
+        end = 0
+        for i in self._at.get(full, ()):
+            if i < end:  # inside the run already scanned (a wrapper and the module it wraps share a path)
+                continue
+            end = i
+            while end < len(modules) and (modules[end][0] == full or modules[end][0].startswith(under)):
+                path, mod = modules[end]
+                for leaf, param in mod._parameters.items():
+                    if param is not None:
+                        found.append(f"{path}.{leaf}")
+                end += 1
+        return found
 
 
 def _keyword_match(name: str, hook_keywords: dict[str, list[str]]) -> str | None:
@@ -428,15 +568,29 @@ def _keyword_match(name: str, hook_keywords: dict[str, list[str]]) -> str | None
 
 def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: str) -> list[str]:
     result = hook()
-    if isinstance(result, str) or not isinstance(result, Iterable):
+    # The usual containers first: the ABC check is slow when every block of a large model has a hook.
+    if not isinstance(result, (set, frozenset, list, tuple)) and (
+        isinstance(result, str) or not isinstance(result, Iterable)
+    ):
         raise TypeError(f"{owner}.{what}() must return a set or list of names, got {result!r}")
     return [str(r) for r in result]
 
 
-def _fsdp1_original_shapes(module: nn.Module) -> dict[int, torch.Size]:
-    """Original shapes of FSDP1 ``use_orig_params=True`` parameters, whose local views are flat shards."""
+def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int, torch.Size]:
+    """Original shapes of FSDP1 ``use_orig_params=True`` parameters, whose local views are flat shards.
+
+    Only ``FullyShardedDataParallel`` modules hold a flat-parameter handle; none exists before FSDP1 is imported.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    fsdp_type = getattr(fsdp, "FullyShardedDataParallel", None)
     shapes: dict[int, torch.Size] = {}
-    for mod in module.modules():
+    if not isinstance(fsdp_type, type):
+        return shapes
+    is_fsdp: dict[type, bool] = {}  # by class: isinstance through an ABC's __instancecheck__ is slow
+    for _, mod in modules:
+        cls = type(mod)
+        if not is_fsdp.setdefault(cls, issubclass(cls, fsdp_type)):
+            continue
         handle = getattr(mod, "_handle", None)
         flat = getattr(handle, "flat_param", None)
         infos = getattr(flat, "_param_infos", None)
