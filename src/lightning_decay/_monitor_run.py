@@ -22,12 +22,19 @@ DEFAULT_INTERVAL = 50
 
 
 class TrainerRun:
-    """A Trainer, as the monitor reads it."""
+    """A Trainer, as the monitor reads it (made per hook call: the batch and its label are read once here)."""
 
-    __slots__ = ("trainer",)
+    __slots__ = ("batch", "trainer")
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        #: Which batch runs (every optimizer step of one batch has the same).
+        self.batch: int = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    @property
+    def label(self) -> int:
+        """The step label of this batch's metrics, as ``self.log`` gives it."""
+        return self.trainer.fit_loop.epoch_loop._batches_that_stepped
 
     @property
     def optimizers(self) -> list[Optimizer]:
@@ -45,21 +52,12 @@ class TrainerRun:
     def scaler(self) -> Any:
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
-    @property
-    def batch(self) -> int:
-        """Which batch runs (every optimizer step of one batch has the same)."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
-
-    @property
-    def label(self) -> int:
-        """The step label of this batch's metrics, as ``self.log`` gives it."""
-        return self.trainer.fit_loop.epoch_loop._batches_that_stepped
-
     def should_log(self, interval: int | None) -> bool:
-        if not self.trainer.loggers:
+        trainer = self.trainer
+        if not trainer.loggers:
             return False
         if interval is None:
-            return self.trainer._logger_connector.should_update_logs
+            return trainer._logger_connector.should_update_logs
         return (self.label + 1) % interval == 0
 
 

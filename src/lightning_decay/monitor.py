@@ -359,7 +359,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._probes.after_step(TrainerRun(trainer))
+        if self._probes.pending is not None:  # a logging step (no run to read on the others)
+            self._probes.after_step(TrainerRun(trainer))
 
 
 def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[str, re.Pattern[str]] | None:
