@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_decay._compat import rank_zero_warn
 from lightning_decay._regularizer import RegularizerCallback, after_closure
 
 if TYPE_CHECKING:
