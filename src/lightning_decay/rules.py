@@ -611,10 +611,10 @@ def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int
     shapes: dict[int, torch.Size] = {}
     if not isinstance(fsdp_type, type):
         return shapes
-    is_fsdp: dict[type, bool] = {}  # by class: isinstance through an ABC's __instancecheck__ is slow
-    for _, mod in modules:
-        cls = type(mod)
-        if not is_fsdp.setdefault(cls, issubclass(cls, fsdp_type)):
+    # By class, once (isinstance through an ABC's __instancecheck__ is slow), and no walk when none is FSDP1's.
+    fsdp_classes = {cls for cls in {type(mod) for _, mod in modules} if issubclass(cls, fsdp_type)}
+    for _, mod in modules if fsdp_classes else ():
+        if type(mod) not in fsdp_classes:
             continue
         handle = getattr(mod, "_handle", None)
         flat = getattr(handle, "flat_param", None)
