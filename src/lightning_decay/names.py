@@ -108,7 +108,12 @@ def named_modules_clean(root: nn.Module) -> Iterator[tuple[str, str, nn.Module]]
             if child is None:
                 continue
             child_raw = f"{raw}.{attr}" if raw else attr
-            child_clean = clean if attr in skip else (f"{clean}.{attr}" if clean else attr)
+            if attr in skip:
+                child_clean = clean
+            elif clean is raw:  # no wrapper component removed above: the same string, not a second copy
+                child_clean = child_raw
+            else:
+                child_clean = f"{clean}.{attr}" if clean else attr
             children.append((child_raw, child_clean, child))
         stack.extend(reversed(children))  # popped in registration order, as `named_modules` yields them
 

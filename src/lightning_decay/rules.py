@@ -38,7 +38,7 @@ from torch import nn
 from lightning_decay._checks import check_flag
 from lightning_decay._options import RULE_OPTIONS, patterns
 from lightning_decay.names import named_modules_clean
-from lightning_decay.plan import DecayPlan, ParamDecision, make_decision
+from lightning_decay.plan import DecayPlan, PlanColumns
 
 __all__ = ["DecayRules", "Predicate", "as_rules", "is_norm_module", "logical_shape", "module_rules"]
 
@@ -247,7 +247,7 @@ class DecayRules:
         explicit = self._explicit_rules()
         builtin: dict[tuple[type, str, bool, bool], tuple[bool, str, bool]] = {}  # one verdict per kind of tensor
 
-        decisions: list[ParamDecision] = []
+        rows: list[tuple[str, nn.Parameter, bool, str, tuple[int, ...], str, tuple[str, ...]]] = []
         frozen: list[str] = []
         for param, aliases in owners:
             if not include_frozen and not param.requires_grad:
@@ -257,14 +257,13 @@ class DecayRules:
             if len(aliases) == 1:
                 name, owner = aliases[0]
                 decay, reason, _ = self._decide(name, param, owner, len(shape), explicit, hooks, builtin)
-                decisions.append(make_decision(name, param, decay, reason, shape, type(owner).__name__, ()))
+                rows.append((name, param, decay, reason, shape, type(owner).__name__, ()))
                 continue
             names = [name for name, _ in aliases]
             verdicts = [self._decide(n, param, o, len(shape), explicit, hooks, builtin) for n, o in aliases]
             decay, reason = _resolve_tied(names, verdicts)
-            owner_type = type(aliases[0][1]).__name__
-            decisions.append(make_decision(names[0], param, decay, reason, shape, owner_type, tuple(names[1:])))
-        if not decisions:
+            rows.append((names[0], param, decay, reason, shape, type(aliases[0][1]).__name__, tuple(names[1:])))
+        if not rows:
             raise ValueError(
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
@@ -273,7 +272,7 @@ class DecayRules:
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
-        return DecayPlan(decisions, frozen, module=module)
+        return DecayPlan._from_columns(PlanColumns.from_rows(rows), frozen, module=module)
 
     # ----------------------------------------------------------------- private
     def _explicit_rules(self) -> _Explicit | None:
@@ -586,10 +585,10 @@ def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int
     shapes: dict[int, torch.Size] = {}
     if not isinstance(fsdp_type, type):
         return shapes
-    is_fsdp: dict[type, bool] = {}  # by class: isinstance through an ABC's __instancecheck__ is slow
-    for _, mod in modules:
-        cls = type(mod)
-        if not is_fsdp.setdefault(cls, issubclass(cls, fsdp_type)):
+    # By class, once (isinstance through an ABC's __instancecheck__ is slow), and no walk when none is FSDP1's.
+    fsdp_classes = {cls for cls in {type(mod) for _, mod in modules} if issubclass(cls, fsdp_type)}
+    for _, mod in modules if fsdp_classes else ():
+        if type(mod) not in fsdp_classes:
             continue
         handle = getattr(mod, "_handle", None)
         flat = getattr(handle, "flat_param", None)
