@@ -600,6 +600,39 @@ def bench_fit(report: Report, tag: str, name: str, size: str, device: torch.devi
 
 
 # ------------------------------------------------------------------------------------- 4. memory
+def bench_glue(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
+    """The per-step glue on a tiny model, where it is the largest share of a step: ``Trainer.fit`` with
+    ``Adam`` + ``WeightDecay`` against ``AdamW(weight_decay)`` on the same groups (the same math)."""
+    base, batch = M.build("mlp", "tiny", device)
+    steps = budget.fit_steps
+
+    def fit(key: str) -> float:
+        opt, wd, make = FIT_VARIANTS[key]
+        module = BenchModule(copy.deepcopy(base), optimizer_factory(opt, wd))
+        timer = FitTimer(budget.fit_warmup, device)
+        trainer = make_trainer(device, [*make(), timer], max_steps=steps)
+        gc.collect()
+        trainer.fit(module, train_dataloaders=RepeatBatch(batch, steps))
+        return (timer.t1 - timer.t0) / (steps - budget.fit_warmup)
+
+    keys = ["wd", "adamw"]
+    for key in keys:
+        fit(key)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(max(budget.fit_repeats, 2)):
+        for key in keys if r % 2 == 0 else reversed(keys):
+            times[key].append(fit(key))
+    ratio = paired_ratio(times, "wd", "adamw")
+    report.add(
+        f"3.glue_fit/{dev_tag}",
+        f"Trainer.fit {steps} steps of the tiny MLP (the glue's share is largest), Adam + WeightDecay / "
+        f"AdamW(weight_decay) ({statistics.median(times['adamw']) * 1e3:.2f} ms/step)",
+        f"{_x(ratio)} {spread(times, 'wd', 'adamw', '{:.3f}')}",
+        "<= 1.01x",
+        ratio <= 1.01,
+    )
+
+
 def storage_bytes(tensors: Iterable[Tensor]) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
 
@@ -789,6 +822,7 @@ def _scaling_row(
 def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
     """Set-up time and per-step cost of each callback for growing numbers of small tensors: linear growth."""
     from lightning_decay import _plan_cache
+    from lightning_decay._monitor_run import TrainerRun
 
     sizes = budget.scale
     setup: dict[str, list[float]] = {k: [] for k in SCALE_CALLBACKS}
@@ -820,7 +854,7 @@ def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Bu
                     cb.on_fit_start(trainer, model)
                     cb.on_train_start(trainer, model)  # where the regularizers bind to the optimizers
                     if isinstance(cb, WeightNormMonitor):  # its layout is built at the first logging step
-                        cb._ensure_layout(trainer, model)
+                        cb._probes.ensure_layout(TrainerRun(trainer), model)
 
                 setups.append(_timed(set_up, device))
                 hooks = _hooks(trainer, model, trainer.optimizers[0], [cb], None)
@@ -1053,6 +1087,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip
     per_device = [
+        "3.glue_fit",
         "5.classify",
         *[f"5.{part}/{{}}/{cb}" for cb in SCALE_CALLBACKS for part in ("setup", "step")],
         "5.groups",
@@ -1122,7 +1157,9 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    no progress bar or checkpointing, `log_every_n_steps={every}`), {fit_repeats} interleaved repetitions of
    four fits after a warm-up of each: `Adam` + `WeightDecay` against `AdamW(weight_decay)` on the same
    groups (the same math: the ratio is the callback's own overhead), and `WeightNormMonitor()` at the
-   default interval against no callback.
+   default interval against no callback. Row 3.glue_fit: the same `Adam` + `WeightDecay` against `AdamW`
+   fits on the `tiny` MLP, whose step is so cheap that the callback's per-step glue (its hooks' Python)
+   is the largest share it can be.
 4. *Memory*, as multiples of the parameters' bytes: *state* is the bytes of the tensors the callbacks
    hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
@@ -1348,6 +1385,9 @@ def _run_all(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"   ({tag}: 1: {t1 - t0:.1f} s, 2: {t2 - t1:.1f} s, 3: {t3 - t2:.1f} s, 4: {t4 - t3:.1f} s)")
+        if "3" in only:
+            print(f"== {dev} per-step glue (tiny MLP)", flush=True)
+            bench_glue(report, dev, device, budget)
         t0 = time.perf_counter()
         if "5" in only:
             print(f"== {dev} scaling ({', '.join(map(str, budget.scale))} tensors)", flush=True)

@@ -203,7 +203,7 @@ class Dump(Callback):
         states = {}
         for cb in trainer.callbacks:
             if isinstance(cb, (WeightDecay, WeightPenalty)):
-                states[type(cb).__name__] = {"steps": list(cb._steps), "calls": len(cb._per_optimizer)}
+                states[type(cb).__name__] = {"steps": list(cb._binding.steps), "calls": len(cb._binding.bound)}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups]
         out = {
             "weights": weights,
@@ -345,7 +345,7 @@ def module_reference_check(rank: int, out_dir: str) -> None:
     fully_shard(layer, mesh=mesh)
     out: dict[str, Any] = {"local_shape": tuple(layer.weight.to_local().shape)}
     try:
-        ref = WeightPenalty(l2=1.0)._ref_for("weight", layer.weight, full)
+        ref = WeightPenalty(l2=1.0)._references.ref_for("weight", layer.weight, full)
         torch.distributed.barrier(group=group)
         out["ref"] = ref.clone()
         out["expected"] = layer.weight.to_local().detach().clone()

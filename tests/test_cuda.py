@@ -144,7 +144,7 @@ def test_overflow_step_is_skipped_without_decay(tmp_path: Path) -> None:
     scaler = trainer.precision_plugin.scaler
     assert isinstance(scaler, torch.amp.GradScaler)
     assert scaler.get_scale() < 2.0**16  # the overflow lowered the scale: a step was really skipped
-    assert decay._steps == [trainer.global_step - 1]  # one step skipped, neither counted nor decayed
+    assert decay._binding.steps == [trainer.global_step - 1]  # one step skipped, neither counted nor decayed
     assert_close(weights(ours), weights(ref))
     assert ref_trainer.global_step == trainer.global_step
 

@@ -423,7 +423,7 @@ def test_foreach_calls_per_step_do_not_grow_with_parameter_count(make_callback: 
 
 
 def test_bucket_with_grads_reuses_its_lists_and_skips_missing_gradients() -> None:
-    from lightning_decay._regularizer import Bucket
+    from lightning_decay._binding import Bucket
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 4, 5)]
     b = Bucket(0, params, ["a", "b", "c"], sharded=False)

@@ -307,7 +307,7 @@ class BucketProbe(Callback):
 
     def on_train_batch_start(self, *args: Any) -> None:
         if not self.chunks:
-            self.chunks = [b.chunks for _, b in self.callback._all_buckets()]
+            self.chunks = [b.chunks for _, b in self.callback._binding.all_buckets()]
 
     def on_train_end(self, *args: Any) -> None:
         self.values = self.callback.penalty_values()

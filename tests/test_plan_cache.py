@@ -60,9 +60,9 @@ def test_one_classification_per_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(calls) == 3 and set(calls) == {id(model)}
     # Sharing did not mix them up: each callback regularizes what its own rules say.
     wd, penalty = callbacks[0], callbacks[1]
-    assert wd._plan is not None and wd._plan.decay_names == ["net.0.weight"]
-    assert penalty._plan is not None and penalty._plan.decay_names == ["net.2.weight"]
-    assert sorted(penalty._refs) == ["net.2.weight"]
+    assert wd._binding.plan is not None and wd._binding.plan.decay_names == ["net.0.weight"]
+    assert penalty._binding.plan is not None and penalty._binding.plan.decay_names == ["net.2.weight"]
+    assert sorted(penalty._references.refs) == ["net.2.weight"]
 
 
 def test_equal_rules_share_a_plan_and_different_rules_do_not() -> None:

@@ -1,6 +1,7 @@
 """Weight decay and L1/L2 regularization done right for PyTorch Lightning."""
 
-from lightning_decay._attach import Attachment, attach
+from lightning_decay._attach import Attachment
+from lightning_decay._lightning import attach
 from lightning_decay.cli import DecayLightningCLI
 from lightning_decay.decay import WeightDecay
 from lightning_decay.finetuning import unfreeze_and_add_decay_groups

@@ -131,3 +131,17 @@ def uses_pytorch_lightning(*classes: Any) -> bool:
         if any(base.__module__.split(".")[0] == "pytorch_lightning" for base in cls.__mro__):
             return True
     return False
+
+
+def deepspeed_problem(strategy: Any) -> str | None:
+    """Why the package's callbacks cannot see real gradients under ``strategy``, or ``None`` if they can.
+
+    Under ZeRO ``p.grad`` is not the real gradient (DeepSpeed partitions it) and ``on_before_optimizer_step``
+    fires on every micro-batch. The regularizers refuse; the monitor warns about its gradient norms.
+    """
+    if not is_deepspeed(strategy):
+        return None
+    return (
+        f"{type(strategy).__name__}: under ZeRO `p.grad` is not the real gradient (DeepSpeed partitions it) and "
+        "`on_before_optimizer_step` fires on every micro-batch"
+    )

@@ -83,17 +83,41 @@ class Layout:
     # Decided once: with no DTensor the parameters are their own local tensors, so their (device,
     # dtype) split is kept and a logging step does no per-tensor Python work for them.
     weight_groups: K.TensorGroups | None  # None when some parameter is a DTensor
-    opt_params: dict[int, list[Tensor]]  # local tensors of ``opt_indices`` (empty with DTensors)
     total_mask: Tensor  # (rows, params) bool: all, then the decay / no-decay groups that are not empty
     total_names: list[str]  # "total", "decay_total", "no_decay_total" for the rows of ``total_mask``
     zero: Tensor  # a 0-dim ``dtype`` zero on ``device`` (``where`` takes it faster than a Python 0.0)
     everything: tuple[int, ...]  # every position, the key of the subset of all parameters
-    # Optimizers that step every parameter (plain tensors in one simple split): their gradients and snapshots
-    # are gathered in layout order and reuse ``weight_groups`` (`TensorGroups.like`), no regrouping per step.
-    whole: set[int] = field(default_factory=set)
+    in_order: list[int]  # every position, as a list (what a step's positions are compared with)
     subsets: dict[tuple[int, ...], Subset] = field(default_factory=dict)
     keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     all_params: Subset | None = None
+
+    def mirror(self, tensors: list[Tensor], positions: list[int]) -> list[Tensor] | K.TensorGroups:
+        """``tensors`` (one per position: gradients, a snapshot) split like the parameters when they are all of
+        them in layout order and the parameters are one (device, dtype) group, so the kernels do not group them
+        again (no per-tensor work); else as given (the kernels group them)."""
+        groups = self.weight_groups
+        if groups is not None and groups.simple and len(positions) == len(self.params) and positions == self.in_order:
+            return groups.like(tensors)
+        return tensors
+
+    def snapshot(self, positions: list[int]) -> list[Tensor]:
+        """Copies of the (local) parameters at ``positions``: one foreach kernel per (device, dtype) group."""
+        sources = self.local([self.params[i] for i in positions])
+        mirrored = self.mirror(sources, positions)
+        return mirrored.clone() if isinstance(mirrored, K.TensorGroups) else K.clone_tensors(sources)
+
+    @staticmethod
+    def subtract_(a: list[Tensor] | K.TensorGroups, b: list[Tensor] | K.TensorGroups) -> None:
+        """``a -= b`` tensor by tensor, ``a`` and ``b`` both from `mirror` of the same positions."""
+        if isinstance(a, K.TensorGroups):
+            a.sub_(b)  # type: ignore[arg-type]
+        else:
+            K.sub_tensors_(a, b)  # type: ignore[arg-type]
+
+    def local(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The local tensors of ``tensors`` (parameters or gradients of the layout): themselves without DTensors."""
+        return tensors if self.weight_groups is not None else [K.local_tensor(t) for t in tensors]
 
     def subset_of_all(self) -> Subset:
         """``subset(everything)``, without hashing a tuple of every position at each logging step."""
@@ -144,10 +168,6 @@ class Pending:
     grad_parts: list[Tensor] = field(default_factory=list)
     snap_idx: list[int] = field(default_factory=list)
     snapshots: list[Tensor] = field(default_factory=list)
-    snap_sources: list[Tensor] = field(default_factory=list)  # the local tensors that were copied
-    # Gathered from an optimizer of ``Layout.whole``: every parameter, in layout order.
-    grads_whole: bool = False
-    snap_whole: bool = False
 
 
 def optimizer_signature(optimizers: Sequence[Optimizer]) -> tuple[Any, ...]:
@@ -184,28 +204,8 @@ def build_layout(
     decisions = [d for d in plan if include_frozen or d.param.requires_grad]
     params = [d.param for d in decisions]
     names = [d.name for d in decisions]
-    bucket_names: list[str] = []
-    bucket_ids: dict[str, int] = {}
-    bucket_of: list[int | None] = []
-    for d in decisions:
-        bucket = bucket_name(d.name, d.aliases)
-        if bucket is None:
-            bucket_of.append(None)
-        else:
-            if bucket not in bucket_ids:
-                bucket_ids[bucket] = len(bucket_names)
-                bucket_names.append(bucket)
-            bucket_of.append(bucket_ids[bucket])
-
-    position = {id(p): i for i, p in enumerate(params)}
-    opt_indices: dict[int, list[int]] = {}
-    for opt in optimizers:
-        seen: dict[int, None] = {}  # an ordered set: a parameter listed twice is measured once
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) in position:
-                    seen.setdefault(position[id(p)])
-        opt_indices[id(opt)] = list(seen)
+    bucket_names, bucket_of = _buckets(decisions, bucket_name)
+    opt_indices = _positions(params, optimizers)
 
     dtype = K.wide_dtype(device)
     sharded = any(K.is_sharded(p) for p in params)
@@ -237,20 +237,43 @@ def build_layout(
         global_numel=torch.tensor([p.numel() for p in params], dtype=dtype, device=device),
         signature=optimizer_signature(optimizers),
         weight_groups=weight_groups,
-        opt_params={k: [params[i] for i in v] for k, v in opt_indices.items()} if plain else {},
         total_mask=torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), len(params)),
         total_names=total_names,
         zero=torch.zeros((), dtype=dtype, device=device),
         everything=tuple(range(len(params))),
-        whole=_whole_optimizers(opt_indices, len(params), weight_groups),
+        in_order=list(range(len(params))),
     )
 
 
-def _whole_optimizers(opt_indices: dict[int, list[int]], n: int, groups: K.TensorGroups | None) -> set[int]:
-    if groups is None or not groups.simple:
-        return set()
-    # Positions are distinct (an ordered set per optimizer): n of them are every parameter, in any order.
-    return {opt for opt, positions in opt_indices.items() if len(positions) == n}
+def _buckets(decisions: Sequence[Any], bucket_name: BucketName) -> tuple[list[str], list[int | None]]:
+    """The bucket names in order of first appearance, and the bucket of each parameter (``None``: totals only)."""
+    bucket_names: list[str] = []
+    bucket_ids: dict[str, int] = {}
+    bucket_of: list[int | None] = []
+    for d in decisions:
+        bucket = bucket_name(d.name, d.aliases)
+        if bucket is None:
+            bucket_of.append(None)
+        else:
+            if bucket not in bucket_ids:
+                bucket_ids[bucket] = len(bucket_names)
+                bucket_names.append(bucket)
+            bucket_of.append(bucket_ids[bucket])
+    return bucket_names, bucket_of
+
+
+def _positions(params: list[Tensor], optimizers: Sequence[Optimizer]) -> dict[int, list[int]]:
+    """``id(optimizer)`` -> the positions of the parameters it steps."""
+    position = {id(p): i for i, p in enumerate(params)}
+    opt_indices: dict[int, list[int]] = {}
+    for opt in optimizers:
+        seen: dict[int, None] = {}  # an ordered set: a parameter listed twice is measured once
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in position:
+                    seen.setdefault(position[id(p)])
+        opt_indices[id(opt)] = list(seen)
+    return opt_indices
 
 
 def reduce_pieces(pieces: Pieces, layout: Layout) -> Pieces:

@@ -1,71 +1,44 @@
-"""``WeightDecay``: decoupled weight decay (AdamW-style) for any optimizer, on the decayed weights only."""
+"""``WeightDecay``: decoupled weight decay (AdamW-style) for any optimizer, on the decayed weights only.
+
+The Lightning adapter of `lightning_decay._decay_effect.DecoupledDecay`: which coefficient source the
+arguments choose, the epoch length for a timescale, the ``weight_decay/{group}`` values on logging steps,
+and the ``taken_over`` field of the saved state.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from typing import Any, Literal
 
-from torch import Tensor
-from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
-
-from lightning_decay import kernels
-from lightning_decay._checks import check_choice, is_count
-from lightning_decay._compat import MisconfigurationException, pl, rank_zero_info, rank_zero_warn
-from lightning_decay._regularizer import (
-    OptimizerBuckets,
-    RegularizerCallback,
-    after_closure,
-    coefficient,
-    should_log,
+from lightning_decay._checks import check_choice
+from lightning_decay._compat import MisconfigurationException, pl
+from lightning_decay._decay_effect import (
+    DecoupledDecay,
+    Scheduled,
+    TakeOver,
+    Timescale,
+    check_constant_factor,
+    decay_shrink,
+    decoupled_by_name,
+    timescale_weight_decay,
+    uses_decoupled_decay,
 )
+from lightning_decay._lightning import Regularizer, should_log
 from lightning_decay.rules import DecayRules
-from lightning_decay.schedules import Constant, ScheduleLike, as_schedule, check_coefficient
+from lightning_decay.schedules import ScheduleLike, as_schedule
 
-__all__ = ["WeightDecay", "steps_per_epoch", "timescale_weight_decay"]
+__all__ = [
+    "WeightDecay",
+    "check_constant_factor",
+    "decay_shrink",
+    "decoupled_by_name",
+    "steps_per_epoch",
+    "timescale_weight_decay",
+    "uses_decoupled_decay",
+]
 
 _MODES = ("lr", "lr_ratio", "constant")
-
-
-def uses_decoupled_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
-    """Whether an optimizer's own ``weight_decay`` is decoupled (AdamW) rather than an L2 gradient term.
-
-    torch's Adam/AdamW say so in ``decoupled_weight_decay``; other optimizers are judged by name
-    (``AdamW``, composer's ``DecoupledAdamW``/``DecoupledSGDW``, ``Lion``). torch's SGD, Adam, RMSprop,
-    Adagrad... add ``weight_decay * w`` to the gradient.
-    """
-    flag = group.get("decoupled_weight_decay")
-    if flag is not None:
-        return bool(flag)
-    return decoupled_by_name(type(optimizer).__name__)
-
-
-def decoupled_by_name(name: str) -> bool:
-    """Whether an optimizer class of this name decays decoupled (``AdamW``, ``Decoupled*``, ``Lion``)."""
-    return "AdamW" in name or name.startswith("Decoupled") or name == "Lion"
-
-
-def timescale_weight_decay(lr0: float, timescale_epochs: float, steps_per_epoch: int) -> float:
-    """``lambda = 1 / (lr0 * tau * S)``: the decay whose EMA timescale ``1 / (lr * lambda)`` is ``tau`` epochs.
-
-    With ``mode="lr"`` the weights then shrink by ``1 - lr / (lr0 * tau * S)`` per step: ``1 - 1 / (tau * S)``
-    at the base learning rate (Wang & Aitchison 2024; see ``docs/choosing-lambda.md``).
-
-    Args:
-        lr0: The group's base learning rate (a scheduler's ``initial_lr``, else ``lr``); > 0.
-        timescale_epochs: ``tau``, in epochs; > 0.
-        steps_per_epoch: ``S``, optimizer steps per epoch (after gradient accumulation); >= 1.
-
-    Examples:
-        ```python
-        from lightning_decay.decay import timescale_weight_decay
-
-        timescale_weight_decay(lr0=1e-3, timescale_epochs=10, steps_per_epoch=500)  # 0.2
-        ```
-    """
-    return 1.0 / (lr0 * timescale_epochs * steps_per_epoch)
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:
@@ -88,7 +61,7 @@ def steps_per_epoch(trainer: pl.Trainer) -> int:
     return math.ceil(int(batches) / trainer.accumulate_grad_batches)
 
 
-class WeightDecay(RegularizerCallback):
+class WeightDecay(Regularizer):
     r"""Decoupled weight decay (Loshchilov & Hutter) for any optimizer: ``w <- w - lr * wd * w``.
 
     Applied to the ``"decay"`` weights of the [`DecayRules`][lightning_decay.DecayRules] plan just before
@@ -180,49 +153,33 @@ class WeightDecay(RegularizerCallback):
         name: str | None = None,
         missing_state: Literal["raise", "restart"] = "raise",
     ) -> None:
-        super().__init__(rules, name=name, missing_state=missing_state)
         check_choice(mode, _MODES, "mode")
-        if timescale_epochs is not None:
-            if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, numbers.Real):
-                raise TypeError(f"`timescale_epochs` must be a number > 0, got {timescale_epochs!r}")
-            timescale_epochs = float(timescale_epochs)  # NumPy scalars too
-            if not (math.isfinite(timescale_epochs) and timescale_epochs > 0):
-                raise ValueError(f"`timescale_epochs` must be a finite number > 0, got {timescale_epochs!r}")
-            if weight_decay is not None:
-                raise ValueError("give `weight_decay` or `timescale_epochs`, not both: the timescale sets the decay")
-            if mode != "lr":
-                raise ValueError(f"`timescale_epochs` decays as mode='lr'; got mode={mode!r}")
+        timescale_epochs = _check_timescale(timescale_epochs, weight_decay, mode)
         self.timescale_epochs = timescale_epochs
         self.mode = mode
         self._weight_decay = None if weight_decay is None else as_schedule(weight_decay, "weight_decay")
         check_constant_factor(self._weight_decay, mode)
-        # timescale_epochs: (optimizer index, group index) -> derived lambda, for `_steps_per_epoch` steps.
-        self._derived: dict[tuple[int, int], float] = {}
-        self._steps_per_epoch: int | None = None
-        # (optimizer index, group index) -> (weight_decay, decoupled) taken over from the optimizer.
-        self._taken_over: dict[tuple[int, int], tuple[float, bool]] = {}
-        # optimizer index -> the scheduled coefficient of its last step (for `weight_decay/{group}`).
-        self._last_coefficient: dict[int, float] = {}
-        # (optimizer index, group index) -> (lr tensor, its version, initial lr, its version, coefficient) of
-        # the last passed factor check of a tensor lr; and the groups already warned of lr_ratio above 1.
-        self._lr_checked: dict[tuple[int, int], tuple[Any, ...]] = {}
-        self._ratio_warned: set[tuple[int, int]] = set()
+        source: Scheduled | TakeOver | Timescale
+        if timescale_epochs is not None:
+            source = Timescale(timescale_epochs)
+        elif self._weight_decay is None:
+            source = TakeOver()
+        else:
+            source = Scheduled(self._weight_decay)
+        self._decay = DecoupledDecay(source, mode)
+        super().__init__(rules, name, missing_state, [self._decay])
 
     @property
     def takes_over(self) -> bool:
         return self._weight_decay is None and self.timescale_epochs is None
 
-    # ------------------------------------------------------------- timescale
+    def _takes_over_optimizer_decay(self) -> bool:
+        return self.takes_over
+
+    # ------------------------------------------------------------------------ timescale
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.timescale_epochs is None:
-            return
-        steps = steps_per_epoch(trainer)
-        if steps != self._steps_per_epoch:  # first epoch, or dataloaders reloaded with another length
-            self._steps_per_epoch = steps
-            self._derived = {}
-            for index in range(len(self._per_optimizer)):  # one info line per group, now
-                for group_index in sorted({b.group_index for b in self._buckets(index)}):
-                    self.derived_weight_decay(index, group_index)
+        if isinstance(self._decay.source, Timescale):
+            self._decay.source.set_steps_per_epoch(self._binding, steps_per_epoch(trainer))
 
     def derived_weight_decay(self, optimizer_index: int, group_index: int) -> float:
         """The ``lambda`` derived from ``timescale_epochs`` for one param group (computed once per epoch length).
@@ -230,218 +187,16 @@ class WeightDecay(RegularizerCallback):
         Raises:
             MisconfigurationException: If the group's base lr is not positive.
         """
-        key = (optimizer_index, group_index)
-        derived = self._derived.get(key)
-        if derived is not None:
-            return derived
-        assert self.timescale_epochs is not None and self._steps_per_epoch is not None
-        optimizer = self._per_optimizer[optimizer_index].optimizer
-        group = optimizer.param_groups[group_index]
-        lr0 = group.get("initial_lr", group["lr"])
-        name = group.get("name", f"param group {group_index}")
-        if not lr0 > 0:
-            raise MisconfigurationException(
-                f"WeightDecay(timescale_epochs={self.timescale_epochs}) needs a positive base lr, but "
-                f"{type(optimizer).__name__}'s {name!r} has lr0={lr0}"
-            )
-        steps = max(self._steps_per_epoch, 1)
-        if self.timescale_epochs * steps <= 1:
-            raise MisconfigurationException(
-                f"WeightDecay(timescale_epochs={self.timescale_epochs}) with {steps} optimizer steps per epoch would "
-                "shrink the weights by 1 - 1/(tau * S) <= 0 per step: tau must exceed 1/S epochs (one step)"
-            )
-        derived = self._derived[key] = timescale_weight_decay(lr0, self.timescale_epochs, steps)
-        rank_zero_info(
-            f"WeightDecay: {type(optimizer).__name__} {name!r}: lr0={lr0:g}, S={steps} steps/epoch, "
-            f"tau={self.timescale_epochs:g} epochs -> weight_decay={derived:.6g}"
-        )
-        return derived
+        assert isinstance(self._decay.source, Timescale)
+        return self._decay.source.value(self._binding, optimizer_index, group_index)
 
-    # ------------------------------------------------------------ base hooks
-    def _decays_like_weight_decay(self) -> bool:
-        return True
-
-    def _takes_over_optimizer_decay(self) -> bool:
-        return self.takes_over
-
-    def _check_double_decay(self, index: int, entry: OptimizerBuckets) -> None:
-        if not self.takes_over:
-            super()._check_double_decay(index, entry)
-            return
-        optimizer = entry.optimizer
-        for gi, group in enumerate(optimizer.param_groups):
-            wd = group.get("weight_decay", 0.0)
-            # The group as the next step will use it: a non-zero weight_decay is the optimizer's own decay
-            # (a fresh optimizer, one restored from a checkpoint written without this callback, a group
-            # just added), taken over now; zero with an entry was taken over before (a resumed run's).
-            if not wd:
-                continue
-            # Checked as an explicit `weight_decay` is (nan, inf, negative): applied, it would ruin the weights.
-            value = check_coefficient(
-                float(wd) if isinstance(wd, Tensor) else wd,
-                f"weight_decay of {type(optimizer).__name__} param group {group.get('name', gi)!r} (taken over)",
-            )
-            self._taken_over[(index, gi)] = (value, uses_decoupled_decay(optimizer, group))
-            group["weight_decay"] = 0.0
-            rank_zero_info(
-                f"WeightDecay took over weight_decay={wd} of {type(optimizer).__name__} param group "
-                f"{group.get('name', gi)!r}: applied to the decayed parameters only"
-            )
-        if not any(i == index for i, _ in self._taken_over):
-            rank_zero_warn(
-                f"WeightDecay(weight_decay=None) found no weight_decay to take over in {type(optimizer).__name__}"
-            )
-
-    def _register_optimizer_hooks(self, index: int, optimizer: Optimizer) -> list[RemovableHandle]:
-        def before_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if self._unscaled_in_step(opt):
-                # A fused optimizer under a GradScaler decides inside `step` (it sets `found_inf`); its
-                # closure has run already (Lightning's AMP plugin runs it before `step`).
-                self._apply_decoupled(index, opt)
-                self._apply_coupled(index, opt)
-                return None
-            if not self._has_coupled(index):
-                return None
-            # The L2 term once the gradients are unscaled and clipped, before the update: where torch's own
-            # SGD/Adam add it.
-            return after_closure(args, kwargs, lambda: self._apply_coupled(index, opt))
-
-        def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-            if self._step_ran(opt):
-                self._steps[index] += 1
-
-        return [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
-
-    def _prepare(self, plan: Any) -> None:
-        if not self.takes_over:
-            self._taken_over = {}  # resumed from a take-over with an explicit coefficient now: it is the one
-
-    def _forget_optimizer(self, index: int) -> None:
-        self._taken_over = {k: v for k, v in self._taken_over.items() if k[0] != index}
-        self._lr_checked = {k: v for k, v in self._lr_checked.items() if k[0] != index}
-        self._derived = {k: v for k, v in self._derived.items() if k[0] != index}  # its lr0 may differ
-
-    def _reset_state(self) -> None:
-        self._taken_over = {}
-        self._lr_checked = {}
-        self._ratio_warned = set()
-        self._last_coefficient = {}
-        self._derived = {}
-        self._steps_per_epoch = None
-
-    def _saved_state_needed(self) -> list[str]:
-        # A take-over needs nothing: the coefficient is still in the restored optimizer, or in the entry.
-        if self._weight_decay is not None and self._step_dependent(self._weight_decay):
-            return ["the step count of the `weight_decay` schedule"]
-        return []
-
-    # --------------------------------------------------------------- steps
-    def _before_step(self, index: int, optimizer: Optimizer) -> None:
-        if not self._unscaled_in_step(optimizer):  # fused under a GradScaler: in the step pre-hook
-            self._apply_decoupled(index, optimizer)
-
-    def _attached_late(self, index: int, optimizer: Optimizer) -> None:
-        # Replaced inside training_step: without a GradScaler the closure runs inside `step`, after the
-        # pre-hook that adds the coupled term would have run; add it now (before clipping, this once).
-        if self._scaler is None and self._has_coupled(index):
-            self._apply_coupled(index, optimizer)
-
-    def _coefficients(self, index: int) -> Callable[[int], tuple[float, bool]]:
-        """``group index -> (coefficient, decoupled)`` for optimizer ``index`` this step.
-
-        The schedule is evaluated (and checked) once per step, not once per bucket.
-        """
-        if self.timescale_epochs is not None:
-            return lambda group_index: (self.derived_weight_decay(index, group_index), True)
-        if self._weight_decay is None:
-            taken = self._taken_over
-            return lambda group_index: taken.get((index, group_index), (0.0, True))
-        wd = coefficient(self._weight_decay, self._steps[index], "weight_decay")
-        self._last_coefficient[index] = wd
-        return lambda group_index: (wd, True)
-
-    def _has_coupled(self, index: int) -> bool:
-        return any(i == index and not decoupled for (i, _), (_, decoupled) in self._taken_over.items())
-
-    def _apply_decoupled(self, index: int, optimizer: Optimizer) -> None:
-        skip = self._found_inf(optimizer)  # decay nothing on a step the GradScaler will skip
-        coefficients = self._coefficients(index)
-        for b in self._buckets(index):
-            coeff, decoupled = coefficients(b.group_index)
-            if not coeff or not decoupled:
-                continue
-            group = optimizer.param_groups[b.group_index]
-            lr = group["lr"]
-            mode = "lr" if self._weight_decay is None else self.mode  # taking over, and timescale_epochs
-            if mode == "lr_ratio":
-                # A tensor lr is copied, as torch's schedulers do: a scheduler's `fill_` must not move it too.
-                group.setdefault("initial_lr", lr.clone() if isinstance(lr, Tensor) else lr)
-            name = group.get("name", b.group_index)
-            initial_lr = group.get("initial_lr")
-            if mode != "constant" and isinstance(lr, Tensor):
-                self._check_tensor_lr(index, b.group_index, mode, lr, initial_lr, coeff, name)
-            shrink = decay_shrink(mode, lr, initial_lr, coeff, self._steps[index], name)
-            if mode == "lr_ratio" and not isinstance(shrink, Tensor) and shrink > coeff:
-                self._warn_ratio(index, b.group_index, name, lr, initial_lr, coeff)
-            factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
-            # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
-            kernels.decay_(b.with_grads()[0], factor)
-
-    def _check_tensor_lr(
-        self, index: int, group_index: int, mode: str, lr: Tensor, initial_lr: Any, coeff: float, name: Any
-    ) -> None:
-        """The factor check of a tensor lr, read on the host only when the lr tensor or ``coeff`` changed.
-
-        A new tensor, an in-place update (a scheduler's ``fill_`` bumps ``_version``) or another
-        coefficient: one host sync then, none on the steps in between (a constant tensor lr never syncs
-        again). The values are those the next steps multiply by, so a factor ``<= 0`` is refused before
-        it is applied, as for a float lr.
-        """
-        key = (index, group_index)
-        base_version = initial_lr._version if isinstance(initial_lr, Tensor) else None
-        last = self._lr_checked.get(key)
-        same = last is not None and last[0] is lr and last[2] is initial_lr
-        if same and (last[1], last[3], last[4]) == (lr._version, base_version, coeff):
-            return
-        lr0 = float(initial_lr) if isinstance(initial_lr, Tensor) else initial_lr
-        shrink = decay_shrink(mode, float(lr), lr0, coeff, self._steps[index], name)
-        # Recorded once passed, so a refused lr is checked again at the next step.
-        self._lr_checked[key] = (lr, lr._version, initial_lr, base_version, coeff)
-        if mode == "lr_ratio" and shrink > coeff:
-            self._warn_ratio(index, group_index, name, float(lr), lr0, coeff)
-
-    def _warn_ratio(self, index: int, group_index: int, name: Any, lr: Any, initial_lr: Any, coeff: float) -> None:
-        """Once per param group: ``mode="lr_ratio"`` with the lr above its initial value shrinks more than ``wd``."""
-        if (index, group_index) in self._ratio_warned:
-            return
-        self._ratio_warned.add((index, group_index))
-        ratio = lr / initial_lr
-        rank_zero_warn(
-            f"WeightDecay(mode='lr_ratio'): param group {name!r} has lr {lr:g} = {ratio:.4g} x its initial lr "
-            f"{initial_lr:g} at step {self._steps[index]}, so the weights shrink by {ratio:.4g} * weight_decay = "
-            f"{ratio * coeff:.4g} per step, more than weight_decay={coeff:g} (the shrink at the initial lr). "
-            "A scheduler raising the lr above its initial value (OneCycleLR, CyclicLR, a warm-up factor > 1) "
-            "does this; use mode='lr', or a weight_decay meant for the initial lr. (Said once per group.)"
-        )
-
-    def _apply_coupled(self, index: int, optimizer: Optimizer) -> None:
-        """The optimizer's own (coupled) semantics, taken over: an L2 term ``wd * w`` in the gradient."""
-        scale = self._grad_scale(optimizer) if self._unscaled_in_step(optimizer) else None
-        coefficients = self._coefficients(index)
-        for b in self._buckets(index):
-            coeff, decoupled = coefficients(b.group_index)
-            if not coeff or decoupled:
-                continue
-            weights, grads, idx = b.with_grads()
-            chunks = b.chunks if len(idx) == len(b.params) else None  # the bucket's ranges index all of it
-            kernels.add_l2_gradient_(grads, weights, coeff if scale is None else scale * coeff, chunks=chunks)
-
+    # -------------------------------------------------------------------------- logging
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Decay multiplies NaN/Inf weights along silently; say so once, on logging steps only.
-        if self._per_optimizer and should_log(trainer):
-            self._check_finite()
+        if self._binding.bound and should_log(trainer):
+            self._nonfinite.check_buckets(b for _, b in self._binding.all_buckets())
             # What is applied, where the optimizer's own `weight_decay` (which `LearningRateMonitor(
             # log_weight_decay=True)` reads) is 0 once taken over. Python floats, handed to the loggers as
             # LearningRateMonitor does (no float32 round trip, no host copy), with the step label
@@ -463,98 +218,45 @@ class WeightDecay(RegularizerCallback):
         ``WeightDecay`` logs these on the Trainer's logging steps.
         """
         values: dict[str, float] = {}
-        several = len(self._per_optimizer) > 1
-        for index, entry in enumerate(self._per_optimizer):
-            if self.timescale_epochs is not None:  # the lambdas derived from the timescale, as applied
-                applied = {gi: wd for (i, gi), wd in self._derived.items() if i == index}
-            elif self.takes_over:
-                applied = {gi: wd for (i, gi), (wd, _) in self._taken_over.items() if i == index}
-            elif index in self._last_coefficient:
-                applied = dict.fromkeys({b.group_index for b in entry.buckets}, self._last_coefficient[index])
-            else:
+        bound = self._binding.bound
+        for index, entry in enumerate(bound):
+            applied = self._decay.applied(self._binding, index)
+            if applied is None:
                 continue  # no step yet
             groups = entry.optimizer.param_groups
-            prefix = f"{type(entry.optimizer).__name__}-{index}/" if several else ""
+            prefix = f"{type(entry.optimizer).__name__}-{index}/" if len(bound) > 1 else ""
             for gi in sorted({b.group_index for b in entry.buckets}):
                 values[f"weight_decay/{prefix}{groups[gi].get('name', f'pg{gi + 1}')}"] = applied.get(gi, 0.0)
         return values
 
-    def state_dict(self) -> dict[str, Any]:
-        taken = [[i, g, wd, dec] for (i, g), (wd, dec) in self._taken_over.items()]
-        return {**super().state_dict(), "taken_over": taken}
+    # ---------------------------------------------------------------------------- state
+    def _state(self) -> dict[str, Any]:
+        return {"taken_over": self._decay.takeover.state()}
 
-    def _validated(self, state_dict: Any) -> dict[str, Any]:
-        state = super()._validated(state_dict)
-        taken = state.get("taken_over", [])
+    def _validated(self, state: dict[str, Any]) -> None:
+        TakeOver.validated(state.get("taken_over", []), len(state["steps"]))
 
-        def entry_ok(e: Any) -> bool:
-            if not isinstance(e, (list, tuple)) or len(e) != 4:
-                return False
-            i, g, wd, dec = e
-            try:
-                check_coefficient(wd, "taken_over")
-            except (TypeError, ValueError):
-                return False
-            return is_count(i) and is_count(g) and isinstance(dec, bool)
+    def _load(self, state: dict[str, Any]) -> None:
+        self._decay.takeover.load(state.get("taken_over", []))
 
-        if not isinstance(taken, (list, tuple)) or not all(entry_ok(e) for e in taken):
-            raise ValueError(
-                "WeightDecay: the state field 'taken_over' must be a list of [optimizer index, group index, "
-                f"weight_decay >= 0, decoupled (bool)] entries, got {taken!r}"
-            )
-        n = len(state["steps"])
-        if any(e[0] >= n for e in taken):
-            raise ValueError(
-                f"WeightDecay: the state field 'taken_over' ({taken!r}) names optimizers beyond the {n} of 'steps'"
-            )
-        return state
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
-        taken = state.get("taken_over", [])
-        self._taken_over = {(int(i), int(g)): (float(wd), bool(dec)) for i, g, wd, dec in taken}
+    def _needed(self) -> list[str]:
+        # A take-over needs nothing: the coefficient is still in the restored optimizer, or in the entry.
+        source = self._decay.source
+        if isinstance(source, Scheduled) and source.step_dependent():
+            return ["the step count of the `weight_decay` schedule"]
+        return []
 
 
-def check_constant_factor(weight_decay: Any, mode: str) -> None:
-    """Refuse a constant coefficient whose factor is not positive whatever the learning rate.
-
-    ``"constant"`` shrinks by ``wd`` at every step, ``"lr_ratio"`` by ``wd`` whenever the learning rate is
-    back at its initial value (the first step, without warm-up).
-    """
-    if isinstance(weight_decay, Constant) and mode in ("constant", "lr_ratio") and weight_decay.value >= 1.0:
-        raise ValueError(
-            f"`weight_decay`={weight_decay.value} with mode={mode!r} multiplies the weights by "
-            f"1 - {weight_decay.value} <= 0 ({'at every step' if mode == 'constant' else 'at the initial lr'}): "
-            "it must be < 1"
-        )
-
-
-def decay_shrink(mode: str, lr: Any, initial_lr: Any, coeff: float, step: int, group: Any) -> Any:
-    """``shrink`` of the factor ``1 - shrink`` of one param group at one step, refused unless ``< 1``.
-
-    On the hot path: Python float arithmetic and comparisons only. A tensor learning rate (some
-    optimizers accept one) is passed through unchecked here, since comparing it would synchronize the
-    host; `WeightDecay` checks its value on the host when the tensor changes.
-
-    Raises:
-        ValueError: If the factor is not positive, or ``mode="lr_ratio"`` meets an initial lr of 0.
-    """
-    if mode == "constant":
-        shrink = coeff
-    elif mode == "lr_ratio":
-        if isinstance(initial_lr, (int, float)) and initial_lr == 0:
-            raise ValueError(
-                f"WeightDecay(mode='lr_ratio') at step {step}: param group {group!r} has initial lr 0, so lr / "
-                "initial_lr is undefined. Use mode='lr' for a group that starts at lr 0."
-            )
-        shrink = lr / initial_lr * coeff
-    else:
-        shrink = lr * coeff
-    if not isinstance(shrink, Tensor) and shrink >= 1.0:
-        ratio = f", initial lr {initial_lr}" if mode == "lr_ratio" else ""
-        raise ValueError(
-            f"WeightDecay(mode={mode!r}) at step {step}: param group {group!r} with lr {lr}{ratio} and "
-            f"weight_decay {coeff} gives the factor 1 - {shrink} <= 0, which would flip or zero the weights. "
-            "Lower weight_decay (AdamW-style values are about 1e-4 to 0.1 with lr about 1e-3)."
-        )
-    return shrink
+def _check_timescale(timescale_epochs: Any, weight_decay: Any, mode: str) -> float | None:
+    if timescale_epochs is None:
+        return None
+    if isinstance(timescale_epochs, bool) or not isinstance(timescale_epochs, numbers.Real):
+        raise TypeError(f"`timescale_epochs` must be a number > 0, got {timescale_epochs!r}")
+    timescale_epochs = float(timescale_epochs)  # NumPy scalars too
+    if not (math.isfinite(timescale_epochs) and timescale_epochs > 0):
+        raise ValueError(f"`timescale_epochs` must be a finite number > 0, got {timescale_epochs!r}")
+    if weight_decay is not None:
+        raise ValueError("give `weight_decay` or `timescale_epochs`, not both: the timescale sets the decay")
+    if mode != "lr":
+        raise ValueError(f"`timescale_epochs` decays as mode='lr'; got mode={mode!r}")
+    return timescale_epochs

@@ -6,15 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from torch.optim import Optimizer
 
 from lightning_decay.layers import LayerOf
 from lightning_decay.rules import DecayRules, as_rules
 
-__all__ = ["check_optimizer_groups", "decay_param_groups"]
-
-# Keys a param group may carry besides the optimizer's hyperparameters: ours, and torch schedulers' own.
-_BOOKKEEPING_KEYS = frozenset({"params", "name", "lr_scale", "initial_lr"})
+__all__ = ["decay_param_groups"]
 
 
 def decay_param_groups(
@@ -60,22 +56,3 @@ def decay_param_groups(
     """
     plan = as_rules(rules).classify(module)
     return plan.param_groups(weight_decay, overrides, layer_decay=layer_decay, layer_of=layer_of, **group_kwargs)
-
-
-def check_optimizer_groups(optimizer: Optimizer) -> None:
-    """Refuse param-group keys that ``optimizer`` does not take (torch's optimizers keep them silently).
-
-    The hyperparameters an optimizer takes are the keys of its ``defaults``; ``name``, ``lr_scale`` and a
-    scheduler's ``initial_lr`` are allowed too.
-
-    Raises:
-        ValueError: Naming the key, the group and the keys the optimizer takes.
-    """
-    allowed = set(optimizer.defaults) | _BOOKKEEPING_KEYS
-    for i, group in enumerate(optimizer.param_groups):
-        unknown = sorted(set(group) - allowed)
-        if unknown:
-            raise ValueError(
-                f"param group {group.get('name', i)!r} sets {unknown}, which {type(optimizer).__name__} does not "
-                f"take; its options are {sorted(optimizer.defaults)}"
-            )

@@ -9,8 +9,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay._compat import rank_zero_info
+from lightning_decay._options import check_optimizer_groups
 from lightning_decay._plan_cache import plan_for
-from lightning_decay.groups import check_optimizer_groups
 from lightning_decay.layers import LayerOf, apply_lr_scale
 from lightning_decay.plan import DecayPlan
 from lightning_decay.rules import DecayRules, module_rules

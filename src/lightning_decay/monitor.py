@@ -1,43 +1,40 @@
 """``WeightNormMonitor``: log what weight decay does to each layer, at the cost of one host copy per log.
 
-The callback is thin glue around `lightning_decay.norms`: it decides when to measure, keeps the layout
+The Lightning adapter of `lightning_decay._probes.Probes`, which decides when to measure, keeps the layout
 of the parameters (``lightning_decay._monitor_layout``: buckets and index tensors, built once), and hands
-the numbers to every logger the way ``LearningRateMonitor`` does.
+the numbers to every logger the way ``LearningRateMonitor`` does. ``attach`` runs the same probes from the
+step hooks of a `lightning_decay._binding.Binding`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay import norms as K
+from lightning_decay._attach import Attachment, not_attached_error, unwrap
+from lightning_decay._binding import Binding, Effect, never
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import (
     HISTOGRAM_LOGGERS,
     TENSORBOARD_LOGGERS,
-    WANDB_LOGGERS,
     Callback,
     MisconfigurationException,
-    is_deepspeed,
+    deepspeed_problem,
     pl,
     rank_zero_warn,
 )
-from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
+from lightning_decay._monitor_run import AttachedRun, TrainerRun
 from lightning_decay._plan_cache import plan_for
+from lightning_decay._probes import Probes, bucket_name
 from lightning_decay._repr import ArgumentsRepr
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.names import clean_names
-from lightning_decay.plan import few_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
-
-if TYPE_CHECKING:
-    from lightning_decay._attach import Attachment
 
 __all__ = ["WeightNormMonitor"]
 
@@ -207,13 +204,11 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             raise ValueError(f"`group_separator` must be a non-empty string, got {group_separator!r}")
         self.group_separator = group_separator
 
-        self._layout: Layout | None = None
-        self._pending: Pending | None = None
-        self._decided_batch: int | None = None
-        self._warned: set[tuple[str, str]] = set()
+        self._probes = Probes(self)
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
-        self._standalone: Any = None  # what `attach` gives the hooks in place of a Trainer
+        self._binding: Binding | None = None  # attached without a Trainer: the step hooks
         self._attachment: Any = None  # the live `Attachment`, whose `remove()` takes the hooks off
+        self._warned_histograms = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -227,24 +222,22 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
                 "Cannot use `WeightNormMonitor` callback with a Trainer that has no logger (`logger=False`)."
             )
         self.check_histogram_loggers(trainer.loggers)
-        if self.log_grad_norm and is_deepspeed(trainer.strategy):
-            rank_zero_warn(
-                "WeightNormMonitor(log_grad_norm=True) under DeepSpeed: `p.grad` is not the real gradient "
-                "there (ZeRO partitions it), so grad norms are not meaningful."
-            )
-        # Parameters may still be replaced (configure_model, sharding): lists are built at the first log.
-        self._layout = None
-        self._pending = None
-        self._decided_batch = None
+        problem = deepspeed_problem(trainer.strategy)
+        if self.log_grad_norm and problem is not None:
+            rank_zero_warn(f"WeightNormMonitor(log_grad_norm=True) under {problem}: grad norms are not meaningful.")
+        self._probes.reset()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_custom_scalars(trainer.loggers, pl_module)
+
+    def _write_custom_scalars(self, loggers: list[Any], module: nn.Module) -> None:
         # The Custom Scalars layout, once per SummaryWriter (TensorBoard reads one per run). Only the rank-0
         # logger has a real writer; the others' `experiment` ignores the call.
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
+        writers = [lg.experiment for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         writers = [w for w in writers if id(w) not in self._custom_scalars_written]
         if not writers:
             return
-        layout = self.custom_scalars(pl_module)
+        layout = self.custom_scalars(module)
         for writer in writers:
             writer.add_custom_scalars(layout)
             self._custom_scalars_written.add(id(writer))
@@ -266,9 +259,28 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         Returns:
             An [`Attachment`][lightning_decay.Attachment]; ``remove()`` takes the hooks off.
         """
-        from lightning_decay._attach import attach_monitor
+        module, opts, scaler = unwrap(model, optimizers, scaler)
+        loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
+        if not loggers or not all(callable(getattr(lg, "log_metrics", None)) for lg in loggers):
+            raise TypeError(f"`loggers` must be loggers with a `log_metrics(metrics, step)` method, got {loggers!r}")
+        self.check_histogram_loggers(loggers)
+        self.unbind()
+        # The same hooks as under a Trainer, from the optimizers' step hooks: `before_step` after each
+        # closure, the logging after a step of the last optimizer; every step counted, as the Trainer's label.
+        binding = Binding("WeightNormMonitor", [], selects=never, decays=never, count_skipped=True)
+        run = AttachedRun(binding, loggers, next(iter(module.parameters())).device)
+        binding.effects.append(_Attached(self._probes, run, module))
+        self._probes.reset()
+        self._write_custom_scalars(loggers, module)
+        binding.bind(module, opts, scaler, self.rules, step_hooks=True)
+        self._binding = binding
+        return Attachment(self, steps=lambda: [run.label])
 
-        return attach_monitor(self, model, optimizers, loggers, scaler)
+    def unbind(self) -> None:
+        """Take the step hooks of ``attach`` off (``Attachment.remove``)."""
+        if self._binding is not None:
+            self._binding.unbind()
+            self._binding = None
 
     def check_histogram_loggers(self, loggers: Any) -> None:
         """With ``log_histograms=True``, warn (once per monitor) when none of ``loggers`` takes histograms.
@@ -278,8 +290,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         """
         if not self.log_histograms or any(isinstance(lg, HISTOGRAM_LOGGERS) for lg in loggers):
             return
-        if ("histograms", "") not in self._warned:
-            self._warned.add(("histograms", ""))
+        if not self._warned_histograms:
+            self._warned_histograms = True
             names = ", ".join(type(lg).__name__ for lg in loggers) or "none"
             rank_zero_warn(
                 f"WeightNormMonitor(log_histograms=True) has no logger that takes histograms (loggers: {names}): "
@@ -289,13 +301,9 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
         hook has this name). A monitor that is not attached would silently log nothing there: refused."""
-        if self._standalone is None:
-            raise MisconfigurationException(
-                "WeightNormMonitor was given to Fabric(callbacks=...), which calls only the hooks your loop names: "
-                "as a Fabric callback it logs nothing. Attach it instead, after `fabric.setup`: "
-                "`WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)` (see the "
-                "'Fabric and plain PyTorch' docs page)."
-            )
+        if self._binding is None:
+            how = "WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)"
+            raise not_attached_error("WeightNormMonitor", how, does="logs nothing")
 
     def custom_scalars(self, module: nn.Module) -> dict[str, dict[str, list[Any]]]:
         """The TensorBoard Custom Scalars layout of this monitor's metrics for ``module``.
@@ -326,7 +334,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             positions.setdefault(names.get(name, name), i)
         rows = []
         for d in plan:
-            bucket = self._bucket_name(d.name, d.aliases)
+            bucket = bucket_name(self, d.name, d.aliases)
             if bucket is None:
                 continue
             for name in (d.name, *d.aliases):
@@ -346,305 +354,13 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        batch = loop.batch_progress.total.ready
-        if self._decided_batch != batch:
-            # First optimizer of this batch: decide once, so every optimizer of a batch agrees.
-            self._decided_batch = batch
-            self._pending = None
-            if self._is_logging_step(trainer):
-                self._ensure_layout(trainer, pl_module)
-                self._pending = Pending(batch=batch, step=loop._batches_that_stepped)
-        pending, layout = self._pending, self._layout
-        snapshot = self.log_update_ratio or self.log_angular_update
-        if pending is None or layout is None or not (self.log_grad_norm or snapshot):
-            return  # weight norms alone need nothing before the step
-        # A parameter shared by two optimizers is measured with the first one that steps it.
-        all_positions = layout.opt_indices.get(id(optimizer), [])
-        first = not pending.seen  # the usual case: the optimizer's precomputed lists are used as they are
-        positions = all_positions if first else [i for i in all_positions if i not in pending.seen]
-        pending.seen.update(positions)
-        if not positions:
-            return
-        whole = first and id(optimizer) in layout.whole
-        with torch.no_grad():
-            if self.log_grad_norm:
-                self._gather_grads(trainer, optimizer, layout, pending, positions, whole)
-            if snapshot and whole and layout.weight_groups is not None:
-                # Every parameter, in layout order: one foreach copy of the split made at layout time.
-                pending.snap_idx = list(layout.everything)
-                pending.snap_sources = layout.params
-                pending.snapshots = layout.weight_groups.clone()
-                pending.snap_whole = True
-            elif snapshot:
-                if layout.weight_groups is None:  # DTensors: their local tensors
-                    sources = [K.local_tensor(layout.params[i]) for i in positions]
-                else:
-                    sources = layout.opt_params[id(optimizer)] if first else [layout.params[i] for i in positions]
-                pending.snap_idx.extend(positions)
-                pending.snap_sources.extend(sources)
-                pending.snapshots.extend(K.clone_tensors(sources))
+        self._probes.before_step(TrainerRun(trainer), pl_module, optimizer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None or self._layout is None:
-            return
-        if pending.batch != trainer.fit_loop.epoch_loop.batch_progress.total.ready:
-            return  # stale: the batch that started it did not finish
-        with torch.no_grad():
-            self._log_step(trainer, self._layout, pending)
-
-    # ---------------------------------------------------------------- helpers
-    def _is_logging_step(self, trainer: pl.Trainer) -> bool:
-        if not trainer.loggers:
-            return False
-        if self.logging_interval is None:
-            return trainer._logger_connector.should_update_logs
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.logging_interval == 0
-
-    def _ensure_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._layout is None or self._layout.signature != optimizer_signature(trainer.optimizers):
-            # Frozen parameters are classified too; ``build_layout`` keeps them only with ``include_frozen``.
-            plan = plan_for(self.rules, pl_module, include_frozen=True)
-            device = trainer.strategy.root_device
-            self._layout = build_layout(plan, trainer.optimizers, device, self._bucket_name, self.include_frozen)
-            self._warn_empty_blocks(plan, self._layout)
-
-    def _warn_empty_blocks(self, plan: Any, layout: Layout) -> None:
-        """Warn once per ``blocks`` entry whose regex matches no monitored parameter (it is never logged)."""
-        if self.blocks is None:
-            return
-        for block, pattern in self.blocks.items():
-            if block not in layout.bucket_names and ("blocks", block) not in self._warned:
-                self._warned.add(("blocks", block))
-                rank_zero_warn(
-                    f"WeightNormMonitor: `blocks[{block!r}]` ({pattern.pattern!r}) matches no monitored parameter, "
-                    f"so it is never logged; the parameter names are {few_names([d.name for d in plan])}"
-                )
-
-    def _bucket_name(self, name: str, aliases: tuple[str, ...]) -> str | None:
-        if self.blocks is not None:
-            for block, pattern in self.blocks.items():
-                if any(pattern.search(n) for n in (name, *aliases)):
-                    return block
-            return None
-        if self.granularity == "module":
-            owner = name.rpartition(".")[0]
-            return owner or name  # a parameter of the root module stands for itself
-        return name
-
-    def _gather_grads(
-        self,
-        trainer: pl.Trainer,
-        optimizer: Optimizer,
-        layout: Layout,
-        pending: Pending,
-        positions: list[int],
-        whole: bool = False,
-    ) -> None:
-        grads_whole = [p.grad for p in layout.params] if whole else None
-        if grads_whole is not None and layout.weight_groups is not None and all(g is not None for g in grads_whole):
-            # Every parameter has a gradient: the gradients mirror the parameters' split, no regrouping.
-            present_idx: list[int] = list(layout.everything)
-            grads: Any = layout.weight_groups.like(grads_whole)
-            pending.grads_whole = True
-        else:
-            present = [(i, layout.params[i].grad) for i in positions if layout.params[i].grad is not None]
-            if not present:
-                return
-            plain = layout.weight_groups is not None
-            grads = [g for _, g in present] if plain else [K.local_tensor(g) for _, g in present]
-            present_idx = [i for i, _ in present]
-        # float32 kernels (fp16/bf16 widened to float32, as Lightning's ``grad_norm``), combined in float64.
-        parts = K.partials(grads, self.norm_type, dtype=layout.dtype, device=layout.device, accumulate=torch.float32)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None)
-        if scale is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Fused optimizers unscale inside ``step``: the grads seen here are still multiplied by the
-            # scale. Divide on the device (no ``.item()``); p=2 partials are squares.
-            inv = scale.reshape(()).to(device=layout.device, dtype=layout.dtype).reciprocal()
-            parts = parts * (inv.square() if self.norm_type == 2 else inv)
-        pending.grad_idx.extend(present_idx)
-        pending.grad_parts.append(parts)
-
-    def _log_step(self, trainer: pl.Trainer, layout: Layout, pending: Pending) -> None:
-        p, dev, dtype = self.norm_type, layout.device, layout.dtype
-        if layout.weight_groups is not None:  # no DTensor: the (device, dtype) split made at layout time
-            weights, weight_groups = layout.params, layout.weight_groups
-        else:
-            weights = [K.local_tensor(t) for t in layout.params]
-            weight_groups = K.TensorGroups(weights, dev)
-
-        # 1. Local partials, each with the positions of its parameters (for replica masks). Weight and
-        #    gradient norms run float32 kernels (fp16/bf16 widened to float32, float32 as it is; float64
-        #    kernels are twice as slow on CPU) and are combined in ``dtype``.
-        pieces: dict[str, tuple[Tensor, Tensor | None, str]] = {}
-        identity = self.granularity == "param" and self.blocks is None  # the buckets are the parameters
-        # With the angle over every parameter, p=2 weight norms are accumulated in ``dtype`` so that their
-        # squares are the angle's ``||w_after||^2``: one pass over the weights instead of two.
-        reuse_b2 = pending.snap_whole and p == 2
-        w_acc = dtype if reuse_b2 and self.log_angular_update else torch.float32
-        w_norms = weight_groups.norms(p, dtype=dtype, accumulate=w_acc)
-        if layout.sharded or not identity:  # partials to reduce across shards, or to combine into buckets
-            pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
-        if pending.grad_parts:
-            gsub = layout.subset_of_all() if pending.grads_whole else layout.subset(tuple(pending.grad_idx))
-            pieces["g"] = (torch.cat(pending.grad_parts), gsub.idx, K.reduce_op(p))
-        if pending.snapshots:
-            # The angle needs the squares accumulated in ``dtype`` (float64): its cosine subtracts nearly
-            # equal squares. The ratio alone does not, and a float64 kernel on CPU makes a float64 copy
-            # of each float32 tensor it reduces (large tensors: of one slice at a time).
-            acc = dtype if self.log_angular_update else torch.float32
-            before: Any
-            after: Any
-            if pending.snap_whole and layout.weight_groups is not None:
-                # Every parameter in layout order: the snapshot mirrors the parameters' split (no regrouping).
-                usub = layout.subset_of_all()
-                before, after = layout.weight_groups.like(pending.snapshots), layout.weight_groups
-            else:
-                usub = layout.subset(tuple(pending.snap_idx))
-                plain = layout.weight_groups is not None
-                before = pending.snapshots
-                after = pending.snap_sources if plain else [weights[i] for i in pending.snap_idx]
-            pieces["a2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), usub.idx, "sum")
-            b2 = w_norms.square() if reuse_b2 else K.partials(after, 2, dtype=dtype, device=dev, accumulate=acc)
-            pieces["b2"] = (b2, usub.idx, "sum")
-            # ``before - after`` in place into the snapshot, no second copy of the weights: it is ``-Δw``
-            # exactly (IEEE subtraction is antisymmetric), so the same norm.
-            if isinstance(before, K.TensorGroups):
-                before.sub_(after)
-            else:
-                K.sub_tensors_(before, after)
-            d2 = K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc)
-            pieces["d2"] = (d2, usub.idx, "sum")
-            pending.snapshots.clear()  # the copy is no longer needed
-        if self.log_sparsity:
-            nonzero = weight_groups.norms(0, dtype=dtype)  # counted in ``dtype``: exact in float64
-            pieces["zeros"] = (layout.local_numel - nonzero, None, "sum")
-
-        # 2. One reduction across shards, only when some parameter is sharded.
-        if layout.sharded:
-            pieces = reduce_pieces(pieces, layout)
-        values = {k: v for k, (v, _, _) in pieces.items()}
-
-        # 3. Combine into buckets and finalize, on the device: the tensors, each with its metric keys
-        #    (built once per layout, not per logging step) or ``None`` if only read here.
-        sep = self.group_separator
-        outs: list[Tensor] = []
-        labels: list[list[str] | None] = []
-
-        def emit(keys: list[str] | None, tensor: Tensor) -> int:
-            if tensor.dtype != dtype or tensor.dim() != 1:  # (attribute reads are cheaper than no-op calls)
-                tensor = tensor.reshape(-1).to(dtype)
-            outs.append(tensor)
-            labels.append(keys)
-            return len(outs) - 1
-
-        wsub = layout.subset_of_all()
-        if layout.sharded:
-            w_norms = K.finalize_partials(values["w"], p)  # of the reduced partials
-        # Per-parameter norms, for the non-finite report; logged as they are when buckets are parameters.
-        w_at = emit(wsub.metric_keys("weight_norm", sep) if identity else None, w_norms)
-        if not identity:
-            emit(wsub.metric_keys("weight_norm", sep), self._bucketed(values["w"], wsub))
-        # total, decay_total, no_decay_total: the norm of the per-parameter norms of each row of the mask
-        emit(layout.total_keys("weight_norm", sep), K.masked_norms(w_norms, layout.total_mask, p, layout.zero))
-
-        g_at: int | None = None
-        if "g" in values:
-            g_parts = values["g"]
-            g_keys = gsub.metric_keys("grad_norm", sep)
-            g_at = emit(g_keys if identity else None, K.finalize_partials(g_parts, p))
-            if not identity:
-                emit(g_keys, self._bucketed(g_parts, gsub))
-            emit([f"grad_norm{sep}total"], K.finalize_partials(K.combine_all_partials(g_parts, p), p))
-
-        if "a2" in values:
-            size = len(usub.names)
-            if identity:  # one bucket per parameter, in the subset's order: nothing to combine
-                a2, b2, d2 = values["a2"], values["b2"], values["d2"]
-            else:
-                a2, b2, d2 = (
-                    K.combine_partials(values[k][usub.members], usub.buckets, size, 2) for k in ("a2", "b2", "d2")
-                )
-            if self.log_update_ratio:
-                emit(usub.metric_keys("update_ratio", sep), K.update_ratios(a2, d2))
-            if self.log_angular_update:
-                emit(usub.metric_keys("angular_update", sep), K.angular_updates(a2, b2, d2))
-
-        if "zeros" in values:
-            if identity:
-                zeros, numel = values["zeros"], layout.global_numel
-            else:
-                zeros = K.combine_partials(values["zeros"][wsub.members], wsub.buckets, len(wsub.names), 1)
-                numel = K.combine_partials(layout.global_numel[wsub.members], wsub.buckets, len(wsub.names), 1)
-            emit(wsub.metric_keys("sparsity", sep), zeros / numel)
-
-        # 4. The one device-to-host copy of the step, split back by the (host-known) sizes of the tensors.
-        host = torch.cat(outs).tolist()
-        chunks: list[list[float]] = []
-        metrics: dict[str, float] = {}
-        start = 0
-        for out, keys in zip(outs, labels, strict=True):
-            chunk = host[start : start + out.numel()]
-            start += len(chunk)
-            chunks.append(chunk)
-            if keys is not None:
-                metrics.update(zip(keys, chunk, strict=True))
-
-        if not _all_finite(chunks[w_at]):
-            self._report_non_finite("weight", layout.names, chunks[w_at], pending.step)
-        g_host = chunks[g_at] if g_at is not None else []
-        if g_host and not _all_finite(g_host) and getattr(trainer.precision_plugin, "scaler", None) is None:
-            self._report_non_finite("gradient", [layout.names[i] for i in pending.grad_idx], g_host, pending.step)
-
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=pending.step)
-        if self.log_histograms:
-            self._log_histograms(trainer, layout, pending.step)
-
-    def _bucketed(self, partial: Tensor, subset: Subset) -> Tensor:
-        if self.granularity == "param" and self.blocks is None:
-            return K.finalize_partials(partial, self.norm_type)  # buckets are the parameters
-        combined = K.combine_partials(partial[subset.members], subset.buckets, len(subset.names), self.norm_type)
-        return K.finalize_partials(combined, self.norm_type)
-
-    def _report_non_finite(self, what: str, names: list[str], values: list[float], step: int) -> None:
-        for name, value in zip(names, values, strict=True):
-            if not math.isfinite(value) and (what, name) not in self._warned:
-                self._warned.add((what, name))
-                rank_zero_warn(
-                    f"WeightNormMonitor: the {what} norm of parameter {name!r} is {value} at step {step}. "
-                    "It is logged as is; this warning is shown once per parameter."
-                )
-
-    def _log_histograms(self, trainer: pl.Trainer, layout: Layout, step: int) -> None:
-        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WANDB_LOGGERS)]
-        if not (tb_loggers or wandb_loggers):
-            return
-        members: dict[int, list[Tensor]] = {}
-        for param, bucket in zip(layout.params, layout.bucket_of, strict=True):
-            if bucket is not None:
-                members.setdefault(bucket, []).append(param)
-        histograms: dict[str, Tensor] = {}
-        for bucket, params in members.items():
-            # ``full_tensor`` is a collective: every rank gathers, only rank zero's logger writes.
-            flat = [(t.full_tensor() if K.is_sharded(t) else t).detach().reshape(-1) for t in params]
-            tag = f"weight_hist{self.group_separator}{layout.bucket_names[bucket]}"
-            histograms[tag] = torch.cat(flat).float().cpu()
-        for logger in tb_loggers:
-            for tag, values in histograms.items():
-                logger.experiment.add_histogram(tag, values, step)
-        if wandb_loggers:
-            import wandb  # a WandbLogger is there, so wandb is installed (its logger needs it)
-
-            # One `log_metrics` per logger, so the histograms share the scalars' `trainer/global_step`.
-            logged = {tag: wandb.Histogram(values.numpy()) for tag, values in histograms.items()}
-            for logger in wandb_loggers:
-                logger.log_metrics(logged, step=step)
+        if self._probes.pending is not None:  # a logging step (no run to read on the others)
+            self._probes.after_step(TrainerRun(trainer))
 
 
 def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[str, re.Pattern[str]] | None:
@@ -665,7 +381,15 @@ def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[
     return compiled
 
 
-def _all_finite(values: list[float]) -> bool:
-    """Whether no value is NaN or +-Inf, in one C-level pass (norms are >= 0, so the sum is finite unless
-    one is not, or unless it overflows; then the caller's per-value check decides)."""
-    return math.isfinite(sum(values))
+class _Attached(Effect):
+    """The monitor's probes as an effect of its binding, when attached without a Trainer."""
+
+    def __init__(self, probes: Probes, run: AttachedRun, module: nn.Module) -> None:
+        self.probes, self.run, self.module = probes, run, module
+
+    def before_step(self, binding: Binding, index: int) -> None:
+        self.probes.before_step(self.run, self.module, binding.bound[index].optimizer)
+
+    def after_step(self, binding: Binding, index: int) -> None:
+        if index == len(binding.bound) - 1:  # a step of the last optimizer ends a logging step
+            self.probes.after_step(self.run)

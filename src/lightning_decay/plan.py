@@ -6,10 +6,8 @@ holds references to the parameters, never copies, and knows nothing about Lightn
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
-import inspect
 import itertools
 import math
 import warnings
@@ -20,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_decay._messages import unknown_name_message
+from lightning_decay._options import check_group_options
 from lightning_decay.layers import LayerAssignment, LayerOf, assign_layers, validate_layer_decay
 from lightning_decay.schedules import check_coefficient
 
@@ -345,17 +345,7 @@ class DecayPlan:
         weight_decay = validate_weight_decay(weight_decay)
         layer_decay = validate_layer_decay(layer_decay)
         check_group_options(group_kwargs, "param_groups", layer_decay is not None)
-        if overrides is not None and not isinstance(overrides, Mapping):
-            raise TypeError(
-                "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
-                f"or None, got {type(overrides).__name__}: {overrides!r}"
-            )
-        overrides = dict(overrides or {})
-        for pattern, options in overrides.items():
-            if not isinstance(options, Mapping):
-                raise TypeError(f"`overrides[{pattern!r}]` must be a mapping of group options, got {options!r}")
-            check_group_options(options, f"`overrides[{pattern!r}]`", layer_decay is not None)
-            validate_weight_decay(options.get("weight_decay"), f"overrides[{pattern!r}]['weight_decay']")
+        overrides = checked_overrides(overrides, layer_decay is not None)
         layers = None
         if layer_decay is not None:
             layer_decay, layers = self.layer_assignment(layer_decay, layer_of)  # type: ignore[misc]
@@ -469,90 +459,20 @@ class DecayPlan:
         return f"<{self.summary()}>"
 
 
-# Arguments of grouping functions (ours, timm's `param_groups_*`, mmengine's `paramwise_cfg`) that end up in
-# every group when passed where group options are expected: torch's optimizers keep them without a word.
-_NOT_GROUP_OPTIONS: dict[str, str] = {
-    "layer_of": "an argument of layer-wise lr decay: pass it with `layer_decay=`",
-    "no_weight_decay_list": "timm's argument: use DecayRules(exclude=[...]) or the model's no_weight_decay()",
-    "simple_params_list": "a timm argument this package does not support",
-    "weight_decay_exclude_1d": "timm's argument: use DecayRules(decay_vectors=...)",
-    "min_scale": "a timm layer-decay argument this package does not support",
-    "no_opt_scale": "a timm layer-decay argument this package does not support",
-    "layers_per_group": "a timm argument this package does not support: use `layer_of`",
-    "num_groups": "a timm argument this package does not support: use `layer_of`",
-    "custom_keys": "mmengine's argument: use `overrides={pattern: options}`",
-    "bias_decay_mult": "mmengine's argument: use DecayRules(decay_bias=...) or `overrides`",
-    "norm_decay_mult": "mmengine's argument: use DecayRules(decay_norm=...) or `overrides`",
-    "bias_lr_mult": "mmengine's argument: use `overrides` with an `lr`",
-    "layer_wise_decay_rate": "mmengine's name: use `layer_decay=`",
-    "layer_decay_rate": "mmengine's name: use `layer_decay=`",
-}
-
-
-def check_group_options(options: Mapping[str, Any], where: str, layer_decay: bool = False) -> None:
-    """Refuse group options that are set per group or belong to a grouping function, not an optimizer."""
-    reserved = {"params", "name", *(("lr_scale",) if layer_decay else ())} & set(options)
-    if reserved:
-        raise ValueError(f"{where} may not set {sorted(reserved)} as group options: they are set per group")
-    from lightning_decay.rules import DecayRules  # rules.py imports this module
-
-    for key in options:
-        if key == "rules" or key in DecayRules._OPTIONS:
-            why = "a DecayRules option: give it to DecayRules(...) and pass `rules=`"
-            raise ValueError(f"{where}: {key!r} is not an optimizer option but {why}")
-        if key in _NOT_GROUP_OPTIONS:
-            raise ValueError(f"{where}: {key!r} is not an optimizer option but {_NOT_GROUP_OPTIONS[key]}")
-    # torch's optimizers keep any group key without a word, so a typo (`momentun`) or a grouping argument
-    # we do not know would be silently ignored. Custom optimizers have options of their own: warn, not refuse.
-    unknown = [key for key in options if key not in torch_group_options()]
-    if unknown:
-        hints = "; ".join(
-            f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := closest_names(key, known_options())) else "")
-            for key in unknown
+def checked_overrides(overrides: Any, layer_decay: bool) -> dict[str, Mapping[str, Any]]:
+    """``param_groups``' ``overrides``, checked: a mapping of glob pattern -> group options (or ``None``)."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(
+            "`overrides` must be a mapping of glob pattern -> group options (such as {'head.*': {'lr': 1e-3}}) "
+            f"or None, got {type(overrides).__name__}: {overrides!r}"
         )
-        warnings.warn(
-            f"{where}: {hints}: not a hyperparameter of any torch.optim optimizer. Put on the groups as "
-            "given, and torch's optimizers ignore keys they do not use; keep it only if your optimizer reads it.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-@functools.cache
-def torch_group_options() -> frozenset[str]:
-    """Every hyperparameter a ``torch.optim`` optimizer takes (its ``__init__`` arguments but ``params``),
-    plus the keys LR schedulers and timm put on groups (``initial_lr``, ``lr_scale``)."""
-    names = {"initial_lr", "lr_scale"}
-    for obj in vars(torch.optim).values():
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
-            names.update(p for p in inspect.signature(obj.__init__).parameters if p not in ("self", "params"))
-    return frozenset(n for n in names if not n.startswith("_"))
-
-
-def known_options() -> list[str]:
-    return sorted(torch_group_options())
-
-
-def closest_names(name: str, known: Sequence[str], n: int = 3) -> list[str]:
-    """The known names most like ``name``: first those that differ only by leading components (a prefix
-    such as ``net.`` added or missing), then the closest by ``difflib``."""
-    suffix_of = [k for k in known if k.endswith("." + name) or name.endswith("." + k)]
-    similar = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
-    return list(dict.fromkeys(suffix_of + similar))[:n]
-
-
-def unknown_name_message(name: str, known: Sequence[str], what: str) -> str:
-    """``'{name}' is not {what}``, with the closest known names, or a few of them when none is close."""
-    close = closest_names(name, known)
-    if close:
-        return f"{name!r} is not {what}; did you mean {', '.join(repr(c) for c in close)}?"
-    return f"{name!r} is not {what}; the names are {few_names(known)}"
-
-
-def few_names(names: Sequence[str], n: int = 5) -> str:
-    """The first ``n`` names, quoted, and how many more."""
-    shown = ", ".join(repr(x) for x in list(names)[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+    overrides = dict(overrides or {})
+    for pattern, options in overrides.items():
+        if not isinstance(options, Mapping):
+            raise TypeError(f"`overrides[{pattern!r}]` must be a mapping of group options, got {options!r}")
+        check_group_options(options, f"`overrides[{pattern!r}]`", layer_decay)
+        validate_weight_decay(options.get("weight_decay"), f"overrides[{pattern!r}]['weight_decay']")
+    return overrides
 
 
 def _matches_any(pattern: str, d: ParamDecision) -> bool:

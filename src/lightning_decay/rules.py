@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lightning_decay._checks import check_flag
+from lightning_decay._options import RULE_OPTIONS, patterns
 from lightning_decay.names import named_modules_clean
 from lightning_decay.plan import DecayPlan, PlanColumns
 
@@ -173,18 +174,7 @@ class DecayRules:
         ```
     """
 
-    _OPTIONS = (
-        "exclude",
-        "include",
-        "exclude_modules",
-        "predicate",
-        "decay_bias",
-        "decay_norm",
-        "decay_embeddings",
-        "decay_vectors",
-        "use_model_hooks",
-        "decay_position_bias",
-    )
+    _OPTIONS = RULE_OPTIONS
 
     def __init__(
         self,
@@ -204,8 +194,8 @@ class DecayRules:
             raise ValueError(
                 f"DecayRules got unknown option(s) {sorted(unknown)}; allowed options are {list(self._OPTIONS)}"
             )
-        self.exclude = _patterns(exclude, "exclude")
-        self.include = _patterns(include, "include")
+        self.exclude = patterns(exclude, "exclude")
+        self.include = patterns(include, "include")
         self.exclude_modules = _module_types(exclude_modules, "exclude_modules")
         if predicate is not None and not callable(predicate):
             raise TypeError(f"`predicate` must be callable (name, param, module) -> bool | None, got {predicate!r}")
@@ -397,22 +387,6 @@ def _explicit_verdict(
     if exclude_modules and isinstance(owner, exclude_modules):
         return False, f"exclude_modules ({_class_name(owner)})", True
     return None
-
-
-def _patterns(value: Sequence[str] | str, argument: str) -> tuple[str, ...]:
-    """Glob patterns as a tuple; one string is one pattern. Shared by the callbacks' pattern arguments."""
-    if isinstance(value, str):
-        value = (value,)
-    if not isinstance(value, Iterable) or isinstance(value, Mapping):
-        raise TypeError(
-            f"`{argument}` must be a list of glob pattern strings (or one string), "
-            f"got {type(value).__name__}: {value!r}"
-        )
-    out = tuple(value)
-    for p in out:
-        if not isinstance(p, str) or not p:
-            raise TypeError(f"`{argument}` must hold non-empty glob pattern strings, got {p!r}")
-    return out
 
 
 def _module_types(value: Any, argument: str) -> tuple[type[nn.Module], ...]:
