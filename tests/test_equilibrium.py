@@ -315,3 +315,18 @@ def test_report_picture_has_a_panel_per_layer_and_the_norms(tmp_path: Path) -> N
     width, height = struct.unpack(">II", head[16:24])
     assert width > height > 0  # 2 rows of 3 panels at 4 x 3 inches
     assert "decay_report.png" in markdown.read_text()
+
+
+def test_report_module_imports_matplotlib_only_when_drawing() -> None:
+    """The package imports without matplotlib: decay_report imports it inside ``report_figure`` only."""
+    import ast
+
+    import lightning_decay.decay_report as report
+
+    tree = ast.parse(Path(report.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert names and not any(name.split(".")[0] == "matplotlib" for name in names)
+    inside = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "matplotlib.figure"]
+    assert len(inside) == 2  # the TYPE_CHECKING import and the one in report_figure

@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -299,18 +299,12 @@ def grad_weight_cosines(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> l
     """
     if len(grads) != len(weights):
         raise ValueError(f"`grads` has {len(grads)} tensors for {len(weights)} weights")
-    out: list[Tensor | None] = [None] * len(grads)
-    grouped = _group_tensors_by_device_and_dtype([list(grads), list(weights)], with_indices=True)
-    for (device, _), ([g, w], indices) in grouped.items():
-        if any(t.numel() == 0 for t in g):  # foreach norms refuse empty tensors: nothing to align
-            zero = torch.zeros((), dtype=torch.float32, device=device)
-            empty = [j for j, t in zip(indices, g, strict=True) if t.numel() == 0]
-            for j in empty:
-                out[j] = zero
-            keep = [k for k, t in enumerate(g) if t.numel() > 0]
-            g, w, indices = [g[k] for k in keep], [w[k] for k in keep], [indices[k] for k in keep]
-            if not g:
-                continue
+    # Foreach norms refuse empty tensors: an empty pair has nothing to align, 0 (shapes only, no sync).
+    out = [torch.zeros((), dtype=torch.float32, device=g.device) if g.numel() == 0 else None for g in grads]
+    nonempty = [i for i, c in enumerate(out) if c is None]
+    pairs = [[grads[i] for i in nonempty], [weights[i] for i in nonempty]]
+    for [group_g, group_w], positions in _group_tensors_by_device_and_dtype(pairs, with_indices=True).values():  # type: ignore[arg-type]
+        g, w = cast("list[Tensor]", group_g), cast("list[Tensor]", group_w)
         products = torch._foreach_mul(g, w)
         absolute = torch.stack(torch._foreach_norm(products, 1, dtype=torch.float32))
         torch._foreach_clamp_min_(products, 0.0)
@@ -320,8 +314,8 @@ def grad_weight_cosines(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> l
         )
         cos = ((2.0 * positive - absolute).abs() / denominator).clamp(max=1.0)
         cos = torch.where(denominator > 0, cos, torch.zeros_like(cos))
-        for j, c in zip(indices, cos.unbind(), strict=True):
-            out[j] = c
+        for j, c in zip(positions, cos.unbind(), strict=True):
+            out[nonempty[j]] = c
     return out  # type: ignore[return-value]
 
 
