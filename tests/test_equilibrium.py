@@ -229,6 +229,14 @@ def test_predictions_without_a_closed_form_say_why() -> None:
     assert eq.predict_from_param_group(decoupled.param_groups[0], decoupled) == eq.predict_from_param_group(
         adamw.param_groups[0], adamw
     )
+
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    mine = MyAdamW([p], lr=1e-3, weight_decay=0.1)
+    assert eq.predict_from_param_group(mine.param_groups[0], mine) == eq.predict_from_param_group(
+        adamw.param_groups[0], "AdamW"
+    )
     other = torch.optim.Adagrad([p], lr=1e-2)
     assert "Adagrad" in eq.predict_from_param_group(other.param_groups[0], other).reason
     # WeightPenalty(l2) on SGD is SGD's own weight_decay

@@ -222,8 +222,7 @@ def predict_from_param_group(
         The :class:`Prediction`; ``angle`` is ``None`` with a reason for a coupled L2 in Adam/RMSprop and
         for optimizers without a derivation here.
     """
-    name = optimizer if isinstance(optimizer, str) else (optimizer if isinstance(optimizer, type) else type(optimizer))
-    name = name if isinstance(name, str) else name.__name__
+    name = _optimizer_kind(optimizer)
     lr = float(group["lr"])  # a tensor lr: one host read, on a logging step only
     own = float(group.get("weight_decay", 0.0))
     if name == "SGD":
@@ -246,6 +245,20 @@ def predict_from_param_group(
         return equilibrium_angle(lr, decoupled_weight_decay, own + coupled_l2, momentum=momentum, adaptive=True)
     rate = lr * decoupled_weight_decay
     return Prediction(None, rate, f"no equilibrium derived for {name} (SGD, Adam, AdamW, RMSprop are)")
+
+
+def _optimizer_kind(optimizer: Any) -> str:
+    """The first of SGD, AdamW, Adam, RMSprop in the class's MRO (a subclass is its base), else its name."""
+    if isinstance(optimizer, str):
+        return optimizer
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    for base in cls.__mro__:
+        if base.__module__.startswith("torch.optim") and base.__name__ in _DERIVED:
+            return base.__name__
+    return cls.__name__
+
+
+_DERIVED = ("SGD", "Adam", "AdamW", "RMSprop")
 
 
 def timescale_steps(decay_rate: float) -> float:
