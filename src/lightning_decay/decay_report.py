@@ -1,15 +1,15 @@
 """The decay report: one row per decayed layer, as markdown, plain text and a picture (framework-free).
 
-Built from the series a monitor logged (:class:`LayerSeries`: per logging step the angle, the predicted
+Built from the series a monitor logged (``LayerSeries``: per logging step the angle, the predicted
 equilibrium angle, lr, wd, decay rate, scale-invariance score, weight norm), with the functions of
-:mod:`lightning_decay.equilibrium`. matplotlib is imported only by :func:`report_figure` (the
+``lightning_decay.equilibrium``. matplotlib is imported only by ``report_figure`` (the
 ``examples`` and ``test`` extras have it); the package imports without it.
 
 Wiring (left to the monitor): keep a ``LayerSeries`` per monitored decayed name, append on each logging
 step the host values it logs anyway (``angular_update/{name}``, ``weight_norm/{name}``, and the
 equilibrium probe's predicted angle, decay rate and score), and at the end of fit on rank zero call
-:func:`build_rows` with the run's total optimizer steps and steps per epoch, print :func:`render_text`,
-and :func:`write_report` into the logger's ``log_dir`` (else the Trainer's ``default_root_dir``).
+``build_rows`` with the run's total optimizer steps and steps per epoch, print ``render_text``,
+and ``write_report`` into the logger's ``log_dir`` (else the Trainer's ``default_root_dir``).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def build_row(
 def build_rows(
     series: Mapping[str, LayerSeries], total_steps: int | None = None, steps_per_epoch: int | None = None
 ) -> list[ReportRow]:
-    """One :func:`build_row` per layer, in the mapping's order."""
+    """One ``build_row`` per layer, in the mapping's order."""
     return [build_row(name, s, total_steps, steps_per_epoch) for name, s in series.items()]
 
 

@@ -13,9 +13,11 @@ decay that shrinks ``w`` by the fraction ``D`` per step. Write ``t = sum_k c_k``
 moves ``w`` in total, in units of ``lr * g``) and ``r = sum_k c_k**2`` (the expected ``|u|**2`` per
 step, in units of ``lr**2 |g|**2``). In equilibrium the decay removes what the gradients add to
 ``|w|**2``: ``2 D |w|**2 = (lr t)**2 |g|**2``. The update of one step is orthogonal to ``w`` to first
-order, so the angle is ``|u| / |w|``, and::
+order, so the angle is ``|u| / |w|``, and
 
-    angle**2 = lr**2 r |g|**2 / |w|**2 = 2 D r / t**2.
+```text
+angle**2 = lr**2 r |g|**2 / |w|**2 = 2 D r / t**2.
+```
 
 The decay per step is ``D = lr * (wd_decoupled + wd_coupled * t)``: a decoupled decay (AdamW,
 ``WeightDecay``) shrinks by ``lr * wd`` once, a coupled L2 term ``wd * w`` added to the gradient is
@@ -48,10 +50,10 @@ Wiring into ``WeightNormMonitor`` (one probe, on a logging step, per monitored t
 already has ``angular_update/{name}``; it needs, per param group of that tensor, the optimizer class and
 the group dict (``lr``, ``weight_decay``, ``momentum``, ``dampening``, ``nesterov``, ``betas``,
 ``decoupled_weight_decay``), the decay a ``WeightDecay`` callback applied to the group
-(``applied_weight_decay``; converted with :func:`lr_mode_coefficient` for ``mode="lr_ratio"`` and
+(``applied_weight_decay``; converted with ``lr_mode_coefficient`` for ``mode="lr_ratio"`` and
 ``"constant"``; a taken-over decay of SGD/Adam is coupled, of AdamW decoupled), and the ``l2`` of a
-``WeightPenalty`` on it (coupled). :func:`predict_from_param_group` gives the predicted angle and the
-decay rate ``D`` (host floats, once per logging step and group). :func:`grad_weight_cosines` needs the
+``WeightPenalty`` on it (coupled). ``predict_from_param_group`` gives the predicted angle and the
+decay rate ``D`` (host floats, once per logging step and group). ``grad_weight_cosines`` needs the
 gradients and the weights of the step (on the device, one foreach pass; no host sync until logging).
 """
 
@@ -160,9 +162,9 @@ def equilibrium_angle(
         lr: The learning rate.
         decoupled: Decoupled decay coefficient, ``w *= 1 - lr * decoupled`` per step (AdamW, ``WeightDecay``).
         coupled: Coupled L2 coefficient, ``g += coupled * w`` (SGD's ``weight_decay``, ``WeightPenalty(l2)``).
-        momentum: See :func:`filter_factors`.
-        dampening: See :func:`filter_factors`.
-        nesterov: See :func:`filter_factors`.
+        momentum: See ``filter_factors``.
+        dampening: See ``filter_factors``.
+        nesterov: See ``filter_factors``.
         adaptive: The update is divided by a running gradient scale (Adam, RMSprop): then a coupled L2
             has no closed form.
 
@@ -219,7 +221,7 @@ def predict_from_param_group(
             ``WeightDecay`` took over from SGD/Adam).
 
     Returns:
-        The :class:`Prediction`; ``angle`` is ``None`` with a reason for a coupled L2 in Adam/RMSprop and
+        The ``Prediction``; ``angle`` is ``None`` with a reason for a coupled L2 in Adam/RMSprop and
         for optimizers without a derivation here.
     """
     name = _optimizer_kind(optimizer)
@@ -335,7 +337,7 @@ def grad_weight_cosines(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> l
 def scale_invariance_scores(cosines: Tensor, numels: Tensor) -> Tensor:
     """``|cos(grad, w)| * sqrt(numel)``: about 0.8 for an unrelated direction, ~0 for a scale-invariant weight.
 
-    Compare with :data:`SCALE_INVARIANT_MAX_SCORE` (averaged over logging steps). Elementwise on the device.
+    Compare with ``SCALE_INVARIANT_MAX_SCORE`` (averaged over logging steps). Elementwise on the device.
     """
     return cosines * numels.to(cosines.dtype).sqrt()
 
@@ -350,10 +352,10 @@ def verdict(
     """The verdict in words for one layer (thresholds: the module's named constants).
 
     Args:
-        covered: Timescales the run covered (:func:`timescales_covered`).
+        covered: Timescales the run covered (``timescales_covered``).
         measured: The mean angle over the last tenth of the logged steps (``None``/``nan``: not measured).
         predicted: The predicted equilibrium angle, ``None`` when there is none (then ``reason``).
-        score: The mean scale-invariance score (:func:`scale_invariance_scores`), ``None`` if unknown.
+        score: The mean scale-invariance score (``scale_invariance_scores``), ``None`` if unknown.
         reason: Why there is no prediction.
     """
     if score is not None and score > SCALE_INVARIANT_MAX_SCORE:
