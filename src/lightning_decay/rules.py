@@ -115,12 +115,15 @@ def logical_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None
     DTensor (FSDP2) ``.shape`` is already global; DeepSpeed keeps it as ``ds_shape``; FSDP1 flat
     parameters record the original shapes, passed here as ``flat_shapes``.
     """
+    return tuple(_stored_shape(param, flat_shapes))
+
+
+def _stored_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None) -> Sequence[int]:
+    """`logical_shape` as the strategy stores it (a ``torch.Size`` or list): a plan makes it a tuple when read."""
     if flat_shapes and id(param) in flat_shapes:
-        return tuple(flat_shapes[id(param)])
+        return flat_shapes[id(param)]
     ds_shape = getattr(param, "ds_shape", None)
-    if ds_shape is not None:
-        return tuple(ds_shape)
-    return tuple(param.shape)
+    return param.shape if ds_shape is None else ds_shape
 
 
 class DecayRules:
@@ -249,21 +252,21 @@ class DecayRules:
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
         check_flag(include_frozen, "include_frozen")
-        owners, modules = _owners(module)
+        owners, modules, held = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
-        hooks = _model_hooks(modules) if self.use_model_hooks else ({}, {})
+        hooks = _model_hooks(modules, held) if self.use_model_hooks else ({}, {})
         flat_shapes = _fsdp1_original_shapes(modules)
         explicit = self._explicit_rules()
         builtin: dict[tuple[type, str, bool, bool], tuple[bool, str, bool]] = {}  # one verdict per kind of tensor
 
-        rows: list[tuple[str, nn.Parameter, bool, str, tuple[int, ...], str, tuple[str, ...]]] = []
+        rows: list[tuple[str, nn.Parameter, bool, str, Sequence[int], str, tuple[str, ...]]] = []
         frozen: list[str] = []
         for param, aliases in owners:
             if not include_frozen and not param.requires_grad:
                 frozen.append(aliases[0][0])
                 continue
-            shape = logical_shape(param, flat_shapes)
+            shape = _stored_shape(param, flat_shapes)  # a tuple when a decision is read (`DecayPlan.decisions`)
             if len(aliases) == 1:
                 name, owner = aliases[0]
                 decay, reason, _ = self._decide(name, param, owner, len(shape), explicit, hooks, builtin)
@@ -449,11 +452,12 @@ def as_rules(value: Any, argument: str = "rules") -> DecayRules:
 
 def _owners(
     module: nn.Module,
-) -> tuple[list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]], list[tuple[str, nn.Module]]]:
+) -> tuple[list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]], list[tuple[str, nn.Module]], list[list[str]]]:
     """Every parameter once, with all its (cleaned name, owning module) pairs, in registration order.
 
-    Also returns ``(cleaned module name, module)`` of every module path, named as the parameters are.
-    Names are cleaned from the module tree (only real wrappers lose their component); if two
+    Also returns ``(cleaned module name, module)`` of every module path, named as the parameters are, and
+    for each the names of its own parameters (`_Covered` finds the names a ``no_weight_decay()`` entry covers
+    in them). Names are cleaned from the module tree (only real wrappers lose their component); if two
     parameters would get the same cleaned name, every name is kept raw (see `clean_names`).
     """
     modules = list(named_modules_clean(module))
@@ -463,8 +467,11 @@ def _owners(
     for clean in (True, False) if cleaned else (False,):
         owners: dict[int, tuple[nn.Parameter, list[tuple[str, nn.Module]]]] = {}
         holder: dict[str, int] = {}
+        held: list[list[str]] = []
         unique = True
         for raw_prefix, clean_prefix, mod in modules:
+            here: list[str] = []
+            held.append(here)
             params = mod._parameters
             if not params:
                 continue
@@ -474,6 +481,7 @@ def _owners(
                 if param is None:
                     continue
                 name = dotted + leaf
+                here.append(name)
                 key = id(param)
                 if clean and holder.setdefault(name, key) != key:
                     unique = False
@@ -483,14 +491,16 @@ def _owners(
                 elif all(name != n for n, _ in entry[1]):  # a shared module: one more name, or the same again
                     entry[1].append((name, mod))
         if unique:
-            return list(owners.values()), [(c if clean else r, m) for r, c, m in modules]
-    return list(owners.values()), [(r, m) for r, _, m in modules]
+            return list(owners.values()), [(c if clean else r, m) for r, c, m in modules], held
+    return list(owners.values()), [(r, m) for r, _, m in modules], held
 
 
 _HOOKS = ("no_weight_decay", "no_weight_decay_keywords")
 
 
-def _model_hooks(modules: list[tuple[str, nn.Module]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+def _model_hooks(
+    modules: list[tuple[str, nn.Module]], held: list[list[str]]
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path.
 
     A hook is a method of the class (looked up once per class: nn.Module's own miss formats an AttributeError,
@@ -516,7 +526,7 @@ def _model_hooks(modules: list[tuple[str, nn.Module]]) -> tuple[dict[str, str], 
         kw_hook = getattr(mod, _HOOKS[1], None) if has_kw_hook else None
         prefix = f"{mod_name}." if mod_name else ""
         if callable(hook):
-            covered = covered or _Covered(modules)
+            covered = covered or _Covered(modules, held)
             where = f" of {mod_name}" if mod_name else ""
             for entry in _call_hook(hook, "no_weight_decay", cls.__name__):
                 # An entry names a parameter, or a module whose parameters are all excluded.
@@ -534,38 +544,29 @@ class _Covered:
     """The parameter names a ``no_weight_decay()`` entry covers: the name itself if a parameter has it, and every
     name under it where it is a module path.
 
-    The modules come parents first, so the modules under a path follow each module of that path, and their
-    paths begin with it: the names are found by scanning from there, not by sorting or searching every name.
+    The modules come parents first, so the modules under a path follow its first module, and their paths begin
+    with it: the names are read from there (``held``, each module's own parameter names as `_owners` built them),
+    not found by sorting or searching every name.
     """
 
-    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
-        self._modules = modules
-        self._at: dict[str, list[int]] = {}  # path -> positions in `modules`
-        for i, (path, _) in enumerate(modules):
-            self._at.setdefault(path, []).append(i)
+    def __init__(self, modules: list[tuple[str, nn.Module]], held: list[list[str]]) -> None:
+        self._paths = [path for path, _ in modules]
+        self._held = held
+        # path -> its first position (a wrapper and the module it wraps share a path; the first comes first)
+        last = len(modules) - 1
+        self._at = {path: last - i for i, path in enumerate(reversed(self._paths))}
+        self._names = {name for names in held for name in names}
 
     def __call__(self, full: str) -> list[str]:
-        modules = self._modules
-        found: list[str] = []
-        path, _, leaf = full.rpartition(".")  # a parameter's name is its module's path and its attribute
-        for i in self._at.get(path, ()):
-            if modules[i][1]._parameters.get(leaf) is not None:
-                found.append(full)
-                break
-        if not full:  # the root's path: no name is "under" the empty string
+        found = [full] if full in self._names else []
+        start = self._at.get(full) if full else None  # the root's path: no name is "under" the empty string
+        if start is None:
             return found
-        under = full + "."
-        end = 0
-        for i in self._at.get(full, ()):
-            if i < end:  # inside the run already scanned (a wrapper and the module it wraps share a path)
-                continue
-            end = i
-            while end < len(modules) and (modules[end][0] == full or modules[end][0].startswith(under)):
-                path, mod = modules[end]
-                for leaf, param in mod._parameters.items():
-                    if param is not None:
-                        found.append(f"{path}.{leaf}")
-                end += 1
+        paths, held, under = self._paths, self._held, full + "."
+        end = start
+        while end < len(paths) and (paths[end] == full or paths[end].startswith(under)):
+            found += held[end]
+            end += 1
         return found
 
 
