@@ -252,7 +252,7 @@ class DecayRules:
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
         check_flag(include_frozen, "include_frozen")
-        owners, modules, held = _owners(module)
+        owners, tied, modules, held = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
         hooks = _model_hooks(modules, held) if self.use_model_hooks else ({}, {})
@@ -262,26 +262,26 @@ class DecayRules:
 
         rows: list[tuple[str, nn.Parameter, bool, str, Sequence[int], str, tuple[str, ...]]] = []
         frozen: list[str] = []
-        for param, aliases in owners:
+        for param, name, owner in owners:
             if not include_frozen and not param.requires_grad:
-                frozen.append(aliases[0][0])
+                frozen.append(name)
                 continue
             shape = _stored_shape(param, flat_shapes)  # a tuple when a decision is read (`DecayPlan.decisions`)
-            if len(aliases) == 1:
-                name, owner = aliases[0]
+            more = tied.get(id(param)) if tied else None
+            if more is None:
                 decay, reason, _ = self._decide(name, param, owner, len(shape), explicit, hooks, builtin)
                 rows.append((name, param, decay, reason, shape, type(owner).__name__, ()))
                 continue
-            names = [name for name, _ in aliases]
+            aliases = [(name, owner), *more]
             verdicts = [self._decide(n, param, o, len(shape), explicit, hooks, builtin) for n, o in aliases]
-            decay, reason = _resolve_tied(names, verdicts)
-            rows.append((names[0], param, decay, reason, shape, type(aliases[0][1]).__name__, tuple(names[1:])))
+            decay, reason = _resolve_tied([n for n, _ in aliases], verdicts)
+            rows.append((name, param, decay, reason, shape, type(owner).__name__, tuple(n for n, _ in more)))
         if not rows:
             raise ValueError(
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
             )
-        all_names = [name for _, aliases in owners for name, _ in aliases] if self.include or self.exclude else []
+        all_names = [n for _, n, _ in owners] + [n for more in tied.values() for n, _ in more]
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
@@ -450,22 +450,31 @@ def as_rules(value: Any, argument: str = "rules") -> DecayRules:
     return value
 
 
-def _owners(
-    module: nn.Module,
-) -> tuple[list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]], list[tuple[str, nn.Module]], list[list[str]]]:
-    """Every parameter once, with all its (cleaned name, owning module) pairs, in registration order.
+_Owners = tuple[
+    list[tuple[nn.Parameter, str, nn.Module]],
+    dict[int, list[tuple[str, nn.Module]]],
+    list[tuple[str, nn.Module]],
+    list[list[str]],
+]
 
-    Also returns ``(cleaned module name, module)`` of every module path, named as the parameters are, and
-    for each the names of its own parameters (`_Covered` finds the names a ``no_weight_decay()`` entry covers
-    in them). Names are cleaned from the module tree (only real wrappers lose their component); if two
-    parameters would get the same cleaned name, every name is kept raw (see `clean_names`).
+
+def _owners(module: nn.Module) -> _Owners:
+    """Every parameter once, with its first (cleaned name, owning module), in registration order.
+
+    Also returns, by ``id``, the further (name, owner) pairs of a parameter reached through more than one path
+    (tied or shared; most have one, so no list is built for them), ``(cleaned module name, module)`` of every
+    module path, named as the parameters are, and for each the names of its own parameters (`_Covered` finds
+    the names a ``no_weight_decay()`` entry covers in them). Names are cleaned from the module tree (only real
+    wrappers lose their component); if two parameters would get the same cleaned name, every name is kept raw
+    (see `clean_names`).
     """
     modules = list(named_modules_clean(module))
     # Raw names are unique (one per module path and attribute); cleaned ones need checking only where a
     # wrapper's component was removed.
     cleaned = any(raw != clean for raw, clean, _ in modules)
     for clean in (True, False) if cleaned else (False,):
-        owners: dict[int, tuple[nn.Parameter, list[tuple[str, nn.Module]]]] = {}
+        owners: dict[int, tuple[nn.Parameter, str, nn.Module]] = {}
+        tied: dict[int, list[tuple[str, nn.Module]]] = {}
         holder: dict[str, int] = {}
         held: list[list[str]] = []
         unique = True
@@ -485,14 +494,12 @@ def _owners(
                 key = id(param)
                 if clean and holder.setdefault(name, key) != key:
                     unique = False
-                entry = owners.get(key)
-                if entry is None:
-                    owners[key] = (param, [(name, mod)])
-                elif all(name != n for n, _ in entry[1]):  # a shared module: one more name, or the same again
-                    entry[1].append((name, mod))
+                first = owners.setdefault(key, (param, name, mod))
+                if first[1] != name and all(name != n for n, _ in tied.get(key, ())):  # a shared module
+                    tied.setdefault(key, []).append((name, mod))
         if unique:
-            return list(owners.values()), [(c if clean else r, m) for r, c, m in modules], held
-    return list(owners.values()), [(r, m) for r, _, m in modules], held
+            return list(owners.values()), tied, [(c if clean else r, m) for r, c, m in modules], held
+    return list(owners.values()), tied, [(r, m) for r, _, m in modules], held
 
 
 _HOOKS = ("no_weight_decay", "no_weight_decay_keywords")
