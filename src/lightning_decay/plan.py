@@ -91,12 +91,12 @@ class PlanColumns:
     params: tuple[nn.Parameter, ...] = ()
     decay: tuple[bool, ...] = ()
     reasons: tuple[str, ...] = ()
-    shapes: tuple[tuple[int, ...], ...] = ()
+    shapes: tuple[Sequence[int], ...] = ()  # as stored (a torch.Size from classify); decisions hold tuples
     module_types: tuple[str, ...] = ()
     aliases: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[str, nn.Parameter, bool, str, tuple[int, ...], str, tuple[str, ...]]]):
+    def from_rows(cls, rows: Sequence[tuple[str, nn.Parameter, bool, str, Sequence[int], str, tuple[str, ...]]]):
         """The columns of ``(name, param, decay, reason, shape, module_type, aliases)`` rows."""
         return cls(*zip(*rows, strict=True)) if rows else cls()
 
@@ -168,7 +168,8 @@ class DecayPlan:
     @functools.cached_property
     def decisions(self) -> tuple[ParamDecision, ...]:  # set by __init__; built on first use by `_from_columns`
         c = self._columns
-        return tuple(map(make_decision, c.names, c.params, c.decay, c.reasons, c.shapes, c.module_types, c.aliases))
+        shapes = map(tuple, c.shapes)  # classify keeps each tensor's torch.Size (or list) until a decision is read
+        return tuple(map(make_decision, c.names, c.params, c.decay, c.reasons, shapes, c.module_types, c.aliases))
 
     # Built on the first lookup: building optimizer groups needs neither (at 100k tensors, a tenth of the time).
     @functools.cached_property

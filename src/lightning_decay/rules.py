@@ -116,12 +116,15 @@ def logical_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None
     DTensor (FSDP2) ``.shape`` is already global; DeepSpeed keeps it as ``ds_shape``; FSDP1 flat
     parameters record the original shapes, passed here as ``flat_shapes``.
     """
+    return tuple(_stored_shape(param, flat_shapes))
+
+
+def _stored_shape(param: torch.Tensor, flat_shapes: dict[int, torch.Size] | None) -> Sequence[int]:
+    """`logical_shape` as the strategy stores it (a ``torch.Size`` or list): a plan makes it a tuple when read."""
     if flat_shapes and id(param) in flat_shapes:
-        return tuple(flat_shapes[id(param)])
+        return flat_shapes[id(param)]
     ds_shape = getattr(param, "ds_shape", None)
-    if ds_shape is not None:
-        return tuple(ds_shape)
-    return tuple(param.shape)
+    return param.shape if ds_shape is None else ds_shape
 
 
 class DecayRules:
@@ -239,36 +242,36 @@ class DecayRules:
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
         check_flag(include_frozen, "include_frozen")
-        owners, modules = _owners(module)
+        owners, tied, modules, held = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
-        hooks = _model_hooks(modules) if self.use_model_hooks else ({}, {})
+        hooks = _model_hooks(modules, held) if self.use_model_hooks else ({}, {})
         flat_shapes = _fsdp1_original_shapes(modules)
         explicit = self._explicit_rules()
         builtin: dict[tuple[type, str, bool, bool], tuple[bool, str, bool]] = {}  # one verdict per kind of tensor
 
-        rows: list[tuple[str, nn.Parameter, bool, str, tuple[int, ...], str, tuple[str, ...]]] = []
+        rows: list[tuple[str, nn.Parameter, bool, str, Sequence[int], str, tuple[str, ...]]] = []
         frozen: list[str] = []
-        for param, aliases in owners:
+        for param, name, owner in owners:
             if not include_frozen and not param.requires_grad:
-                frozen.append(aliases[0][0])
+                frozen.append(name)
                 continue
-            shape = logical_shape(param, flat_shapes)
-            if len(aliases) == 1:
-                name, owner = aliases[0]
+            shape = _stored_shape(param, flat_shapes)  # a tuple when a decision is read (`DecayPlan.decisions`)
+            more = tied.get(id(param)) if tied else None
+            if more is None:
                 decay, reason, _ = self._decide(name, param, owner, len(shape), explicit, hooks, builtin)
                 rows.append((name, param, decay, reason, shape, type(owner).__name__, ()))
                 continue
-            names = [name for name, _ in aliases]
+            aliases = [(name, owner), *more]
             verdicts = [self._decide(n, param, o, len(shape), explicit, hooks, builtin) for n, o in aliases]
-            decay, reason = _resolve_tied(names, verdicts)
-            rows.append((names[0], param, decay, reason, shape, type(aliases[0][1]).__name__, tuple(names[1:])))
+            decay, reason = _resolve_tied([n for n, _ in aliases], verdicts)
+            rows.append((name, param, decay, reason, shape, type(owner).__name__, tuple(n for n, _ in more)))
         if not rows:
             raise ValueError(
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
             )
-        all_names = [name for _, aliases in owners for name, _ in aliases] if self.include or self.exclude else []
+        all_names = [n for _, n, _ in owners] + [n for more in tied.values() for n, _ in more]
         for pattern in (*self.include, *self.exclude):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                 warnings.warn(f"DecayRules: pattern {pattern!r} matches no parameter", stacklevel=2)
@@ -421,24 +424,37 @@ def as_rules(value: Any, argument: str = "rules") -> DecayRules:
     return value
 
 
-def _owners(
-    module: nn.Module,
-) -> tuple[list[tuple[nn.Parameter, list[tuple[str, nn.Module]]]], list[tuple[str, nn.Module]]]:
-    """Every parameter once, with all its (cleaned name, owning module) pairs, in registration order.
+_Owners = tuple[
+    list[tuple[nn.Parameter, str, nn.Module]],
+    dict[int, list[tuple[str, nn.Module]]],
+    list[tuple[str, nn.Module]],
+    list[list[str]],
+]
 
-    Also returns ``(cleaned module name, module)`` of every module path, named as the parameters are.
-    Names are cleaned from the module tree (only real wrappers lose their component); if two
-    parameters would get the same cleaned name, every name is kept raw (see `clean_names`).
+
+def _owners(module: nn.Module) -> _Owners:
+    """Every parameter once, with its first (cleaned name, owning module), in registration order.
+
+    Also returns, by ``id``, the further (name, owner) pairs of a parameter reached through more than one path
+    (tied or shared; most have one, so no list is built for them), ``(cleaned module name, module)`` of every
+    module path, named as the parameters are, and for each the names of its own parameters (`_Covered` finds
+    the names a ``no_weight_decay()`` entry covers in them). Names are cleaned from the module tree (only real
+    wrappers lose their component); if two parameters would get the same cleaned name, every name is kept raw
+    (see `clean_names`).
     """
     modules = list(named_modules_clean(module))
     # Raw names are unique (one per module path and attribute); cleaned ones need checking only where a
     # wrapper's component was removed.
     cleaned = any(raw != clean for raw, clean, _ in modules)
     for clean in (True, False) if cleaned else (False,):
-        owners: dict[int, tuple[nn.Parameter, list[tuple[str, nn.Module]]]] = {}
+        owners: dict[int, tuple[nn.Parameter, str, nn.Module]] = {}
+        tied: dict[int, list[tuple[str, nn.Module]]] = {}
         holder: dict[str, int] = {}
+        held: list[list[str]] = []
         unique = True
         for raw_prefix, clean_prefix, mod in modules:
+            here: list[str] = []
+            held.append(here)
             params = mod._parameters
             if not params:
                 continue
@@ -448,23 +464,24 @@ def _owners(
                 if param is None:
                     continue
                 name = dotted + leaf
+                here.append(name)
                 key = id(param)
                 if clean and holder.setdefault(name, key) != key:
                     unique = False
-                entry = owners.get(key)
-                if entry is None:
-                    owners[key] = (param, [(name, mod)])
-                elif all(name != n for n, _ in entry[1]):  # a shared module: one more name, or the same again
-                    entry[1].append((name, mod))
+                first = owners.setdefault(key, (param, name, mod))
+                if first[1] != name and all(name != n for n, _ in tied.get(key, ())):  # a shared module
+                    tied.setdefault(key, []).append((name, mod))
         if unique:
-            return list(owners.values()), [(c if clean else r, m) for r, c, m in modules]
-    return list(owners.values()), [(r, m) for r, _, m in modules]
+            return list(owners.values()), tied, [(c if clean else r, m) for r, c, m in modules], held
+    return list(owners.values()), tied, [(r, m) for r, _, m in modules], held
 
 
 _HOOKS = ("no_weight_decay", "no_weight_decay_keywords")
 
 
-def _model_hooks(modules: list[tuple[str, nn.Module]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+def _model_hooks(
+    modules: list[tuple[str, nn.Module]], held: list[list[str]]
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path.
 
     A hook is a method of the class (looked up once per class: nn.Module's own miss formats an AttributeError,
@@ -490,7 +507,7 @@ def _model_hooks(modules: list[tuple[str, nn.Module]]) -> tuple[dict[str, str], 
         kw_hook = getattr(mod, _HOOKS[1], None) if has_kw_hook else None
         prefix = f"{mod_name}." if mod_name else ""
         if callable(hook):
-            covered = covered or _Covered(modules)
+            covered = covered or _Covered(modules, held)
             where = f" of {mod_name}" if mod_name else ""
             for entry in _call_hook(hook, "no_weight_decay", cls.__name__):
                 # An entry names a parameter, or a module whose parameters are all excluded.
@@ -508,38 +525,29 @@ class _Covered:
     """The parameter names a ``no_weight_decay()`` entry covers: the name itself if a parameter has it, and every
     name under it where it is a module path.
 
-    The modules come parents first, so the modules under a path follow each module of that path, and their
-    paths begin with it: the names are found by scanning from there, not by sorting or searching every name.
+    The modules come parents first, so the modules under a path follow its first module, and their paths begin
+    with it: the names are read from there (``held``, each module's own parameter names as `_owners` built them),
+    not found by sorting or searching every name.
     """
 
-    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
-        self._modules = modules
-        self._at: dict[str, list[int]] = {}  # path -> positions in `modules`
-        for i, (path, _) in enumerate(modules):
-            self._at.setdefault(path, []).append(i)
+    def __init__(self, modules: list[tuple[str, nn.Module]], held: list[list[str]]) -> None:
+        self._paths = [path for path, _ in modules]
+        self._held = held
+        # path -> its first position (a wrapper and the module it wraps share a path; the first comes first)
+        last = len(modules) - 1
+        self._at = {path: last - i for i, path in enumerate(reversed(self._paths))}
+        self._names = {name for names in held for name in names}
 
     def __call__(self, full: str) -> list[str]:
-        modules = self._modules
-        found: list[str] = []
-        path, _, leaf = full.rpartition(".")  # a parameter's name is its module's path and its attribute
-        for i in self._at.get(path, ()):
-            if modules[i][1]._parameters.get(leaf) is not None:
-                found.append(full)
-                break
-        if not full:  # the root's path: no name is "under" the empty string
+        found = [full] if full in self._names else []
+        start = self._at.get(full) if full else None  # the root's path: no name is "under" the empty string
+        if start is None:
             return found
-        under = full + "."
-        end = 0
-        for i in self._at.get(full, ()):
-            if i < end:  # inside the run already scanned (a wrapper and the module it wraps share a path)
-                continue
-            end = i
-            while end < len(modules) and (modules[end][0] == full or modules[end][0].startswith(under)):
-                path, mod = modules[end]
-                for leaf, param in mod._parameters.items():
-                    if param is not None:
-                        found.append(f"{path}.{leaf}")
-                end += 1
+        paths, held, under = self._paths, self._held, full + "."
+        end = start
+        while end < len(paths) and (paths[end] == full or paths[end].startswith(under)):
+            found += held[end]
+            end += 1
         return found
 
 
