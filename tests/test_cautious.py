@@ -101,7 +101,11 @@ def lr_factor(opt: torch.optim.Optimizer) -> float:
 
 
 def reference_loop(
-    optimizer: Callable[[nn.Module], torch.optim.Optimizer], before_step: Any, epochs: int = 2, accumulate: int = 1
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    before_step: Any,
+    epochs: int = 2,
+    accumulate: int = 1,
+    clip_value: float | None = None,
 ) -> list[dict[str, Tensor]]:
     """A plain torch loop: ``before_step(module, opt)`` right before each ``opt.step()``, as the paper's step."""
     module = Lit(optimizer)
@@ -113,6 +117,8 @@ def reference_loop(
             (nn.functional.mse_loss(module.net(x), y) / accumulate).backward()
             if (i + 1) % accumulate and i + 1 < len(batches):
                 continue
+            if clip_value is not None:
+                nn.utils.clip_grad_value_(module.parameters(), clip_value)
             with torch.no_grad():
                 before_step(module, opt)
             opt.step()
@@ -212,6 +218,24 @@ def test_taking_over_a_coupled_decay_with_cautious_is_refused() -> None:
     optimizer = lambda m: torch.optim.Adam(m.parameters(), lr=LR, weight_decay=WD)  # noqa: E731
     with pytest.raises(MisconfigurationException, match=r"cautious=True.*coupled"):
         run(Lit(optimizer), [WeightDecay(cautious=True)])
+
+
+def test_the_direction_is_that_of_the_clipped_gradient() -> None:
+    """Lightning clips after ``on_before_optimizer_step``: the mask must use the gradient the step will use."""
+    optimizer, u_of = OPTIMIZERS["adam"]
+    clip = {"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"}
+    got = run(Lit(optimizer), [WeightDecay(WD, cautious=True)], max_epochs=2, **clip)
+    want = reference_loop(optimizer, cautious_by_hand(u_of, lr_factor), clip_value=0.01)
+    assert_runs_equal(got, want, exact=True)
+
+    def mask_before_clipping(module: nn.Module, opt: torch.optim.Optimizer) -> None:
+        cautious_by_hand(u_of, lr_factor)(module, opt)
+        nn.utils.clip_grad_value_(module.parameters(), 0.01)
+
+    # The mask of the unclipped gradient gives another run: the order is seen.
+    wrong = reference_loop(optimizer, mask_before_clipping)
+    assert any(not torch.equal(got[-1][k], wrong[-1][k]) for k in got[-1])
+    assert_differs_from_plain(got, run(Lit(optimizer), [WeightDecay(WD)], max_epochs=2, **clip))
 
 
 def test_gradient_accumulation_uses_the_accumulated_gradient() -> None:

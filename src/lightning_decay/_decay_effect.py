@@ -292,7 +292,9 @@ class DecoupledDecay(Effect):
 
     def before_step(self, binding: Binding, index: int) -> None:
         optimizer = binding.bound[index].optimizer
-        if not binding.unscaled_in_step(optimizer):  # fused under a GradScaler: in the step pre-hook
+        # Fused under a GradScaler: in the step pre-hook. Cautious: there too, after gradient clipping, since
+        # the update's sign depends on the clipped gradient.
+        if self.cautious is None and not binding.unscaled_in_step(optimizer):
             self._decoupled(binding, index, optimizer)
 
     def in_step(self, binding: Binding, index: int) -> StepWork | None:
@@ -301,6 +303,8 @@ class DecoupledDecay(Effect):
             # A fused optimizer under a GradScaler decides inside `step` (it sets `found_inf`); its closure
             # has run already (Lightning's AMP plugin runs it before `step`).
             return True, lambda: self._both(binding, index, optimizer)
+        if self.cautious is not None:  # after the closure, so after clipping (no coupled take-over with it)
+            return False, lambda: self._decoupled(binding, index, optimizer)
         if not self.takeover.has_coupled(index):
             return None
         # The L2 term once the gradients are unscaled and clipped, before the update: where torch's own

@@ -213,7 +213,7 @@ class WeightDecay(Regularizer):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self._decay.cautious is not None:  # the mask's share is summed on the device on logging steps only
-            self._decay.cautious.want_fraction = self._binding.bound != [] and should_log(trainer)
+            self._decay.cautious.want_fraction = bool(self._binding.bound) and should_log(trainer)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(
