@@ -111,8 +111,9 @@ class WeightDecay(Regularizer):
 
     Cautious weight decay (``cautious=True``; Chen et al., arXiv 2510.12402): the same factor, applied only to
     the entries whose update ``u`` agrees in sign with the weight, ``x <- x - lr * (u + wd * 1[u * x >= 0] * x)``,
-    with every mode, schedule, ``timescale_epochs`` and a taken-over decoupled decay. ``u`` is read from the
-    optimizer's state and this step's gradient before the step where its sign is known exactly
+    with every mode, schedule, ``timescale_epochs`` and a taken-over decoupled decay; it runs in the optimizer's
+    step pre-hook, after gradient clipping. ``u`` is read from the optimizer's state and this step's (clipped)
+    gradient before the update where its sign is known exactly
     (``lightning_decay.directions``: torch's Adam/AdamW/RAdam/Adamax, SGD, RMSprop, Adagrad, Adadelta, or a
     class given to [`register_direction`][lightning_decay.directions.register_direction]); for any other
     optimizer it is measured from the weights before and after its step, at the cost of one copy of the
