@@ -23,7 +23,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_decay import WeightDecay, attach
+from lightning_decay import WeightDecay, attach, register_direction
+from lightning_decay.directions import Direction
 from tests.test_penalty import Lit, assert_runs_equal, decayed, loader, run, weights
 
 LR, WD = 0.01, 0.5  # a large wd, so that the decay shows against the tiny model's updates
@@ -359,3 +360,31 @@ def test_cautious_must_be_a_bool() -> None:
     for bad in ("yes", 1, None):
         with pytest.raises(TypeError, match="`cautious` must be True or False"):
             WeightDecay(WD, cautious=bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- register_direction
+class RegisteredSignMomentum(SignMomentum):
+    """The custom optimizer, with its direction registered (its own class: ``SignMomentum`` stays measured)."""
+
+
+def sign_momentum_direction(optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]) -> Any:
+    beta = group["beta"]
+    moments = [optimizer.state.get(p, {}).get("m") for p in params]
+
+    def compute(grads: list[Tensor], ms: list[Tensor | None]) -> list[Tensor]:
+        return [g * (1 - beta) if m is None else m * beta + g * (1 - beta) for g, m in zip(grads, ms, strict=True)]
+
+    return Direction(inputs=([p.grad for p in params], moments), compute=compute, temporaries=2)
+
+
+def test_a_registered_direction_is_used_instead_of_measuring(caplog: Any) -> None:
+    register_direction(RegisteredSignMomentum, sign_momentum_direction)
+    optimizer = lambda m: RegisteredSignMomentum(m.parameters())  # noqa: E731
+    with caplog.at_level(logging.INFO):
+        got = run(Lit(optimizer), [WeightDecay(WD, cautious=True)], max_epochs=2)
+    said = [r.getMessage() for r in caplog.records if "cautious=True" in r.getMessage()]
+    assert len(said) == 1 and "state" in said[0] and "measured" not in said[0]
+    # Decayed before the step, as the formula: bitwise the loop by hand (the measured path is one rounding off).
+    want = reference_loop(optimizer, cautious_by_hand(sign_momentum_u, lr_factor))
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, run(Lit(optimizer), [WeightDecay(WD)], max_epochs=2))
