@@ -204,6 +204,8 @@ def optimizer_factory(kind: str, weight_decay: float) -> Callable[[nn.Module], O
             return torch.optim.AdamW(groups, lr=LR, foreach=True)
         if kind == "sgd":
             return torch.optim.SGD(groups, lr=LR, momentum=0.9, foreach=True)
+        if kind == "nadam":
+            return torch.optim.NAdam(groups, lr=LR, foreach=True)
         raise ValueError(kind)
 
     return make
@@ -372,7 +374,26 @@ STEP_VARIANTS: dict[str, tuple[str, str, float, Callable[[], list[Callback]], bo
         False,
     ),
     "naive": ("Adam + naive `reg += torch.norm(p, 2)` loop", "adam", 0.0, list, True),
+    # Cautious weight decay: Adam's direction is known (read from its state); NAdam's is not (measured).
+    "cautious": ("Adam + WeightDecay(cautious=True)", "adam", 0.0, lambda: [WeightDecay(WD, cautious=True)], False),
+    "nadam_wd": ("NAdam + WeightDecay", "nadam", 0.0, lambda: [WeightDecay(WD)], False),
+    "cautious_measured": (
+        "NAdam + WeightDecay(cautious=True), measured",
+        "nadam",
+        0.0,
+        lambda: [WeightDecay(WD, cautious=True)],
+        False,
+    ),
 }
+CAUTIOUS_CHECKS = [
+    ("1.cwd", "Adam + WeightDecay(cautious) / Adam + WeightDecay (known direction)", "cautious", "weight_decay"),
+    (
+        "1.cwd_measured",
+        "NAdam + WeightDecay(cautious) / NAdam + WeightDecay (measured)",
+        "cautious_measured",
+        "nadam_wd",
+    ),
+]
 
 
 FUSED_VARIANTS: dict[str, tuple[str, str, float, Callable[[], list[Callback]], bool]] = {
@@ -413,6 +434,7 @@ def bench_step(report: Report, tag: str, name: str, size: str, device: torch.dev
     ]
     if device.type == "cuda":
         checks += [(key, what, a, b, ("<=", 1.05)) for key, what, a, b in FUSED_CHECKS]
+    checks += [(key, what, a, b, None) for key, what, a, b in CAUTIOUS_CHECKS]  # whole steps: information
     for key, what, a, b, target in checks:
         ratio = paired_ratio(s, a, b)
         value = f"{_x(ratio)} {spread(s, a, b)}"
@@ -1082,7 +1104,8 @@ def _rss_row(
 def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> list[str]:
     """Keys of every row a run over ``devices`` and ``models`` writes (for the smoke test)."""
     per_model = [
-        "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.extra_wd", "1.extra_l2",
+        "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.cwd", "1.cwd_measured",
+        "1.extra_wd", "1.extra_l2",
         "2.bare", "2.lightning", "2.amortized", "3.wd_fit", "3.monitor_fit",
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip

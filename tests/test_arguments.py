@@ -200,6 +200,12 @@ ROWS = [
         names="missing_state",
     ),
     Row(
+        "WeightDecay(cautious=)",
+        lambda v: WeightDecay(0.1, cautious=v),
+        [True, False],
+        [("true", TypeError), (1, TypeError), (None, TypeError)],
+    ),
+    Row(
         "WeightPenalty(log_penalty=)",
         lambda v: WeightPenalty(l2=0.1, log_penalty=v),
         [True, False],

@@ -4,6 +4,7 @@ from lightning_decay._attach import Attachment
 from lightning_decay._lightning import attach
 from lightning_decay.cli import DecayLightningCLI
 from lightning_decay.decay import WeightDecay
+from lightning_decay.directions import register_direction
 from lightning_decay.finetuning import unfreeze_and_add_decay_groups
 from lightning_decay.groups import decay_param_groups
 from lightning_decay.mixin import DecayGroupsMixin
@@ -27,6 +28,7 @@ __all__ = [
     "clean_names",
     "clean_param_name",
     "decay_param_groups",
+    "register_direction",
     "unfreeze_and_add_decay_groups",
 ]
 

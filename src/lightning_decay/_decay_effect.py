@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_decay import kernels
 from lightning_decay._binding import Binding, Effect, StepWork
+from lightning_decay._cautious_effect import CautiousKernel
 from lightning_decay._checks import is_count
 from lightning_decay._compat import MisconfigurationException, rank_zero_info, rank_zero_warn
 from lightning_decay.schedules import Constant, Schedule, check_coefficient
@@ -261,10 +262,14 @@ class DecoupledDecay(Effect):
     ``shrink`` is ``lr * wd`` (``mode="lr"``), ``lr / lr0 * wd`` (``"lr_ratio"``) or ``wd`` (``"constant"``).
     A taken-over coupled decay (torch's SGD, Adam) is applied as the L2 gradient term ``g += wd * w`` the
     optimizer would have added, after the closure (and so after clipping), inside ``step``.
+
+    ``cautious=True``: the same factor, applied only where the update and the weight agree in sign
+    (`CautiousKernel`); a coupled decay taken over is refused then (it is a gradient term, not a decay).
     """
 
-    def __init__(self, source: Source, mode: str) -> None:
+    def __init__(self, source: Source, mode: str, cautious: bool = False) -> None:
         self.source = source
+        self.cautious = CautiousKernel() if cautious else None
         # Taking over, and a timescale, decay as mode="lr".
         self.mode = mode if isinstance(source, Scheduled) else "lr"
         self.takeover = source if isinstance(source, TakeOver) else TakeOver()  # the saved `taken_over`
@@ -277,10 +282,19 @@ class DecoupledDecay(Effect):
     def take_over(self, binding: Binding, index: int) -> None:
         if isinstance(self.source, TakeOver):
             self.source.take_over(binding, index)
+            if self.cautious is not None and self.source.has_coupled(index):
+                name = type(binding.bound[index].optimizer).__name__
+                raise MisconfigurationException(
+                    f"WeightDecay(weight_decay=None, cautious=True): {name}'s weight_decay is an L2 term in the "
+                    "gradient (coupled), which cautious decay cannot mask. Use a decoupled optimizer (AdamW), or "
+                    "give the coefficient: WeightDecay(wd, cautious=True) with the optimizer's weight_decay=0."
+                )
 
     def before_step(self, binding: Binding, index: int) -> None:
         optimizer = binding.bound[index].optimizer
-        if not binding.unscaled_in_step(optimizer):  # fused under a GradScaler: in the step pre-hook
+        # Fused under a GradScaler: in the step pre-hook. Cautious: there too, after gradient clipping, since
+        # the update's sign depends on the clipped gradient.
+        if self.cautious is None and not binding.unscaled_in_step(optimizer):
             self._decoupled(binding, index, optimizer)
 
     def in_step(self, binding: Binding, index: int) -> StepWork | None:
@@ -289,6 +303,8 @@ class DecoupledDecay(Effect):
             # A fused optimizer under a GradScaler decides inside `step` (it sets `found_inf`); its closure
             # has run already (Lightning's AMP plugin runs it before `step`).
             return True, lambda: self._both(binding, index, optimizer)
+        if self.cautious is not None:  # after the closure, so after clipping (no coupled take-over with it)
+            return False, lambda: self._decoupled(binding, index, optimizer)
         if not self.takeover.has_coupled(index):
             return None
         # The L2 term once the gradients are unscaled and clipped, before the update: where torch's own
@@ -301,13 +317,21 @@ class DecoupledDecay(Effect):
         if binding.scaler is None and self.takeover.has_coupled(index):
             self._coupled(binding, index, binding.bound[index].optimizer)
 
+    def after_step(self, binding: Binding, index: int) -> None:
+        if self.cautious is not None:
+            self.cautious.after_step(index)
+
     def forget(self, index: int) -> None:
+        if self.cautious is not None:
+            self.cautious.forget(index)
         self.takeover.forget(index)
         self.lr_checks.forget(index)
         if isinstance(self.source, Timescale):
             self.source.forget(index)
 
     def reset(self) -> None:
+        if self.cautious is not None:
+            self.cautious.reset()
         self.takeover.taken = {}
         self.lr_checks = TensorLrChecks()
         if not isinstance(self.source, TakeOver):
@@ -325,6 +349,8 @@ class DecoupledDecay(Effect):
         skip = binding.found_inf(optimizer)  # decay nothing on a step the GradScaler will skip
         coefficients = self.source.for_step(binding, index)
         step = binding.steps[index]
+        if self.cautious is not None:
+            self.cautious.start(index)
         for b in binding.buckets(index):
             coeff, decoupled = coefficients(b.group_index)
             if not coeff or not decoupled:
@@ -342,7 +368,10 @@ class DecoupledDecay(Effect):
                 self.lr_checks.warn_ratio(index, b.group_index, name, lr, initial_lr, coeff, step)
             factor: float | Tensor = 1.0 - shrink if skip is None else 1.0 - shrink * (1.0 - skip)
             # Like torch's AdamW: a parameter without a gradient this step (frozen, unused) is not decayed.
-            kernels.decay_(b.with_grads()[0], factor)
+            if self.cautious is None:
+                kernels.decay_(b.with_grads()[0], factor)
+            else:
+                self.cautious.decay(binding, index, optimizer, b, factor)
 
     def _coupled(self, binding: Binding, index: int, optimizer: Optimizer) -> None:
         """The optimizer's own (coupled) semantics, taken over: an L2 term ``wd * w`` in the gradient."""

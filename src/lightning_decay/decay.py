@@ -11,7 +11,9 @@ import math
 import numbers
 from typing import Any, Literal
 
-from lightning_decay._checks import check_choice
+from torch.optim import Optimizer
+
+from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import MisconfigurationException, pl
 from lightning_decay._decay_effect import (
     DecoupledDecay,
@@ -24,6 +26,7 @@ from lightning_decay._decay_effect import (
     timescale_weight_decay,
     uses_decoupled_decay,
 )
+from lightning_decay._host import to_host
 from lightning_decay._lightning import Regularizer, should_log
 from lightning_decay.rules import DecayRules
 from lightning_decay.schedules import ScheduleLike, as_schedule
@@ -106,6 +109,18 @@ class WeightDecay(Regularizer):
     values are logged when training starts, one line per group (lr0, S, tau, lambda), and recomputed when the
     epoch length changes.
 
+    Cautious weight decay (``cautious=True``; Chen et al., arXiv 2510.12402): the same factor, applied only to
+    the entries whose update ``u`` agrees in sign with the weight, ``x <- x - lr * (u + wd * 1[u * x >= 0] * x)``,
+    with every mode, schedule, ``timescale_epochs`` and a taken-over decoupled decay; it runs in the optimizer's
+    step pre-hook, after gradient clipping. ``u`` is read from the optimizer's state and this step's (clipped)
+    gradient before the update where its sign is known exactly
+    (``lightning_decay.directions``: torch's Adam/AdamW/RAdam/Adamax, SGD, RMSprop, Adagrad, Adadelta, or a
+    class given to [`register_direction`][lightning_decay.directions.register_direction]); for any other
+    optimizer it is measured from the weights before and after its step, at the cost of one copy of the
+    decayed weights. Which path each param group takes is logged once (``rank_zero_info``). On logging
+    steps it also logs ``weight_decay/cautious_fraction/{group}``, the share of decayed entries the mask let
+    through. See ``docs/cautious.md``.
+
     Args:
         weight_decay: The decay coefficient (number, schedule or ``step -> float``), or ``None`` to take
             over each optimizer group's ``weight_decay``.
@@ -119,6 +134,7 @@ class WeightDecay(Regularizer):
         missing_state: What a resumed fit does when the checkpoint has no state for this callback and the
             state matters (a ``weight_decay`` schedule's step count): ``"raise"`` (default) or
             ``"restart"`` (the schedule starts again from step 0).
+        cautious: Cautious weight decay: decay only where the update and the weight agree in sign.
 
     Raises:
         ValueError: If ``weight_decay`` is negative or not finite (a schedule: at the step it returns one),
@@ -128,10 +144,11 @@ class WeightDecay(Regularizer):
             ``mode``, a taken-over ``weight_decay`` is negative or not finite (at train start), or a loaded
             state is malformed (naming the field).
         TypeError: If ``weight_decay`` is not a number, schedule, callable or ``None``, ``rules`` not a
-            ``DecayRules``, ``timescale_epochs`` not a number, or ``name`` not a string.
+            ``DecayRules``, ``timescale_epochs`` not a number, ``name`` not a string, or ``cautious`` not a bool.
         MisconfigurationException: At train start (after a resumed optimizer is restored) or when param
             groups change, on double decay (the optimizer's own ``weight_decay`` on the same weights, or
-            another regularizer callback); when resuming without the saved state of a schedule; under
+            another regularizer callback); when resuming without the saved state of a schedule; with
+            ``cautious=True``, when taking over a coupled (L2) ``weight_decay`` (torch's Adam, SGD); under
             DeepSpeed; with ``timescale_epochs``, if the epoch length is unknown or a group's base lr is 0.
 
     Examples:
@@ -152,8 +169,10 @@ class WeightDecay(Regularizer):
         timescale_epochs: float | None = None,
         name: str | None = None,
         missing_state: Literal["raise", "restart"] = "raise",
+        cautious: bool = False,
     ) -> None:
         check_choice(mode, _MODES, "mode")
+        self.cautious = check_flag(cautious, "cautious")
         timescale_epochs = _check_timescale(timescale_epochs, weight_decay, mode)
         self.timescale_epochs = timescale_epochs
         self.mode = mode
@@ -166,7 +185,7 @@ class WeightDecay(Regularizer):
             source = TakeOver()
         else:
             source = Scheduled(self._weight_decay)
-        self._decay = DecoupledDecay(source, mode)
+        self._decay = DecoupledDecay(source, mode, cautious)
         super().__init__(rules, name, missing_state, [self._decay])
 
     @property
@@ -191,6 +210,13 @@ class WeightDecay(Regularizer):
         return self._decay.source.value(self._binding, optimizer_index, group_index)
 
     # -------------------------------------------------------------------------- logging
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._decay.cautious is not None:  # the mask's share is summed on the device on logging steps only
+            self._decay.cautious.want_fraction = bool(self._binding.bound) and should_log(trainer)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -201,7 +227,7 @@ class WeightDecay(Regularizer):
             # log_weight_decay=True)` reads) is 0 once taken over. Python floats, handed to the loggers as
             # LearningRateMonitor does (no float32 round trip, no host copy), with the step label
             # `self.log` gives this batch's metrics.
-            values = self.applied_weight_decay()
+            values = {**self.applied_weight_decay(), **self._cautious_fractions()}
             if values:
                 step = trainer.fit_loop.epoch_loop._batches_that_stepped
                 for logger in trainer.loggers:
@@ -223,11 +249,24 @@ class WeightDecay(Regularizer):
             applied = self._decay.applied(self._binding, index)
             if applied is None:
                 continue  # no step yet
-            groups = entry.optimizer.param_groups
             prefix = f"{type(entry.optimizer).__name__}-{index}/" if len(bound) > 1 else ""
             for gi in sorted({b.group_index for b in entry.buckets}):
-                values[f"weight_decay/{prefix}{groups[gi].get('name', f'pg{gi + 1}')}"] = applied.get(gi, 0.0)
+                values[f"weight_decay/{prefix}{_group_name(entry.optimizer, gi)}"] = applied.get(gi, 0.0)
         return values
+
+    def _cautious_fractions(self) -> dict[str, float]:
+        """``weight_decay/cautious_fraction/{group}`` of the last logging step, with one host copy."""
+        kernel = self._decay.cautious
+        if kernel is None:
+            return {}
+        bound = self._binding.bound
+        keys, shares = [], []
+        for index, entry in enumerate(bound):
+            prefix = f"{type(entry.optimizer).__name__}-{index}/" if len(bound) > 1 else ""
+            for gi, share in sorted(kernel.shares(index).items()):
+                keys.append(f"weight_decay/cautious_fraction/{prefix}{_group_name(entry.optimizer, gi)}")
+                shares.append(share)
+        return dict(zip(keys, to_host(shares, []), strict=True)) if shares else {}
 
     # ---------------------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
@@ -245,6 +284,11 @@ class WeightDecay(Regularizer):
         if isinstance(source, Scheduled) and source.step_dependent():
             return ["the step count of the `weight_decay` schedule"]
         return []
+
+
+def _group_name(optimizer: Optimizer, group_index: int) -> str:
+    """A param group's ``"name"``, else ``pg{i}`` counting from 1 (as ``LearningRateMonitor`` names it)."""
+    return str(optimizer.param_groups[group_index].get("name", f"pg{group_index + 1}"))
 
 
 def _check_timescale(timescale_epochs: Any, weight_decay: Any, mode: str) -> float | None:
