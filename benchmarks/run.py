@@ -584,20 +584,26 @@ FIT_VARIANTS: dict[str, tuple[str, float, Callable[[], list[Callback]]]] = {
 }
 
 
+def time_fit(base: nn.Module, batch: Any, key: str, device: torch.device, budget: Budget) -> float:
+    """Seconds per step after warm-up of one ``Trainer.fit`` of a copy of ``base`` in variant ``key``."""
+    steps = budget.fit_steps
+    opt, wd, make = FIT_VARIANTS[key]
+    module = BenchModule(copy.deepcopy(base), optimizer_factory(opt, wd))
+    timer = FitTimer(budget.fit_warmup, device)
+    trainer = make_trainer(device, [*make(), timer], max_steps=steps)
+    gc.collect()
+    trainer.fit(module, train_dataloaders=RepeatBatch(batch, steps))
+    if trainer.global_step != steps:
+        raise RuntimeError(f"fit ran {trainer.global_step} steps, expected {steps}")
+    return (timer.t1 - timer.t0) / (steps - budget.fit_warmup)
+
+
 def bench_fit(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> None:
     base, batch = M.build(name, size, device)
     steps = budget.fit_steps
 
     def fit(key: str) -> float:
-        opt, wd, make = FIT_VARIANTS[key]
-        module = BenchModule(copy.deepcopy(base), optimizer_factory(opt, wd))
-        timer = FitTimer(budget.fit_warmup, device)
-        trainer = make_trainer(device, [*make(), timer], max_steps=steps)
-        gc.collect()
-        trainer.fit(module, train_dataloaders=RepeatBatch(batch, steps))
-        if trainer.global_step != steps:
-            raise RuntimeError(f"fit ran {trainer.global_step} steps, expected {steps}")
-        return (timer.t1 - timer.t0) / (steps - budget.fit_warmup)
+        return time_fit(base, batch, key, device, budget)
 
     keys = list(FIT_VARIANTS)
     if budget.fit_repeats > 1:
@@ -629,13 +635,7 @@ def bench_glue(report: Report, dev_tag: str, device: torch.device, budget: Budge
     steps = budget.fit_steps
 
     def fit(key: str) -> float:
-        opt, wd, make = FIT_VARIANTS[key]
-        module = BenchModule(copy.deepcopy(base), optimizer_factory(opt, wd))
-        timer = FitTimer(budget.fit_warmup, device)
-        trainer = make_trainer(device, [*make(), timer], max_steps=steps)
-        gc.collect()
-        trainer.fit(module, train_dataloaders=RepeatBatch(batch, steps))
-        return (timer.t1 - timer.t0) / (steps - budget.fit_warmup)
+        return time_fit(base, batch, key, device, budget)
 
     keys = ["wd", "adamw"]
     for key in keys:
