@@ -267,17 +267,25 @@ def gradient_direction(optimizer: Optimizer, group: dict[str, Any], params: list
     return Direction(_gather(optimizer, params), compute, 1)
 
 
+def _without_replay(
+    optimizer: Optimizer, group: dict[str, Any], params: list[Tensor], name: str, scalars: tuple[str, ...]
+) -> Direction | str | None:
+    """What a momentum optimizer's direction is before any replay of its buffer: a refusal where one of
+    ``scalars`` is a tensor or the replay cannot be exact, the gradient without momentum; else None."""
+    if any(isinstance(group[key], Tensor) for key in scalars):
+        return f"{name} has a tensor {' or '.join(scalars)}"
+    if group["momentum"] == 0:
+        return gradient_direction(optimizer, group, params)
+    return _refusal(optimizer, group, params, replayed=True)
+
+
 def sgd_direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor]) -> Direction | str:
     """SGD: the gradient; with momentum the new buffer (the gradient on a first step), or Nesterov's
     ``g + momentum * buf_new``, replayed with the ops and in-place roundings of the optimizer's path."""
+    early = _without_replay(optimizer, group, params, "SGD", ("momentum", "dampening"))
+    if early is not None:
+        return early
     momentum, dampening = group["momentum"], group["dampening"]
-    if isinstance(momentum, Tensor) or isinstance(dampening, Tensor):
-        return "SGD has a tensor momentum or dampening"
-    if momentum == 0:
-        return gradient_direction(optimizer, group, params)
-    reason = _refusal(optimizer, group, params, replayed=True)
-    if reason is not None:
-        return reason
     maximize, nesterov = bool(group.get("maximize", False)), bool(group["nesterov"])
     # sgd.py's foreach path multiplies the buffers in place only when all of its device group have one
     in_place = _foreach_path(optimizer, group) and _all_have(optimizer, group, params, "momentum_buffer")
@@ -332,14 +340,10 @@ def rmsprop_direction(optimizer: Optimizer, group: dict[str, Any], params: list[
     ``avg`` is replayed as ``rmsprop.py`` computes it (``sqrt`` of the new ``square_avg``, minus the new
     ``grad_avg`` squared when ``centered``, plus ``eps``), since with momentum the sign depends on it.
     """
+    early = _without_replay(optimizer, group, params, "RMSprop", ("momentum", "alpha"))
+    if early is not None:
+        return early
     momentum = group["momentum"]
-    if isinstance(momentum, Tensor) or isinstance(group["alpha"], Tensor):
-        return "RMSprop has a tensor momentum or alpha"
-    if momentum == 0:
-        return gradient_direction(optimizer, group, params)
-    reason = _refusal(optimizer, group, params, replayed=True)
-    if reason is not None:
-        return reason
     alpha, eps, centered = group["alpha"], group["eps"], bool(group["centered"])
     maximize, in_place = bool(group.get("maximize", False)), _foreach_path(optimizer, group)
 
