@@ -317,6 +317,25 @@ ROWS = [
         ["/", "."],
         [("", ValueError), (None, ValueError), (1, ValueError)],
     ),
+    Row(
+        "WeightNormMonitor(log_equilibrium=, keep_snapshot=)",
+        lambda v: [WeightNormMonitor(**{flag: v}) for flag in ("log_equilibrium", "keep_snapshot")],
+        [True, False],
+        [("yes", TypeError), (1, TypeError), (None, TypeError)],
+    ),
+    Row(
+        "WeightNormMonitor(decay_report=)",
+        lambda v: WeightNormMonitor(log_equilibrium=v is not False, decay_report=v),
+        [None, True, False],
+        [("yes", TypeError), (1, TypeError)],
+    ),
+    Row(
+        "WeightNormMonitor(decay_report=)  [without log_equilibrium]",
+        lambda v: WeightNormMonitor(decay_report=v),
+        [None, False],
+        [(True, ValueError)],
+        names="decay_report",
+    ),
     # ------------------------------------------------------------------------ decay rules and plans
     Row(
         "DecayRules(exclude=, include=)",

@@ -624,8 +624,8 @@ def test_logging_step_uses_the_layout_lists_and_float32_kernels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Plain parameters: the (device, dtype) split and metric keys are made once, not per logging step
-    (no ``local_tensor`` per parameter); float32 weights get float32 kernels (float64 ones their own),
-    except for the angle, whose cosine needs float64 sums; the update is subtracted into the snapshot."""
+    (no ``local_tensor`` per parameter); float32 weights get float32 kernels (float64 ones their own), the
+    angle's too (its formula needs no float64 sums); the update is subtracted into the snapshot."""
     from lightning_decay import norms as K
 
     calls: dict[str, list[Any]] = {"local_tensor": [], "kernel_dtypes": [], "sub": []}
@@ -659,7 +659,7 @@ def test_logging_step_uses_the_layout_lists_and_float32_kernels(
         monkeypatch.undo()
         assert calls["local_tensor"] == [] and calls["sub"] == []
         weights = [(torch.float32, None), (torch.float64, None)]  # step 5: weight norms, one kernel per group
-        snapshot = [(torch.float32, torch.float64 if angle else None), (torch.float64, None)]
+        snapshot = [(torch.float32, None), (torch.float64, None)]
         assert sorted(calls["kernel_dtypes"], key=str) == sorted(weights + snapshot * 3, key=str)
         row = _read_csv(logger)[5]
         assert row["update_ratio/net.0.weight"] > 0 and ("angular_update/net.0.weight" in row) == angle

@@ -91,6 +91,11 @@ class Layout:
     subsets: dict[tuple[int, ...], Subset] = field(default_factory=dict)
     keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     all_params: Subset | None = None
+    # The kept snapshot (``keep_snapshot=True``): one buffer per position, allocated at its first snapshot and
+    # reused at every logging step after, so a snapshot is a copy into memory already mapped (no allocation, no
+    # page faults on fresh pages); the lists per set of positions are built once.
+    snap_buffers: dict[int, Tensor] = field(default_factory=dict)
+    snap_lists: dict[tuple[int, ...], list[Tensor]] = field(default_factory=dict)
 
     def mirror(self, tensors: list[Tensor], positions: list[int]) -> list[Tensor] | K.TensorGroups:
         """``tensors`` (one per position: gradients, a snapshot) split like the parameters when they are all of
@@ -101,11 +106,34 @@ class Layout:
             return groups.like(tensors)
         return tensors
 
-    def snapshot(self, positions: list[int]) -> list[Tensor]:
-        """Copies of the (local) parameters at ``positions``: one foreach kernel per (device, dtype) group."""
+    def snapshot(self, positions: list[int], keep: bool = True) -> list[Tensor]:
+        """Copies of the (local) parameters at ``positions``: one foreach kernel per (device, dtype) group.
+
+        ``keep``: copied into buffers kept by the layout (at most one copy of the monitored weights, held
+        between logging steps); else freshly allocated copies, freed once the step is logged.
+        """
         sources = self.local([self.params[i] for i in positions])
         mirrored = self.mirror(sources, positions)
+        if keep:
+            buffers = self.snapshot_buffers(positions, sources)
+            if isinstance(mirrored, K.TensorGroups):  # one (device, dtype) group: no grouping again
+                torch._foreach_copy_(buffers, sources)
+            else:
+                K.copy_tensors_(buffers, sources)
+            return list(buffers)
         return mirrored.clone() if isinstance(mirrored, K.TensorGroups) else K.clone_tensors(sources)
+
+    def snapshot_buffers(self, positions: list[int], sources: list[Tensor]) -> list[Tensor]:
+        """The kept buffers of ``positions`` (``sources``: their local tensors, for shapes), made on first use."""
+        key = self.everything if positions is self.in_order else tuple(positions)
+        cached = self.snap_lists.get(key)
+        if cached is None or any(b.shape != s.shape for b, s in zip(cached, sources, strict=True)):
+            for i, source in zip(positions, sources, strict=True):
+                buffer = self.snap_buffers.get(i)
+                if buffer is None or buffer.shape != source.shape:  # (a shard resized: a new buffer)
+                    self.snap_buffers[i] = torch.empty_like(source, memory_format=torch.preserve_format)
+            cached = self.snap_lists[key] = [self.snap_buffers[i] for i in positions]
+        return cached
 
     @staticmethod
     def subtract_(a: list[Tensor] | K.TensorGroups, b: list[Tensor] | K.TensorGroups) -> None:
@@ -168,6 +196,11 @@ class Pending:
     grad_parts: list[Tensor] = field(default_factory=list)
     snap_idx: list[int] = field(default_factory=list)
     snapshots: list[Tensor] = field(default_factory=list)
+    # ``log_equilibrium``: the lr of each param group as the step used it (``id(optimizer)`` -> one per group),
+    # and the scale-invariance scores ``|cos(grad, w)| * sqrt(numel)`` of the positions ``score_idx``.
+    lrs: dict[int, list[float]] = field(default_factory=dict)
+    score_idx: list[int] = field(default_factory=list)
+    scores: list[Tensor] = field(default_factory=list)
 
 
 def optimizer_signature(optimizers: Sequence[Optimizer]) -> tuple[Any, ...]:

@@ -18,10 +18,13 @@ from torch.optim import Optimizer
 from lightning_decay import _amp
 from lightning_decay import norms as K
 from lightning_decay._compat import TENSORBOARD_LOGGERS, WANDB_LOGGERS, rank_zero_warn
+from lightning_decay._decay_history import DecayHistory
+from lightning_decay._equilibrium_probe import EquilibriumProbe
 from lightning_decay._host import NonFiniteWarnings, split_to_host
 from lightning_decay._messages import few_names
 from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
+from lightning_decay.equilibrium import cosines_from_partials, grad_weight_partials
 
 __all__ = ["Probes", "bucket_name"]
 
@@ -51,10 +54,14 @@ class Probes:
         self.decided_batch: int | None = None
         self.warned_blocks: set[str] = set()
         self.nonfinite = NonFiniteWarnings("WeightNormMonitor")
+        self.equilibrium = EquilibriumProbe("WeightNormMonitor")
+        self.history = DecayHistory()  # ``log_equilibrium``: the series of the decay report
 
     def reset(self) -> None:
         """A new fit: parameters may still be replaced (configure_model, sharding); lists built at the first log."""
         self.layout, self.pending, self.decided_batch = None, None, None
+        self.equilibrium.reset()
+        self.history.clear()
 
     # ------------------------------------------------------------------------- before the step
     def before_step(self, run: Any, module: nn.Module, optimizer: Optimizer) -> None:
@@ -82,9 +89,13 @@ class Probes:
         with torch.no_grad():
             if o.log_grad_norm:
                 self._gather_grads(run, optimizer, layout, pending, positions)
+            if o.log_equilibrium:
+                # The lr this step uses (schedulers step before `on_train_batch_end`): host floats, this step only.
+                pending.lrs[id(optimizer)] = [float(g["lr"]) for g in optimizer.param_groups]
+                self._gather_scores(layout, pending, positions)
             if snapshot:
                 pending.snap_idx.extend(positions)
-                pending.snapshots.extend(layout.snapshot(positions))
+                pending.snapshots.extend(layout.snapshot(positions, o.keep_snapshot))
 
     def _gather_grads(
         self, run: Any, optimizer: Optimizer, layout: Layout, pending: Pending, positions: list[int]
@@ -105,6 +116,22 @@ class Probes:
             parts = parts * (inv.square() if p == 2 else inv)
         pending.grad_idx.extend(idx)
         pending.grad_parts.append(parts)
+
+    def _gather_scores(self, layout: Layout, pending: Pending, positions: list[int]) -> None:
+        """The partials of ``|cos(grad, w)|`` of the positions with a gradient (before the snapshot, whose kept
+        buffers hold the products ``grad * w`` meanwhile: no memory beyond the snapshot's)."""
+        present = [i for i in positions if layout.params[i].grad is not None]
+        if not present:
+            return
+        grads = layout.local([layout.params[i].grad for i in present])  # type: ignore[misc]
+        weights = layout.local([layout.params[i] for i in present])
+        scratch = None
+        if self.options.keep_snapshot:
+            key = layout.in_order if len(present) == len(layout.params) else present
+            scratch = layout.snapshot_buffers(key, weights)
+        dot, g2, w2 = grad_weight_partials(grads, weights, scratch)
+        pending.score_idx.extend(present)
+        pending.scores.append(torch.stack([dot, g2, w2]).to(device=layout.device, dtype=layout.dtype))
 
     # -------------------------------------------------------------------------- after the step
     def after_step(self, run: Any) -> None:
@@ -153,6 +180,8 @@ class Probes:
         for chunk, keys in zip(chunks, labels, strict=True):
             if keys is not None:
                 metrics.update(zip(keys, chunk, strict=True))
+        if self.options.log_equilibrium:
+            self._equilibrium_metrics(run, layout, pending, metrics)
         self.nonfinite.check(layout.names, chunks[w_at], "weight norm", pending.step)
         if g_at is not None and run.scaler is None:  # under a GradScaler overflowing steps are routine
             self.nonfinite.check(
@@ -162,6 +191,27 @@ class Probes:
             logger.log_metrics(metrics, step=pending.step)
         if self.options.log_histograms:
             self._log_histograms(run.loggers, layout, pending.step)
+
+    def _equilibrium_metrics(self, run: Any, layout: Layout, pending: Pending, metrics: dict[str, float]) -> None:
+        """``angular_update_equilibrium/{name}`` into ``metrics`` (host floats), and the history of the report."""
+        sep = self.options.group_separator
+        for bp in self.equilibrium.predictions(layout, run.optimizers, pending.lrs):
+            name = layout.bucket_names[bp.bucket]
+            predicted = bp.prediction.angle
+            metrics[f"angular_update_equilibrium{sep}{name}"] = predicted  # type: ignore[assignment]
+            angle = metrics.get(f"angular_update{sep}{name}")
+            if angle is None:  # not stepped this time (no snapshot): nothing measured to compare
+                continue
+            values = {
+                "angle": angle,
+                "predicted": predicted,
+                "lr": bp.lr,
+                "weight_decay": bp.weight_decay,
+                "decay_rate": bp.prediction.decay_rate,
+                "score": metrics.get(f"scale_invariance{sep}{name}", float("nan")),
+                "norm": metrics.get(f"weight_norm{sep}{name}", float("nan")),
+            }
+            self.history.record(name, pending.step, values)  # type: ignore[arg-type]
 
     def _identity(self) -> bool:
         """Whether the buckets are the parameters (nothing to combine)."""
@@ -178,24 +228,22 @@ class Probes:
         o, dtype, dev = self.options, layout.dtype, layout.device
         p = o.norm_type
         pieces: Pieces = {}
-        # The angle over every parameter needs ``||w_after||^2`` accumulated in ``dtype``: with p=2 the weight
-        # norms are accumulated so, and their squares reused, one pass over the weights instead of two (a
-        # float64 pass is the dearest part of an angle-logging step on CPU: benchmarks/compare_versions.py).
+        # The angle over every parameter needs ``||w_after||^2``: with p=2 the squares of the weight norms are
+        # reused, one pass over the weights instead of two.
         reuse = (
             o.log_angular_update
             and p == 2
             and isinstance(layout.mirror(pending.snapshots, pending.snap_idx), K.TensorGroups)
         )
-        w_norms = groups.norms(p, dtype=dtype, accumulate=dtype if reuse else torch.float32)
+        w_norms = groups.norms(p, dtype=dtype, accumulate=torch.float32)
         if layout.sharded or not self._identity():  # partials to reduce across shards, or to combine into buckets
             pieces["w"] = (w_norms.square() if p == 2 else w_norms, None, K.reduce_op(p))
         if pending.grad_parts:
             pieces["g"] = (torch.cat(pending.grad_parts), layout.subset(tuple(pending.grad_idx)).idx, K.reduce_op(p))
         if pending.snapshots:
-            # The angle needs the squares accumulated in ``dtype`` (float64): its cosine subtracts nearly
-            # equal squares. The ratio alone does not, and a float64 kernel on CPU makes a float64 copy
-            # of each float32 tensor it reduces (large tensors: of one slice at a time).
-            acc = dtype if o.log_angular_update else torch.float32
+            # float32 kernels, combined in ``dtype``: the angle's formula (``K.angular_updates``) needs no float64
+            # sums, and a float64 kernel on CPU makes a float64 copy of the float32 tensors it reduces.
+            acc = torch.float32
             idx = layout.subset(tuple(pending.snap_idx)).idx
             before = layout.mirror(pending.snapshots, pending.snap_idx)
             after = layout.mirror([weights[i] for i in pending.snap_idx], pending.snap_idx)
@@ -207,6 +255,10 @@ class Probes:
             layout.subtract_(before, after)
             pieces["d2"] = (K.partials(before, 2, dtype=dtype, device=dev, accumulate=acc), idx, "sum")
             pending.snapshots.clear()  # the copy is no longer needed
+        if pending.scores:
+            idx = layout.subset(tuple(pending.score_idx)).idx
+            scores = torch.cat(pending.scores, dim=1)
+            pieces.update({k: (scores[j], idx, "sum") for j, k in enumerate(("gw", "gg", "ww"))})
         if o.log_sparsity:
             nonzero = groups.norms(0, dtype=dtype)  # counted in ``dtype``: exact in float64
             pieces["zeros"] = (layout.local_numel - nonzero, None, "sum")
@@ -250,11 +302,26 @@ class Probes:
                 emit(usub.metric_keys("update_ratio", sep), K.update_ratios(a2, d2))
             if o.log_angular_update:
                 emit(usub.metric_keys("angular_update", sep), K.angular_updates(a2, b2, d2))
+        if "gw" in values:
+            emit(*self._scores(layout, pending, values))
         if "zeros" in values:
             zeros = self._combined(values["zeros"], wsub, 1)
             numel = self._combined(layout.global_numel, wsub, 1)
             emit(wsub.metric_keys("sparsity", sep), zeros / numel)
         return outs, labels, w_at, g_at
+
+    def _scores(self, layout: Layout, pending: Pending, values: dict[str, Tensor]) -> tuple[list[str], Tensor]:
+        """``scale_invariance/{name}``: ``|cos(grad, w)| * sqrt(numel)`` per tensor, averaged over a bucket's."""
+        ssub = layout.subset(tuple(pending.score_idx))
+        cos = cosines_from_partials(values["gw"], values["gg"], values["ww"])
+        scores = cos * layout.global_numel[ssub.idx].sqrt()
+        keys = ssub.metric_keys("scale_invariance", self.options.group_separator)
+        if self._identity():
+            return keys, scores
+        n = len(ssub.names)
+        total = K.combine_partials(scores[ssub.members], ssub.buckets, n, 1)
+        count = K.combine_partials(torch.ones_like(scores)[ssub.members], ssub.buckets, n, 1)
+        return keys, total / count
 
     def _combined(self, partial: Tensor, subset: Subset, norm_type: float) -> Tensor:
         """Partials of the subset's parameters combined per bucket (as they are when buckets are parameters)."""

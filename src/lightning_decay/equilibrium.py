@@ -74,9 +74,11 @@ __all__ = [
     "SETTLED_TIMESCALES",
     "TOO_WEAK_TIMESCALES",
     "Prediction",
+    "cosines_from_partials",
     "equilibrium_angle",
     "filter_factors",
     "grad_weight_cosines",
+    "grad_weight_partials",
     "lr_mode_coefficient",
     "predict_from_param_group",
     "scale_invariance_scores",
@@ -332,6 +334,52 @@ def grad_weight_cosines(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> l
         for j, c in zip(positions, cos.unbind(), strict=True):
             out[nonempty[j]] = c
     return out  # type: ignore[return-value]
+
+
+def grad_weight_partials(
+    grads: Sequence[Tensor], weights: Sequence[Tensor], scratch: Sequence[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad . w, |grad|**2, |w|**2)`` per tensor, three 1-D float32 tensors in input order (first device).
+
+    Partials that add up across tensors and shards (sum them, then ``|cos| = |dot| / sqrt(g2 * w2)``): the
+    signed dot product comes from two 1-norms as in `grad_weight_cosines`. Stacked per (device, dtype) group,
+    no per-tensor Python work. The products ``grad * w`` are written into ``scratch`` when given (tensors of
+    the weights' shapes, dtypes and devices, overwritten: a kept snapshot buffer before the snapshot is
+    taken), else into fresh tensors. Empty tensors give zeros.
+    """
+    if len(grads) != len(weights) or (scratch is not None and len(scratch) != len(weights)):
+        raise ValueError(f"`grads`, `weights` and `scratch` differ in length ({len(grads)}, {len(weights)})")
+    device = weights[0].device if len(weights) else torch.device("cpu")
+    out = torch.zeros(3, len(weights), dtype=torch.float32, device=device)
+    nonempty = [i for i, w in enumerate(weights) if w.numel() > 0]
+    if not nonempty:
+        return out[0], out[1], out[2]
+    lists = [[grads[i] for i in nonempty], [weights[i] for i in nonempty]]
+    if scratch is not None:
+        lists.append([scratch[i] for i in nonempty])
+    for groups, positions in _group_tensors_by_device_and_dtype(lists, with_indices=True).values():  # type: ignore[arg-type]
+        g, w = cast("list[Tensor]", groups[0]), cast("list[Tensor]", groups[1])
+        if scratch is not None:
+            products = cast("list[Tensor]", groups[2])
+            torch._foreach_copy_(products, g)
+            torch._foreach_mul_(products, w)
+        else:
+            products = list(torch._foreach_mul(g, w))
+        absolute = torch.stack(torch._foreach_norm(products, 1, dtype=torch.float32))
+        torch._foreach_clamp_min_(products, 0.0)
+        positive = torch.stack(torch._foreach_norm(products, 1, dtype=torch.float32))
+        g2 = torch.stack(torch._foreach_norm(g, 2, dtype=torch.float32)).square()
+        w2 = torch.stack(torch._foreach_norm(w, 2, dtype=torch.float32)).square()
+        index = torch.tensor([nonempty[j] for j in positions], dtype=torch.long, device=device)
+        out.index_copy_(1, index, torch.stack([2.0 * positive - absolute, g2, w2]).to(device))
+    return out[0], out[1], out[2]
+
+
+def cosines_from_partials(dot: Tensor, g2: Tensor, w2: Tensor) -> Tensor:
+    """``|cos(grad, w)|`` from summed `grad_weight_partials`, clamped to 1; 0 where either is zero (no NaN)."""
+    denominator = (g2 * w2).sqrt()
+    cos = (dot.abs() / denominator).clamp(max=1.0)
+    return torch.where(denominator > 0, cos, torch.zeros_like(cos))
 
 
 def scale_invariance_scores(cosines: Tensor, numels: Tensor) -> Tensor:

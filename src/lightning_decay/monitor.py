@@ -8,8 +8,10 @@ step hooks of a `lightning_decay._binding.Binding`.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -33,6 +35,7 @@ from lightning_decay._plan_cache import plan_for
 from lightning_decay._probes import Probes, bucket_name
 from lightning_decay._repr import ArgumentsRepr
 from lightning_decay._tb_layout import custom_scalars_layout, depth_key
+from lightning_decay.decay_report import ReportRow
 from lightning_decay.names import clean_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 
@@ -170,6 +173,9 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         log_histograms: bool = False,
         include_frozen: bool = False,
         group_separator: str = "/",
+        log_equilibrium: bool = False,
+        decay_report: bool | None = None,
+        keep_snapshot: bool = True,
     ) -> None:
         self.norm_type = K.parse_norm_type(norm_type)
         check_choice(granularity, list(_GRANULARITIES), "granularity")
@@ -191,12 +197,17 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             "log_sparsity": log_sparsity,
             "log_histograms": log_histograms,
             "include_frozen": include_frozen,
+            "log_equilibrium": log_equilibrium,
+            "keep_snapshot": keep_snapshot,
         }
         for flag, value in flags.items():
             check_flag(value, flag)
+        self.log_equilibrium = log_equilibrium
+        self.decay_report = _report_flag(decay_report, log_equilibrium)
+        self.keep_snapshot = keep_snapshot
         self.log_grad_norm = log_grad_norm
         self.log_update_ratio = log_update_ratio
-        self.log_angular_update = log_angular_update
+        self.log_angular_update = log_angular_update or log_equilibrium  # the measured half of the equilibrium
         self.log_sparsity = log_sparsity
         self.log_histograms = log_histograms
         self.include_frozen = include_frozen
@@ -229,6 +240,52 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_custom_scalars(trainer.loggers, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``decay_report``: the report of the fit, on rank zero, beside the logs (or in ``default_root_dir``)."""
+        if not self.decay_report or not trainer.is_global_zero:
+            return
+        if not self._probes.history.series:
+            rank_zero_warn(
+                "WeightNormMonitor(log_equilibrium=True): no decayed monitored tensor was measured on a logging "
+                "step, so there is no decay report (no weight decay applies, or no step logged)."
+            )
+            return
+        directory = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+        batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+        per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) and batches > 0 else None
+        label = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.write_decay_report(directory, total_steps=label, steps_per_epoch=per_epoch, loggers=trainer.loggers)
+
+    def write_decay_report(
+        self,
+        directory: str | Path,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        loggers: Sequence[Any] = (),
+    ) -> list[ReportRow]:
+        """Print the decay report of what ``log_equilibrium=True`` measured, and write it into ``directory``.
+
+        Writes ``decay_report.md`` (the table) and ``decay_report.png`` (measured against predicted angle per
+        layer, and the weight norms; needs matplotlib), and adds the picture to each TensorBoard logger of
+        ``loggers`` (``add_figure``, tag ``decay_report``). Under a Trainer it runs by itself at the end of fit
+        (``decay_report=True``); attached (Fabric, plain PyTorch), call it when training ends.
+
+        Args:
+            directory: Where the two files go (created).
+            total_steps: Optimizer steps of the run (default: those counted while attached, else up to the
+                last logging step).
+            steps_per_epoch: For ``tau`` in epochs (``-`` without it).
+            loggers: Loggers to give the picture to (TensorBoard ones take it).
+
+        Returns:
+            The rows of the report (``lightning_decay.decay_report.ReportRow``).
+        """
+        if total_steps is None and self._binding is not None and self._binding.steps:
+            total_steps = self._binding.steps[-1]
+        writers = [lg.experiment for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
+        step = total_steps if total_steps is not None else 0
+        return self._probes.history.write(directory, total_steps, steps_per_epoch, writers, step)
 
     def _write_custom_scalars(self, loggers: list[Any], module: nn.Module) -> None:
         # The Custom Scalars layout, once per SummaryWriter (TensorBoard reads one per run). Only the rank-0
@@ -346,7 +403,9 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
                     chart = depth_key(name)
                 rows.append((bucket, chart, positions.get(name, len(positions)), d.decay))
         flags = (self.log_grad_norm, self.log_update_ratio, self.log_angular_update, self.log_sparsity)
+        flags += (self.log_equilibrium, self.log_equilibrium)
         optional = ("grad_norm", "update_ratio", "angular_update", "sparsity")
+        optional += ("angular_update_equilibrium", "scale_invariance")
         families = ["weight_norm", *(f for f, on in zip(optional, flags, strict=True) if on)]
         totals = {"weight_norm": list(_TOTALS), "grad_norm": ["total"]}
         return custom_scalars_layout(families, rows, totals, self.group_separator)
@@ -361,6 +420,16 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     ) -> None:
         if self._probes.pending is not None:  # a logging step (no run to read on the others)
             self._probes.after_step(TrainerRun(trainer))
+
+
+def _report_flag(decay_report: bool | None, log_equilibrium: bool) -> bool:
+    """``decay_report`` checked; ``None`` follows ``log_equilibrium``."""
+    if decay_report is None:
+        return log_equilibrium
+    check_flag(decay_report, "decay_report")
+    if decay_report and not log_equilibrium:
+        raise ValueError("`decay_report=True` needs `log_equilibrium=True` (the report is made of its values)")
+    return decay_report
 
 
 def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[str, re.Pattern[str]] | None:

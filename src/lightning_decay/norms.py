@@ -37,6 +37,7 @@ __all__ = [
     "combine_all_partials",
     "combine_partials",
     "contributes_to_sum",
+    "copy_tensors_",
     "finalize_partials",
     "grouped_norms",
     "is_sharded",
@@ -345,14 +346,19 @@ def update_ratios(before_sq: Tensor, delta_sq: Tensor) -> Tensor:
 
 
 def angular_updates(before_sq: Tensor, after_sq: Tensor, delta_sq: Tensor) -> Tensor:
-    """The angle in radians between ``w_before`` and ``w_after`` from squared norms (law of cosines).
+    """The angle in radians between ``w_before`` and ``w_after`` from squared norms, well conditioned.
 
-    With ``a = ||w_before||``, ``b = ||w_after||``, ``d = ||Δw||``: ``arccos((a² + b² - d²) / (2ab))``, the
-    cosine clamped to ``[-1, 1]``. A zero vector has no direction: the angle is 0 when either is zero.
+    With ``a = ||w_before||``, ``b = ||w_after||``, ``d = ||Δw||``: the unit vectors differ by
+    ``||â - b̂||² = (d² - (a - b)²) / (ab)`` (the law of cosines rearranged), and the angle is
+    ``2 asin(||â - b̂|| / 2)``. Unlike ``arccos((a² + b² - d²) / (2ab))``, which subtracts nearly equal squares
+    (a cosine of ``1 - 5e-7`` for an angle of ``1e-3``, so it needs float64 sums), errors in ``a`` and ``b``
+    enter only through ``(a - b)²``, second order: float32 norm kernels give the angle to float32 precision
+    (no float64 copy of the weights). A zero vector has no direction: the angle is 0 when either is zero.
     """
-    denominator = 2 * (before_sq * after_sq).sqrt()
-    cos = (before_sq + after_sq - delta_sq) / denominator
-    angle = torch.arccos(cos.clamp(-1.0, 1.0))
+    denominator = (before_sq * after_sq).sqrt()
+    radial = before_sq.sqrt() - after_sq.sqrt()
+    chord = ((delta_sq - radial.square()).clamp(min=0.0) / denominator).sqrt()
+    angle = 2.0 * torch.asin((chord / 2.0).clamp(max=1.0))
     return torch.where(denominator > 0, angle, torch.zeros_like(angle))
 
 
@@ -365,6 +371,16 @@ def clone_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
         for j, c in zip(indices, torch._foreach_mul(group, 1.0), strict=True):
             out[j] = c
     return out  # type: ignore[return-value]
+
+
+def copy_tensors_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` (same devices, dtypes and shapes), one ``_foreach_copy_`` per (device, dtype) group.
+
+    Into kept buffers: no allocation, and no page faults on freshly mapped memory (a fresh copy's dearest part).
+    """
+    grouped = _group_tensors_by_device_and_dtype([list(dst), list(src)], with_indices=False)
+    for [gd, gs], _ in grouped.values():
+        torch._foreach_copy_(gd, gs)
 
 
 def sub_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
