@@ -554,6 +554,52 @@ def bench_monitor(
     )
 
 
+def bench_equilibrium(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> None:
+    """Row 2.equilibrium: a logging step of ``WeightNormMonitor(log_equilibrium=True)`` (angles, the kept snapshot,
+    the scale-invariance score, the predictions) against one of ``WeightNormMonitor()`` (the weight-norm floor),
+    ``AdamW(weight_decay)`` on the decay groups; beside it, the same with ``keep_snapshot=False`` (a fresh copy)."""
+    key = f"2.equilibrium/{tag}"
+    if WeightNormMonitor is None:
+        report.add(key, "WeightNormMonitor(log_equilibrium=True)", "skipped: lightning_decay.monitor not importable")
+        return
+    base, batch = M.build(name, size, device)
+    monitors = {
+        "floor": WeightNormMonitor(logging_interval=1),
+        "equilibrium": WeightNormMonitor(logging_interval=1, log_equilibrium=True, decay_report=False),
+        "fresh": WeightNormMonitor(logging_interval=1, log_equilibrium=True, decay_report=False, keep_snapshot=False),
+    }
+    runner = make_runner(base, batch, device, optimizer_factory("adamw", WD))
+    runner.step()  # gradients and optimizer state exist, as during training
+    trainer, module, opt = runner.trainer, runner.module, runner.optimizer
+    for mon in monitors.values():
+        mon.setup(trainer, module, "fit")
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+
+    def hooks(mon: Any) -> Callable[[], None]:
+        def call() -> None:
+            progress.increment_ready()  # a new batch, as the fit loop would count it
+            mon.on_before_optimizer_step(trainer, module, opt)
+            mon.on_train_batch_end(trainer, module, None, batch, 0)
+
+        return call
+
+    s = interleaved({k: hooks(m) for k, m in monitors.items()}, budget.calls, budget.repeats, budget.warmup, device)
+    if not monitors["equilibrium"]._probes.history.series:  # recorded where a prediction was logged
+        raise RuntimeError("log_equilibrium logged no prediction: the benchmark does not measure its logging step")
+    ratio = paired_ratio(s, "equilibrium", "floor")
+    fresh = paired_ratio(s, "fresh", "floor")
+    n = sum(1 for p in module.parameters() if p.requires_grad)
+    report.add(
+        key,
+        f"monitor logging step, log_equilibrium=True / WeightNormMonitor() ({n} tensors, AdamW); "
+        "keep_snapshot=False beside it",
+        f"{_x(ratio)} {spread(s, 'equilibrium', 'floor')} ({statistics.median(s['equilibrium']) * 1e6:.0f} / "
+        f"{statistics.median(s['floor']) * 1e6:.0f} us); fresh copy {_x(fresh)} {spread(s, 'fresh', 'floor')}",
+        "<= 3x",
+        ratio <= 3.0,
+    )
+
+
 # ------------------------------------------------------------------------------ 3. Trainer.fit
 class FitTimer(Callback):
     """Wall time from the start of batch ``warmup`` to the end of training."""
@@ -1106,7 +1152,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
     per_model = [
         "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.cwd", "1.cwd_measured",
         "1.extra_wd", "1.extra_l2",
-        "2.bare", "2.lightning", "2.amortized", "3.wd_fit", "3.monitor_fit",
+        "2.bare", "2.lightning", "2.amortized", "2.equilibrium", "3.wd_fit", "3.monitor_fit",
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip
     per_device = [
@@ -1175,7 +1221,11 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    `on_train_batch_end` hooks, `logging_interval=1`, metrics handed to an in-memory logger) against
    `torch.stack(torch._foreach_norm(params, 2)).tolist()` and against Lightning's `grad_norm` recipe on
    weights (`p.data.norm(2)` per parameter, a total, `.item()` per value). Amortized cost = (logging
-   step + {every_minus_one} non-logging hook calls) / {every} / the step time of row 1.base.
+   step + {every_minus_one} non-logging hook calls) / {every} / the step time of row 1.base. Row
+   2.equilibrium: a logging step of `WeightNormMonitor(log_equilibrium=True)` (angles into the kept snapshot
+   buffer, the scale-invariance score, the predicted angles) against one of `WeightNormMonitor()`, the
+   weight-norm floor, with `AdamW(weight_decay)` on the decay groups (`--only 2.equilibrium` runs it alone);
+   beside it the same with `keep_snapshot=False`, whose snapshot is a fresh allocation.
 3. *Fit*: real `Trainer.fit` of {fit_steps} steps (timed from step {fit_warmup} to the end; in-memory logger,
    no progress bar or checkpointing, `log_every_n_steps={every}`), {fit_repeats} interleaved repetitions of
    four fits after a warm-up of each: `Adam` + `WeightDecay` against `AdamW(weight_decay)` on the same
@@ -1319,7 +1369,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: this process's CPU time on CPU, wall time on CUDA; wall: wall time everywhere",
     )
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated subset of the measurements 1-6")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated subset of the measurements 1-6 (2.equilibrium: that row alone)")
     parser.add_argument(
         "--rss-repeats", type=int, default=None, help="fits per variant of the peak-RSS rows 6.* (default per size)"
     )
@@ -1397,6 +1447,8 @@ def _run_all(
                 if t_step != t_step:  # no row 1: time a plain step for the amortized cost
                     t_step = _plain_step_time(name, args.size, device, budget)
                 bench_monitor(report, tag, name, args.size, device, budget, t_step)
+            if "2" in only or "2.equilibrium" in only:
+                bench_equilibrium(report, tag, name, args.size, device, budget)
             t2 = time.perf_counter()
             if "3" in only:
                 bench_fit(report, tag, name, args.size, device, budget)

@@ -30,6 +30,8 @@ __all__ = ["BucketPrediction", "EquilibriumProbe"]
 
 #: One outside source of decay on a parameter: the binding, the optimizer's index in it, and its bucket there.
 Source = tuple[Binding, int, Bucket]
+#: Where a parameter is stepped and decayed: (optimizer index in the run, param group index, outside sources).
+Place = tuple[int, int, tuple[Source, ...]]
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,19 @@ class EquilibriumProbe:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.key: tuple[Any, ...] | None = None
-        # Per position: (index of its optimizer in the run, param group index, outside sources), or None.
-        self.places: list[tuple[int, int, tuple[Source, ...]] | None] = []
+        # The distinct (index of the optimizer in the run, param group index, outside sources) of the positions,
+        # and per bucket the places of its members (a prediction is per place, few per run).
+        self.places: dict[tuple[Any, ...], Place] = {}  # by (optimizer, group, ids of the source buckets)
+        self.bucket_keys: dict[int, list[tuple[Any, ...]]] = {}
         self.warned: set[tuple[int, int]] = set()
 
     def reset(self) -> None:
-        self.key, self.places = None, []
+        self.key = None
+        self.places, self.bucket_keys = {}, {}
 
-    def predictions(self, layout: Layout, optimizers: Sequence[Optimizer], lrs: dict[int, list[float]]) -> list[
-        BucketPrediction
-    ]:
+    def predictions(
+        self, layout: Layout, optimizers: Sequence[Optimizer], lrs: dict[int, list[float]]
+    ) -> list[BucketPrediction]:
         """The prediction of each bucket whose decayed members share one (param group, decay); none for the others.
 
         A member decays when its decay coefficient (the optimizer's own plus the outside sources') is not zero.
@@ -65,26 +70,17 @@ class EquilibriumProbe:
         warning once per group saying why.
         """
         self._ensure_places(layout, optimizers)
-        per_place: dict[tuple[Any, ...], tuple[Prediction, float, float] | None] = {}
-        by_bucket: dict[int, set[tuple[Any, ...]]] = {}
-        for position, place in enumerate(self.places):
-            bucket = layout.bucket_of[position]
-            if place is None or bucket is None:
-                continue
-            key = (place[0], place[1], tuple(id(s[2]) for s in place[2]))
-            if key not in per_place:
-                per_place[key] = self._predict(optimizers, place, lrs)
-            if per_place[key] is not None:
-                by_bucket.setdefault(bucket, set()).add(key)
+        per_place = {key: self._predict(optimizers, place, lrs) for key, place in self.places.items()}
         out = []
-        for bucket, keys in by_bucket.items():
-            if len(keys) == 1:  # members in several groups, or decayed differently: no one prediction
-                prediction, lr, wd = per_place[next(iter(keys))]  # type: ignore[misc]
+        for bucket, keys in self.bucket_keys.items():
+            decayed = [per_place[key] for key in keys if per_place[key] is not None]
+            if len(decayed) == 1:  # members in several groups, or decayed differently: no one prediction
+                prediction, lr, wd = decayed[0]  # type: ignore[misc]
                 out.append(BucketPrediction(bucket, prediction, lr, wd))
         return out
 
     def _predict(
-        self, optimizers: Sequence[Optimizer], place: tuple[int, int, tuple[Source, ...]], lrs: dict[int, list[float]]
+        self, optimizers: Sequence[Optimizer], place: Place, lrs: dict[int, list[float]]
     ) -> tuple[Prediction, float, float] | None:
         opt_index, group_index, sources = place
         optimizer = optimizers[opt_index]
@@ -121,7 +117,7 @@ class EquilibriumProbe:
         if key == self.key:
             return
         position = {id(p): i for i, p in enumerate(layout.params)}
-        places: list[tuple[int, int, tuple[Source, ...]] | None] = [None] * len(layout.params)
+        places: list[Place | None] = [None] * len(layout.params)
         for opt_index, optimizer in enumerate(optimizers):
             outside = _outside_sources(optimizer)
             for group_index, group in enumerate(optimizer.param_groups):
@@ -129,7 +125,15 @@ class EquilibriumProbe:
                     i = position.get(id(p))
                     if i is not None and places[i] is None:  # a parameter shared by two: its first optimizer
                         places[i] = (opt_index, group_index, outside.get(id(p), ()))
-        self.key, self.places = key, places
+        self.places, bucket_keys = {}, {}
+        for i, place in enumerate(places):
+            bucket = layout.bucket_of[i]
+            if place is not None and bucket is not None:
+                place_key = (place[0], place[1], tuple(id(s[2]) for s in place[2]))
+                self.places.setdefault(place_key, place)
+                bucket_keys.setdefault(bucket, {})[place_key] = None
+        self.key = key
+        self.bucket_keys = {bucket: list(keys) for bucket, keys in bucket_keys.items()}
 
 
 def _outside_sources(optimizer: Optimizer) -> dict[int, tuple[Source, ...]]:

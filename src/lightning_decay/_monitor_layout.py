@@ -127,7 +127,10 @@ class Layout:
         """The kept buffers of ``positions`` (``sources``: their local tensors, for shapes), made on first use."""
         key = self.everything if positions is self.in_order else tuple(positions)
         cached = self.snap_lists.get(key)
-        if cached is None or any(b.shape != s.shape for b, s in zip(cached, sources, strict=True)):
+        resized = self.weight_groups is None and cached is not None  # only a shard's local tensor can change
+        if resized:
+            resized = any(b.shape != s.shape for b, s in zip(cached, sources, strict=True))  # type: ignore[arg-type]
+        if cached is None or resized:
             for i, source in zip(positions, sources, strict=True):
                 buffer = self.snap_buffers.get(i)
                 if buffer is None or buffer.shape != source.shape:  # (a shard resized: a new buffer)

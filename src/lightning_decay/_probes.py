@@ -129,9 +129,10 @@ class Probes:
         if self.options.keep_snapshot:
             key = layout.in_order if len(present) == len(layout.params) else present
             scratch = layout.snapshot_buffers(key, weights)
-        dot, g2, w2 = grad_weight_partials(grads, weights, scratch)
+        # ``|w_before|**2`` is the snapshot's ``a2`` (taken right after, of a superset of these positions).
+        dot, g2, _ = grad_weight_partials(grads, weights, scratch, with_weights=False)
         pending.score_idx.extend(present)
-        pending.scores.append(torch.stack([dot, g2, w2]).to(device=layout.device, dtype=layout.dtype))
+        pending.scores.append(torch.stack([dot, g2]).to(device=layout.device, dtype=layout.dtype))
 
     # -------------------------------------------------------------------------- after the step
     def after_step(self, run: Any) -> None:
@@ -258,7 +259,7 @@ class Probes:
         if pending.scores:
             idx = layout.subset(tuple(pending.score_idx)).idx
             scores = torch.cat(pending.scores, dim=1)
-            pieces.update({k: (scores[j], idx, "sum") for j, k in enumerate(("gw", "gg", "ww"))})
+            pieces.update({k: (scores[j], idx, "sum") for j, k in enumerate(("gw", "gg"))})
         if o.log_sparsity:
             nonzero = groups.norms(0, dtype=dtype)  # counted in ``dtype``: exact in float64
             pieces["zeros"] = (layout.local_numel - nonzero, None, "sum")
@@ -313,7 +314,11 @@ class Probes:
     def _scores(self, layout: Layout, pending: Pending, values: dict[str, Tensor]) -> tuple[list[str], Tensor]:
         """``scale_invariance/{name}``: ``|cos(grad, w)| * sqrt(numel)`` per tensor, averaged over a bucket's."""
         ssub = layout.subset(tuple(pending.score_idx))
-        cos = cosines_from_partials(values["gw"], values["gg"], values["ww"])
+        a2 = values["a2"]  # |w_before|^2 of the snapshot's positions, a superset of the scores' (same order)
+        if pending.score_idx != pending.snap_idx:
+            at = {p: j for j, p in enumerate(pending.snap_idx)}
+            a2 = a2[torch.tensor([at[p] for p in pending.score_idx], dtype=torch.long, device=a2.device)]
+        cos = cosines_from_partials(values["gw"], values["gg"], a2)
         scores = cos * layout.global_numel[ssub.idx].sqrt()
         keys = ssub.metric_keys("scale_invariance", self.options.group_separator)
         if self._identity():
