@@ -567,6 +567,7 @@ def bench_equilibrium(report: Report, tag: str, name: str, size: str, device: to
         "floor": WeightNormMonitor(logging_interval=1),
         "equilibrium": WeightNormMonitor(logging_interval=1, log_equilibrium=True, decay_report=False),
         "fresh": WeightNormMonitor(logging_interval=1, log_equilibrium=True, decay_report=False, keep_snapshot=False),
+        "angle": WeightNormMonitor(logging_interval=1, log_angular_update=True),
     }
     runner = make_runner(base, batch, device, optimizer_factory("adamw", WD))
     runner.step()  # gradients and optimizer state exist, as during training
@@ -588,13 +589,15 @@ def bench_equilibrium(report: Report, tag: str, name: str, size: str, device: to
         raise RuntimeError("log_equilibrium logged no prediction: the benchmark does not measure its logging step")
     ratio = paired_ratio(s, "equilibrium", "floor")
     fresh = paired_ratio(s, "fresh", "floor")
+    angle = paired_ratio(s, "angle", "floor")
     n = sum(1 for p in module.parameters() if p.requires_grad)
     report.add(
         key,
         f"monitor logging step, log_equilibrium=True / WeightNormMonitor() ({n} tensors, AdamW); "
-        "keep_snapshot=False beside it",
+        "keep_snapshot=False and log_angular_update alone beside it",
         f"{_x(ratio)} {spread(s, 'equilibrium', 'floor')} ({statistics.median(s['equilibrium']) * 1e6:.0f} / "
-        f"{statistics.median(s['floor']) * 1e6:.0f} us); fresh copy {_x(fresh)} {spread(s, 'fresh', 'floor')}",
+        f"{statistics.median(s['floor']) * 1e6:.0f} us); fresh copy {_x(fresh)} {spread(s, 'fresh', 'floor')}; "
+        f"angle alone {_x(angle)} {spread(s, 'angle', 'floor')}",
         "<= 3x",
         ratio <= 3.0,
     )
@@ -1225,7 +1228,8 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    2.equilibrium: a logging step of `WeightNormMonitor(log_equilibrium=True)` (angles into the kept snapshot
    buffer, the scale-invariance score, the predicted angles) against one of `WeightNormMonitor()`, the
    weight-norm floor, with `AdamW(weight_decay)` on the decay groups (`--only 2.equilibrium` runs it alone);
-   beside it the same with `keep_snapshot=False`, whose snapshot is a fresh allocation.
+   beside it the same with `keep_snapshot=False`, whose snapshot is a fresh allocation, and
+   `WeightNormMonitor(log_angular_update=True)` alone.
 3. *Fit*: real `Trainer.fit` of {fit_steps} steps (timed from step {fit_warmup} to the end; in-memory logger,
    no progress bar or checkpointing, `log_every_n_steps={every}`), {fit_repeats} interleaved repetitions of
    four fits after a warm-up of each: `Adam` + `WeightDecay` against `AdamW(weight_decay)` on the same
@@ -1369,7 +1373,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: this process's CPU time on CPU, wall time on CUDA; wall: wall time everywhere",
     )
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated subset of the measurements 1-6 (2.equilibrium: that row alone)")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5,6", help="comma-separated subset of the measurements 1-6 (2.equilibrium: that row)"
+    )
     parser.add_argument(
         "--rss-repeats", type=int, default=None, help="fits per variant of the peak-RSS rows 6.* (default per size)"
     )

@@ -298,3 +298,14 @@ def test_update_ratios_and_angles_are_defined_for_zero_norms() -> None:
     angle = K.angular_updates(a2, b2, d2)
     assert ratio.tolist() == [math.sqrt(2.0), 0.0, 1.0, 1.0, 0.0]
     torch.testing.assert_close(angle, torch.tensor([math.pi / 2, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_nonzero_counts_beyond_float32_exact_integers_are_exact() -> None:
+    """``ord=0`` in float32 kernels (no float64 copy of the weights): a tensor of more than 2**24 entries is
+    counted in slices, so its count is exact, as ``torch.count_nonzero`` gives it."""
+    big = torch.ones(2**24 + 7)
+    big[:4] = 0.0
+    tensors = [big, torch.zeros(3), torch.tensor([0.0, 2.0, -1.0])]
+    counts = K.TensorGroups(tensors).norms(0, dtype=torch.float64, accumulate=torch.float32)
+    assert counts.tolist() == [float(torch.count_nonzero(t)) for t in tensors]
+    assert torch.stack(torch._foreach_norm([big], 0)).item() != 2**24 + 3  # one float32 kernel would round

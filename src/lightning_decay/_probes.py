@@ -261,7 +261,9 @@ class Probes:
             scores = torch.cat(pending.scores, dim=1)
             pieces.update({k: (scores[j], idx, "sum") for j, k in enumerate(("gw", "gg"))})
         if o.log_sparsity:
-            nonzero = groups.norms(0, dtype=dtype)  # counted in ``dtype``: exact in float64
+            # Counted by float32 kernels (no float64 copy of the weights), in slices of at most 2**24 entries
+            # for large tensors: exact (``K.COUNT_EXACT``), combined in ``dtype``.
+            nonzero = groups.norms(0, dtype=dtype, accumulate=torch.float32)
             pieces["zeros"] = (layout.local_numel - nonzero, None, "sum")
         return pieces, w_norms
 

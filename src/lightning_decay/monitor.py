@@ -61,18 +61,30 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
       Parameters without a gradient that step (frozen, unused) are skipped;
     - ``update_ratio/{name}`` (``log_update_ratio=True``): ``||w_after - w_before||_2 / ||w_before||_2``
       over the optimizer step (about ``1e-3`` is the usual rule of thumb). The weights are snapshotted
-      (one foreach copy) only on logging steps, right before the step. Where ``w_before`` is zero (a
+      (one foreach copy, into a buffer kept between logging steps: ``keep_snapshot``) only on logging
+      steps, right before the step. Where ``w_before`` is zero (a
       LayerNorm bias at init, a weight pruned by proximal L1) the ratio is 0 if the tensor stays zero
       and 1 if it moves (all of ``w_after`` is update), never ``inf`` or ``NaN``;
     - ``angular_update/{name}`` (``log_angular_update=True``): the angle in radians between ``w_before``
-      and ``w_after``, ``arccos`` of their cosine similarity clamped to ``[-1, 1]``, computed in float64.
-      For weights followed by a normalization layer the loss is scale invariant, so this angle *is* the
-      effective learning rate; under weight decay it settles at an equilibrium, about
-      ``sqrt(2 * lr * weight_decay)`` for plain SGD (Kosson et al., "Rotational equilibrium"). The cosine
-      comes from ``||w_before||``, ``||w_after||`` and ``||Δw||`` (foreach norms that add up across
-      shards, no per-tensor dot product); ``Δw`` is exact in the weights' dtype unless an entry changes
-      by more than 2x, so the cosine is off by at most ``eps * ||Δw||^2 / (2 ||w_before|| ||w_after||)``.
-      A zero vector has no direction: the angle is 0 when ``w_before`` or ``w_after`` is zero;
+      and ``w_after``. For weights followed by a normalization layer the loss is scale invariant, so this
+      angle *is* the effective learning rate; under weight decay it settles at an equilibrium, about
+      ``sqrt(2 * lr * weight_decay)`` for plain SGD (Kosson et al., "Rotational equilibrium"). It comes
+      from ``a = ||w_before||``, ``b = ||w_after||`` and ``d = ||Δw||`` (foreach norms that add up across
+      shards, no per-tensor dot product) as ``2 asin(sqrt(d² - (a - b)²) / (2 sqrt(ab)))``, where errors in
+      ``a`` and ``b`` enter only at second order, so float32 kernels give it to float32 precision; ``Δw``
+      is exact in the weights' dtype unless an entry changes by more than 2x. A zero vector has no
+      direction: the angle is 0 when ``w_before`` or ``w_after`` is zero;
+    - ``angular_update_equilibrium/{name}`` and ``scale_invariance/{name}`` (``log_equilibrium=True``, which
+      turns ``log_angular_update`` on): the predicted equilibrium angle of the tensor's param group (from
+      the lr the step used, momentum or betas, and the decay that really applies: the optimizer's own
+      ``weight_decay``, a ``WeightDecay`` or ``WeightPenalty(l2)`` bound to the same optimizer), and
+      ``|cos(grad, w)| * sqrt(numel)`` of the step (a module's or block's: the mean of its tensors'), near 0
+      for a scale-invariant weight. Tensors no decay reaches get no prediction; a coupled L2 inside
+      Adam/RMSprop and cautious decay have no closed form (nothing logged, a warning once per group). At the
+      end of fit (``decay_report``) the report is printed and written as ``decay_report.md`` and
+      ``decay_report.png`` into the logger's ``log_dir`` (``default_root_dir`` without one), the picture
+      also to each ``TensorBoardLogger``; see ``docs/decay-doing-anything.md`` and
+      [`write_decay_report`][lightning_decay.WeightNormMonitor.write_decay_report];
     - ``sparsity/{name}`` (``log_sparsity=True``): the fraction of entries exactly equal to zero;
     - histograms ``weight_hist/{name}`` of the weights (``log_histograms=True``), through ``add_histogram`` of
       each ``TensorBoardLogger`` and as a ``wandb.Histogram`` to each ``WandbLogger`` (at the scalars'
@@ -143,6 +155,13 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             when there is neither).
         include_frozen: Also monitor the weights of parameters with ``requires_grad=False``.
         group_separator: Separator between the metric and the name, ``"/"`` as in Lightning's ``grad_norm``.
+        log_equilibrium: Also log the predicted equilibrium angle and the scale-invariance score (and the
+            angle itself), and keep their history for the decay report.
+        decay_report: Write the decay report at the end of fit (rank zero); ``None`` (default): when
+            ``log_equilibrium``. ``True`` needs ``log_equilibrium=True``.
+        keep_snapshot: Copy the snapshot of update ratios and angles into buffers kept between logging
+            steps (at most one extra copy of the monitored weights, held for the whole fit; no allocation
+            and no page faults on a logging step). ``False``: a fresh copy per logging step, freed after it.
 
     Raises:
         ValueError: If an argument has a value outside those listed above, naming it.

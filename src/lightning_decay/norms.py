@@ -169,6 +169,8 @@ class TensorGroups:
             if kernel_dtype is not None and group_dtype not in _LOW_PRECISION and large:
                 # A widening kernel on float32 (float64 sums) copies each tensor to the wide dtype first.
                 norms = _sliced_norms(group, large, ord, kernel_dtype)
+            elif ord == 0 and kernel_dtype is None and any(t.numel() > COUNT_EXACT for t in group):
+                norms = _exact_counts(group)
             else:
                 norms = torch.stack(torch._foreach_norm(group, ord, dtype=kernel_dtype))
             stacked.append(norms.to(device=self.device, dtype=dtype, non_blocking=non_blocking))
@@ -190,6 +192,25 @@ def _large_positions(group: Sequence[Tensor]) -> list[int]:
     sizes = [t.numel() * t.element_size() for t in group]
     limit = max(SLICE_BYTES, sum(sizes) // SLICE_FRACTION)
     return [j for j, n in enumerate(sizes) if n > limit and group[j].is_contiguous()]
+
+
+#: Counts of non-zero entries are exact in a float32 kernel up to this many entries (2**24).
+COUNT_EXACT = 2**24
+
+
+def _exact_counts(group: Sequence[Tensor]) -> Tensor:
+    """Non-zero counts (``ord=0``) of ``group`` in its own dtype's kernels, exact: a tensor of more than
+    `COUNT_EXACT` entries is counted in flat slices of at most that many (views, no copy; a non-contiguous
+    one whole), and the slices' counts are added in float64."""
+    pieces: list[Tensor] = []
+    owner: list[int] = []
+    for j, t in enumerate(group):
+        parts = t.view(-1).split(COUNT_EXACT) if t.numel() > COUNT_EXACT and t.is_contiguous() else (t,)
+        pieces += parts
+        owner += [j] * len(parts)
+    values = torch.stack(torch._foreach_norm(pieces, 0)).to(torch.float64)
+    index = torch.tensor(owner, dtype=torch.long, device=values.device)
+    return torch.zeros(len(group), dtype=torch.float64, device=values.device).index_add_(0, index, values)
 
 
 def _sliced_norms(group: Sequence[Tensor], large: list[int], ord: float, dtype: torch.dtype) -> Tensor:
