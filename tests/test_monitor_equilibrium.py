@@ -330,3 +330,22 @@ def test_attached_under_fabric_logs_the_same_metrics_and_writes_the_report(tmp_p
     assert read["layer"] == rows[0].layer == "lin.weight"
     assert float(read["timescales"]) == pytest.approx(steps / TAU, rel=1e-3)
     assert (tmp_path / "report" / "decay_report.png").stat().st_size > 0
+
+
+class WithZero(Noise):
+    """``Noise`` plus a weight at zero whose gradient is zero (it enters the loss times 0), decayed by AdamW."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda p: torch.optim.AdamW(p, lr=LR_ADAM, weight_decay=0.1))
+        self.dead = nn.Parameter(torch.zeros(8))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return super().training_step(batch, batch_idx) + 0.0 * self.dead.sum()
+
+
+def test_zero_tensors_get_defined_values_not_inf_or_nan(tmp_path: Path) -> None:
+    rows, *_ = fit(tmp_path, WithZero(), 5, [])
+    for row in rows.values():
+        assert row["scale_invariance/dead"] == 0.0 and row["angular_update/dead"] == 0.0
+        assert row["angular_update_equilibrium/dead"] == pytest.approx(adamw_angle(LR_ADAM, 0.1), rel=1e-12)
+        assert all(math.isfinite(v) for v in row.values())

@@ -195,12 +195,13 @@ class Probes:
 
     def _equilibrium_metrics(self, run: Any, layout: Layout, pending: Pending, metrics: dict[str, float]) -> None:
         """``angular_update_equilibrium/{name}`` into ``metrics`` (host floats), and the history of the report."""
-        sep = self.options.group_separator
+        families = ("angular_update_equilibrium", "angular_update", "scale_invariance", "weight_norm")
+        keys = [layout.subset_of_all().metric_keys(f, self.options.group_separator) for f in families]
+        nan = float("nan")
         for bp in self.equilibrium.predictions(layout, run.optimizers, pending.lrs):
-            name = layout.bucket_names[bp.bucket]
-            predicted = bp.prediction.angle
-            metrics[f"angular_update_equilibrium{sep}{name}"] = predicted  # type: ignore[assignment]
-            angle = metrics.get(f"angular_update{sep}{name}")
+            b, predicted = bp.bucket, bp.prediction.angle
+            metrics[keys[0][b]] = predicted  # type: ignore[assignment]
+            angle = metrics.get(keys[1][b])
             if angle is None:  # not stepped this time (no snapshot): nothing measured to compare
                 continue
             values = {
@@ -209,10 +210,10 @@ class Probes:
                 "lr": bp.lr,
                 "weight_decay": bp.weight_decay,
                 "decay_rate": bp.prediction.decay_rate,
-                "score": metrics.get(f"scale_invariance{sep}{name}", float("nan")),
-                "norm": metrics.get(f"weight_norm{sep}{name}", float("nan")),
+                "score": metrics.get(keys[2][b], nan),
+                "norm": metrics.get(keys[3][b], nan),
             }
-            self.history.record(name, pending.step, values)  # type: ignore[arg-type]
+            self.history.record(layout.bucket_names[b], pending.step, values)  # type: ignore[arg-type]
 
     def _identity(self) -> bool:
         """Whether the buckets are the parameters (nothing to combine)."""
