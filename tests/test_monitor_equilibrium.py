@@ -349,3 +349,13 @@ def test_zero_tensors_get_defined_values_not_inf_or_nan(tmp_path: Path) -> None:
         assert row["scale_invariance/dead"] == 0.0 and row["angular_update/dead"] == 0.0
         assert row["angular_update_equilibrium/dead"] == pytest.approx(adamw_angle(LR_ADAM, 0.1), rel=1e-12)
         assert all(math.isfinite(v) for v in row.values())
+
+
+def test_module_granularity_predicts_per_module(tmp_path: Path) -> None:
+    """``granularity="module"``: the module's tensors share a param group, so the module gets its prediction."""
+    make, _, by_hand = CASES["adamw"]
+    rows, *_ = fit(tmp_path, Noise(make), 20, [], granularity="module")
+    for row in rows.values():
+        assert row["angular_update_equilibrium/lin"] == pytest.approx(by_hand, rel=1e-12)
+        assert row["scale_invariance/lin"] < eq.SCALE_INVARIANT_MAX_SCORE
+        assert "angular_update_equilibrium/lin.weight" not in row
