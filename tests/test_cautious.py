@@ -9,6 +9,7 @@ steps torch's optimizer with ``weight_decay=0``. Each run is also shown to diffe
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -16,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -107,12 +110,18 @@ def reference_loop(
     epochs: int = 2,
     accumulate: int = 1,
     clip_value: float | None = None,
+    at_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """A plain torch loop: ``before_step(module, opt)`` right before each ``opt.step()``, as the paper's step."""
+    """A plain torch loop: ``before_step(module, opt)`` right before each ``opt.step()``, as the paper's step.
+
+    ``at_epoch(epoch, module, opt)``, if given, runs before each epoch and returns the optimizer to go on with.
+    """
     module = Lit(optimizer)
     opt = optimizer(module)
     out = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if at_epoch is not None:
+            opt = at_epoch(epoch, module, opt)
         batches = list(loader())
         for i, (x, y) in enumerate(batches):
             (nn.functional.mse_loss(module.net(x), y) / accumulate).backward()
@@ -246,6 +255,69 @@ def test_gradient_accumulation_uses_the_accumulated_gradient() -> None:
     stepped = got[1::2]  # on_train_batch_end runs per batch; the weights move every 2nd one
     assert_runs_equal(stepped, want, exact=True)
     assert_differs_from_plain(stepped, run(Lit(optimizer), [WeightDecay(WD)], max_epochs=2, accumulate_grad_batches=2))
+
+
+# ------------------------------------------------------------------- optimizer state replaced mid-run
+def donor_state(optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> dict[str, Any]:
+    """The optimizer state of another run (another seed, one epoch): moments unlike those it replaces."""
+    module = Lit(optimizer, seed=7)
+    opt = optimizer(module)
+    for x, y in loader(seed=3):
+        nn.functional.mse_loss(module.net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt.state_dict()
+
+
+class AtEpoch(Callback):
+    """Runs ``change(trainer, module)`` at the start of epoch ``epoch`` (before its first step)."""
+
+    def __init__(self, epoch: int, change: Callable[[pl.Trainer, pl.LightningModule], None]) -> None:
+        self.epoch, self.change = epoch, change
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.change(trainer, pl_module)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd-momentum"])
+def test_a_state_dict_loaded_mid_run_is_read_afresh(name: str) -> None:
+    """``load_state_dict`` replaces every state tensor: the next step's mask must read the new moments."""
+    optimizer, u_of = OPTIMIZERS[name]
+    donor = donor_state(optimizer)
+
+    def load(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        trainer.optimizers[0].load_state_dict(copy.deepcopy(donor))
+
+    def load_by_hand(epoch: int, module: nn.Module, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        if epoch in (1, 2):
+            opt.load_state_dict(copy.deepcopy(donor))
+        return opt
+
+    factor = (lambda opt: 1 - 0.05 * WD) if name.startswith("sgd") else lr_factor
+    cautious = [WeightDecay(WD, cautious=True), AtEpoch(1, load), AtEpoch(2, load)]
+    got = run(Lit(optimizer), cautious, max_epochs=3)
+    want = reference_loop(optimizer, cautious_by_hand(u_of, factor), epochs=3, at_epoch=load_by_hand)
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, run(Lit(optimizer), [WeightDecay(WD), AtEpoch(1, load)], max_epochs=3))
+
+
+def test_a_rebuilt_optimizer_is_read_afresh() -> None:
+    """A new optimizer mid-fit (Lightning's ``setup_optimizers``): its own, empty state, a first step again."""
+    first, u_of = OPTIMIZERS["adam"]
+    second = lambda m: torch.optim.Adam(m.parameters(), lr=LR, betas=(0.5, 0.9), foreach=False)  # noqa: E731
+
+    def rebuild(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        module.optimizer_fn = second
+        trainer.strategy.setup_optimizers(trainer)
+
+    def rebuild_by_hand(epoch: int, module: nn.Module, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return second(module) if epoch == 1 else opt
+
+    got = run(Lit(first), [WeightDecay(WD, cautious=True), AtEpoch(1, rebuild)], max_epochs=2)
+    want = reference_loop(first, cautious_by_hand(u_of, lr_factor), at_epoch=rebuild_by_hand)
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, run(Lit(first), [WeightDecay(WD), AtEpoch(1, rebuild)], max_epochs=2))
 
 
 # ------------------------------------------------------------------------------- measured path
