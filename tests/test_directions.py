@@ -259,7 +259,8 @@ def test_a_state_cache_gives_the_uncached_direction_and_looks_up_only_when_the_s
         assert isinstance(cached, Direction) and isinstance(fresh, Direction)
         for a, b in zip(cached.inputs[1:], fresh.inputs[1:], strict=True):  # the very state tensors
             assert all(x is y for x, y in zip(a, b, strict=True))
-        assert all(torch.equal(a, b) for a, b in zip(materialize(cached, params), materialize(fresh, params)))
+        u_cached, u_fresh = materialize(cached, params), materialize(fresh, params)
+        assert all(torch.equal(a, b) for a, b in zip(u_cached, u_fresh, strict=True))
         lookups.append(cache.lookups)
         opt.step()
     # step 1: no state yet (looked up, not kept); step 2: created, kept; 3, 4 kept; 5: replaced; 6, 7 kept
