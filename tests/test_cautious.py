@@ -465,7 +465,7 @@ def test_attach_under_fabric_is_the_formula() -> None:
 def adam_u_as_torch_rounds(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
     """CautiousAdamW's ``u = m_hat / (sqrt(v_hat) + eps)`` in float64 from the moments torch's Adam computes
     in the weights' dtype (its single-tensor ops: ``exp_avg.lerp_``, ``exp_avg_sq.mul_().addcmul_()``)."""
-    group, state, g = _group_state(opt, p)
+    group, state, _ = _group_state(opt, p)
     (b1, b2), eps, grad = group["betas"], group["eps"], p.grad
     step = float(state["step"]) + 1 if state else 1.0
     m = (state["exp_avg"] if state else torch.zeros_like(p)).lerp(grad, 1 - b1)  # type: ignore[arg-type]
