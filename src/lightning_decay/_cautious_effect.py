@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_decay._binding import Binding, Bucket
 from lightning_decay._compat import rank_zero_info
-from lightning_decay.cautious import cautious_chunks, cautious_decay_, measured_cautious_decay_
+from lightning_decay.cautious import cautious_chunks, cautious_decay_, held_tensors, measured_cautious_decay_
 from lightning_decay.directions import Direction, StateCache, direction
 
 __all__ = ["CautiousKernel"]
@@ -61,7 +61,7 @@ class CautiousKernel:
             found = direction(optimizer, group, [bucket.params[i] for i in idx])
         self._announce(index, bucket.group_index, optimizer, group, found, weights)
         if isinstance(found, Direction):
-            chunks = self._chunks(bucket, weights, idx, found.temporaries)
+            chunks = self._chunks(bucket, weights, idx, held_tensors(found, weights, factor) - 1)
             share = cautious_decay_(weights, found, factor, chunks=chunks, fraction=self.want_fraction)
             self._keep(index, bucket.group_index, share, weights)
         else:
