@@ -47,11 +47,12 @@ every change to the gradients (unscaling, clipping, penalties) and right before 
 
 Cost (see [`lightning_decay.cautious`][lightning_decay.cautious]):
 
-- known direction: extra memory ``Direction.temporaries + 1`` chunk-sized tensors at a time (the
-  direction, its intermediates, the decayed chunk), which ``cautious_chunks`` fits in the chunk budget
-  (a few percent of the weights) whatever the model's size; no copy of the weights. Time: the
-  direction's foreach passes (1 for Adam's lerp, 2-3 for SGD momentum, about 8 for RMSprop with
-  momentum) plus 7 passes over the chunk for the mask and the decay, against 1 for plain decay.
+- known direction: extra memory ``Direction.temporaries`` chunk-sized tensors at a time (the direction
+  and its intermediates; one more, the decayed chunk, for bf16/fp16 weights), which ``cautious_chunks``
+  fits in the chunk budget (a few percent of the weights) whatever the model's size; no copy of the
+  weights. Time: the direction's foreach passes (1 for Adam's lerp, 2-3 for SGD momentum, about 8 for
+  RMSprop with momentum) plus 7 passes over the chunk for the mask and the decay, against 1 for plain
+  decay (``benchmarks/run.py`` rows 1.cwd_decay measure it; see ``docs/cautious.md``).
 - measured update: one copy of the decayed weights, taken before the step (the caller's), plus two
   chunk-sized temporaries; about 9 passes over the chunk after the step.
 """
