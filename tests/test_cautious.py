@@ -13,6 +13,7 @@ import copy
 import csv
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,20 @@ def test_a_rebuilt_optimizer_is_read_afresh() -> None:
     want = reference_loop(first, cautious_by_hand(u_of, lr_factor), at_epoch=rebuild_by_hand)
     assert_runs_equal(got, want, exact=True)
     assert_differs_from_plain(got, run(Lit(first), [WeightDecay(WD), AtEpoch(1, rebuild)], max_epochs=2))
+
+
+def test_the_gradients_are_not_held_between_steps() -> None:
+    """The bucket's cached state look-ups keep no gradient: ``zero_grad(set_to_none=True)`` frees them."""
+    optimizer = OPTIMIZERS["adam"][0]
+    module = Lit(optimizer)
+    opt = optimizer(module)
+    WeightDecay(WD, cautious=True).attach(module.net, opt)
+    for x, y in loader():
+        nn.functional.mse_loss(module.net(x), y).backward()
+        grads = [weakref.ref(p.grad) for p in module.parameters()]  # type: ignore[arg-type]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(g() is None for g in grads)
 
 
 # ------------------------------------------------------------------------------- measured path

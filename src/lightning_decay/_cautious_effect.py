@@ -56,7 +56,9 @@ class CautiousKernel:
             return
         group = optimizer.param_groups[bucket.group_index]
         if len(idx) == len(bucket.params):
-            found = direction(optimizer, group, bucket.params, cache=self._states(bucket, grads))
+            cache = self._states(bucket, grads)
+            found = direction(optimizer, group, bucket.params, cache=cache)
+            cache.grads = None  # the Direction holds them for this step; kept longer, zero_grad could not free them
         else:  # a subset (parameters without a gradient this step): looked up afresh
             found = direction(optimizer, group, [bucket.params[i] for i in idx])
         self._announce(index, bucket.group_index, optimizer, group, found, weights)
