@@ -474,6 +474,76 @@ def bench_step(report: Report, tag: str, name: str, size: str, device: torch.dev
     return t_none
 
 
+# ------------------------------------------------------------- 1. cautious decay: the decay's own cost
+#: Width of the ``linear8`` model of rows 1.cwd_decay (8 x Linear(width, width)) at each size.
+LINEAR8_WIDTH = {"tiny": 32, "small": 512, "large": 2048}
+#: key: (optimizer, callbacks); the decay's hooks around one step, the step itself left out.
+DECAY_VARIANTS: dict[str, tuple[str, Callable[[], list[Callback]]]] = {
+    "plain": ("adam", lambda: [WeightDecay(WD)]),
+    "known": ("adam", lambda: [WeightDecay(WD, cautious=True)]),
+    "nadam_plain": ("nadam", lambda: [WeightDecay(WD)]),
+    "measured": ("nadam", lambda: [WeightDecay(WD, cautious=True)]),
+}
+CWD_DECAY_TARGET = 1.5  # issue 20: the known direction's decay at most 1.5x plain decay's
+
+
+def linear8(size: str, device: torch.device, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """8 x ``nn.Linear(w, w)`` (a few large tensors: the kernels' own throughput) and a fixed batch of 16 rows."""
+    width = LINEAR8_WIDTH[size]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)])
+    x, y = torch.randn(16, width, generator=gen), torch.randint(0, width, (16,), generator=gen)
+    return model.to(device), (x.to(device), y.to(device))
+
+
+def bench_cautious_decay(report: Report, dev_tag: str, size: str, device: torch.device, budget: Budget) -> None:
+    """The decay's own time and peak memory, ``WeightDecay(cautious=True)`` against ``WeightDecay``: the hooks
+    of one step (on_before_optimizer_step, the step hooks, on_train_batch_end) without the step, on
+    a state a real step created (Adam: the known direction; NAdam: the measured update)."""
+    builds = {"linear8": lambda: linear8(size, device), "gpt": lambda: M.build("gpt", size, device)}
+    for name, build in builds.items():
+        base, batch = build()
+        runners = {
+            key: make_runner(base, batch, device, optimizer_factory(opt, 0.0), make())
+            for key, (opt, make) in DECAY_VARIANTS.items()
+        }
+        fns = {}
+        for key, r in runners.items():
+            r.step()  # the optimizer's state, as after a first step
+            fns[key] = _hooks(r.trainer, r.module, r.optimizer, r.callbacks, r.batch)
+        s = interleaved(fns, budget.calls, budget.repeats, budget.warmup, device)
+        us = {k: statistics.median(v) * 1e6 for k, v in s.items()}
+        known, measured = paired_ratio(s, "known", "plain"), paired_ratio(s, "measured", "nadam_plain")
+        report.add(
+            f"1.cwd_decay/{dev_tag}/{name}",
+            f"decay's own time: WeightDecay(cautious), known direction / WeightDecay, Adam "
+            f"({us['known']:.0f} / {us['plain']:.0f} us)",
+            f"{_x(known)} {spread(s, 'known', 'plain')}",
+            f"<= {CWD_DECAY_TARGET}x",
+            known <= CWD_DECAY_TARGET,
+        )
+        report.add(
+            f"1.cwd_decay_measured/{dev_tag}/{name}",
+            f"decay's own time: WeightDecay(cautious), measured / WeightDecay, NAdam "
+            f"({us['measured']:.0f} / {us['nadam_plain']:.0f} us)",
+            f"{_x(measured)} {spread(s, 'measured', 'nadam_plain')}",
+        )
+        decayed = [d.param for d in DecayRules().classify(base) if d.decay]
+        d_bytes = sum(p.numel() * p.element_size() for p in decayed)
+        chunk = max(64 * 2**10, d_bytes // 32) + 64 * len(decayed)  # kernels' chunk budget, per-tensor scalars
+        peaks = {k: peak_bytes(fns[k], device) for k in ("plain", "known", "measured")}
+        report.add(
+            f"1.cwd_mem/{dev_tag}/{name}",
+            f"peak while the decay's hooks run, x decayed bytes ({_mb(d_bytes)}): plain / known / measured",
+            " / ".join(f"{peaks[k] / d_bytes:.3f}x" for k in ("plain", "known", "measured")),
+            f"known <= {chunk / d_bytes:.3f}x, measured <= {(d_bytes + chunk) / d_bytes:.3f}x",
+            peaks["known"] <= chunk and peaks["measured"] <= d_bytes + chunk,
+        )
+        del runners, fns
+
+
 # ----------------------------------------------------------------------------------- 2. monitor
 def lightning_style_weight_norms(module: nn.Module, norm_type: float = 2.0) -> dict[str, float]:
     """``lightning.pytorch.utilities.grad_norm`` applied to weights, then ``.item()`` as a logger does."""
@@ -1159,6 +1229,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip
     per_device = [
+        *[f"{k}/{{}}/{m}" for m in ("linear8", "gpt") for k in ("1.cwd_decay", "1.cwd_decay_measured", "1.cwd_mem")],
         "3.glue_fit",
         "5.classify",
         *[f"5.{part}/{{}}/{cb}" for cb in SCALE_CALLBACKS for part in ("setup", "step")],
@@ -1219,7 +1290,12 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    Lightning makes: `on_before_optimizer_step`, its optimizer step hooks, `on_train_batch_end`; the step's
    own work left out) against the naive loop's forward (`reg += torch.norm(p, 2)` per parameter) and
    backward. A difference of whole-step times would drown both in the noise of the forward and backward
-   passes of the model, which dwarf them on a compute-bound CPU.
+   passes of the model, which dwarf them on a compute-bound CPU. Rows 1.cwd_decay: the same hooks of
+   `WeightDecay(cautious=True)` against `WeightDecay` (the decay's own time, target {cwd_target}x for the
+   known direction, Adam; the measured update with NAdam, information), on 8 x `Linear(w, w)` and the gpt
+   model, after one real step (the optimizer's state exists); rows 1.cwd_mem: the peak allocated while
+   those hooks run (as in 4), over the decayed weights' bytes; targets: the kernels' chunk budget for the
+   known direction, one copy of the decayed weights more for the measured update.
 2. *Monitor*: a logging step of `WeightNormMonitor()` (its `on_before_optimizer_step` and
    `on_train_batch_end` hooks, `logging_interval=1`, metrics handed to an in-memory logger) against
    `torch.stack(torch._foreach_norm(params, 2)).tolist()` and against Lightning's `grad_norm` recipe on
@@ -1297,6 +1373,7 @@ def render(report: Report, args: argparse.Namespace, devices: Sequence[str], bud
             fit_warmup=budget.fit_warmup,
             fit_repeats=budget.fit_repeats,
             peak_method=peak_method,
+            cwd_target=CWD_DECAY_TARGET,
             clock_text=(
                 "wall time"
                 if CLOCK["cpu"] is time.perf_counter
@@ -1466,6 +1543,9 @@ def _run_all(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"   ({tag}: 1: {t1 - t0:.1f} s, 2: {t2 - t1:.1f} s, 3: {t3 - t2:.1f} s, 4: {t4 - t3:.1f} s)")
+        if "1" in only:
+            print(f"== {dev} cautious decay, the decay's own cost (8 x Linear, gpt)", flush=True)
+            bench_cautious_decay(report, dev, args.size, device, budget)
         if "3" in only:
             print(f"== {dev} per-step glue (tiny MLP)", flush=True)
             bench_glue(report, dev, device, budget)

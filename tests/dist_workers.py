@@ -129,10 +129,11 @@ class DistModel(DecayGroupsMixin, pl.LightningModule):
 
 
 # ------------------------------------------------------------------------------------ callbacks
-def regularizers() -> list[Callback]:
-    """``WeightDecay`` taking over the body's AdamW decay; ``WeightPenalty`` (L1 + L2-SP) on head and gate."""
+def regularizers(cautious: bool = False) -> list[Callback]:
+    """``WeightDecay`` taking over the body's AdamW decay (``cautious``: masked, issue 20); ``WeightPenalty``
+    (L1 + L2-SP) on head and gate."""
     return [
-        WeightDecay(weight_decay=None, rules=DecayRules(exclude=["net.head.*", "net.gate.*"])),
+        WeightDecay(weight_decay=None, cautious=cautious, rules=DecayRules(exclude=["net.head.*", "net.gate.*"])),
         WeightPenalty(l1=L1, l2=L2, reference="initial", rules=DecayRules(exclude=["net.body.*"])),
     ]
 
@@ -220,9 +221,14 @@ class Dump(Callback):
 
 # ---------------------------------------------------------------------------------------- runs
 def trainer_kwargs(
-    out_dir: str, tag: str, with_monitor: bool, with_regularizers: bool = True, max_epochs: int = EPOCHS
+    out_dir: str,
+    tag: str,
+    with_monitor: bool,
+    with_regularizers: bool = True,
+    max_epochs: int = EPOCHS,
+    cautious: bool = False,
 ) -> dict[str, Any]:
-    callbacks: list[Callback] = regularizers() if with_regularizers else []
+    callbacks: list[Callback] = regularizers(cautious) if with_regularizers else []
     if with_monitor and monitor_available():
         callbacks += [Mark("before"), monitor(), Mark("after")]
     callbacks += [
@@ -254,9 +260,11 @@ def fit(
     ckpt_path: str | None = None,
     precision: str = "32-true",
     fp16_scale: float | None = None,
+    cautious: bool = False,
 ) -> None:
     """One fit of ``DistModel`` with every callback; ``fp16_scale``: ``16-mixed`` with a GradScaler of that
-    initial scale (Lightning refuses the ``"16-mixed"`` string on CPU, its plugin works)."""
+    initial scale (Lightning refuses the ``"16-mixed"`` string on CPU, its plugin works); ``cautious``:
+    ``WeightDecay(cautious=True)``."""
     torch.manual_seed(0)
     # A resumed run starts from other initial weights: everything it needs must come from the checkpoint
     # (the L2-SP reference "initial" included), not from a model that happens to be initialized the same.
@@ -265,7 +273,7 @@ def fit(
         strategy=strategy,
         devices=devices,
         **fp16_plugin(fp16_scale, precision),
-        **trainer_kwargs(out_dir, tag, with_monitor, with_regularizers),
+        **trainer_kwargs(out_dir, tag, with_monitor, with_regularizers, cautious=cautious),
     )
     trainer.fit(model, ckpt_path=ckpt_path)
 
@@ -293,7 +301,7 @@ def fsdp2_worker(rank: int, out_dir: str, port: int, scenarios: tuple[str, ...])
     one after the other in the same processes (the process group is kept between fits):
     ``"fsdp2"`` (all callbacks, two epochs), ``"fsdp2_resume"`` (the second epoch again, from the first
     epoch's checkpoint of ``"fsdp2"``), ``"hsdp"`` (hybrid sharding, all callbacks), ``"fsdp2_bf16"``
-    (``"fsdp2"`` under ``bf16-mixed``) and ``"module_ref"``
+    (``"fsdp2"`` under ``bf16-mixed``), ``"fsdp2_cwd"`` (``WeightDecay(cautious=True)``) and ``"module_ref"``
     (:func:`module_reference_check`, best last). A scenario that raises writes ``{tag}_rank{r}.err`` and
     the next one runs.
     """
@@ -320,8 +328,12 @@ def fsdp2_worker(rank: int, out_dir: str, port: int, scenarios: tuple[str, ...])
             ckpt_path = os.path.join(out_dir, "fsdp2_ckpt", f"epoch=0-step={STEPS_PER_EPOCH}.ckpt")
         shard = "hsdp" if tag == "hsdp" else "fsdp2"
         precision = "bf16-mixed" if tag.endswith("_bf16") else "32-true"
+        cautious = tag.endswith("_cwd")
         try:
-            fit(out_dir, tag, strategy, WORLD, PER_RANK_BATCH, shard=shard, ckpt_path=ckpt_path, precision=precision)
+            fit(
+                out_dir, tag, strategy, WORLD, PER_RANK_BATCH, shard=shard, ckpt_path=ckpt_path, precision=precision,
+                with_monitor=not cautious, cautious=cautious,
+            )  # fmt: skip
         except Exception:
             Path(out_dir, f"{tag}_rank{rank}.err").write_text(traceback.format_exc())
         torch.distributed.barrier()

@@ -9,15 +9,19 @@ steps torch's optimizer with ``weight_decay=0``. Each run is also shown to diffe
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -58,6 +62,61 @@ def rmsprop_u(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
     state = opt.state.get(p, {})
     v = state["square_avg"] * group["alpha"] + (1 - group["alpha"]) * g * g if state else (1 - group["alpha"]) * g * g
     return g / (v.sqrt() + group["eps"])
+
+
+def _group_state(opt: torch.optim.Optimizer, p: Tensor) -> tuple[dict[str, Any], dict[str, Any], Tensor]:
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    return group, opt.state.get(p, {}), p.grad.double()  # type: ignore[union-attr]
+
+
+def _new_moment(state: dict[str, Any], key: str, g: Tensor, beta: float, square: bool = False) -> Tensor:
+    """``beta * state[key] + (1 - beta) * g`` (``g * g`` if ``square``), from zeros before a first step (float64)."""
+    old = state[key].double() if key in state else torch.zeros_like(g)
+    return old * beta + (1 - beta) * (g * g if square else g)
+
+
+def radam_u(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    """RAdam: ``m_hat`` while ``rho_t <= 5``, then ``m_hat * rect / (sqrt(v_hat) + eps)`` (the paper's update)."""
+    group, state, g = _group_state(opt, p)
+    (b1, b2), eps = group["betas"], group["eps"]
+    step = float(state["step"]) + 1 if state else 1.0
+    m, v = _new_moment(state, "exp_avg", g, b1), _new_moment(state, "exp_avg_sq", g, b2, square=True)
+    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * step * b2**step / bc2
+    if rho_t <= 5:
+        return m / bc1
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    return m / bc1 * rect * bc2**0.5 / (v.sqrt() + eps)
+
+
+def adamax_u(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    group, state, g = _group_state(opt, p)
+    (b1, b2), eps = group["betas"], group["eps"]
+    step = float(state["step"]) + 1 if state else 1.0
+    old_inf = state["exp_inf"].double() if state else torch.zeros_like(g)
+    return _new_moment(state, "exp_avg", g, b1) / (1 - b1**step) / torch.maximum(old_inf * b2, g.abs() + eps)
+
+
+def adagrad_u(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    group, state, g = _group_state(opt, p)  # Adagrad creates its state (the sum) when it is built
+    return g / ((state["sum"].double() + g * g).sqrt() + group["eps"])
+
+
+def adadelta_u(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    group, state, g = _group_state(opt, p)
+    rho, eps = group["rho"], group["eps"]
+    square = _new_moment(state, "square_avg", g, rho, square=True)
+    acc = state["acc_delta"].double() if state else torch.zeros_like(g)
+    return (acc + eps).sqrt() / (square + eps).sqrt() * g
+
+
+def centered_rmsprop_u(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    group, state, g = _group_state(opt, p)
+    alpha = group["alpha"]
+    v = _new_moment(state, "square_avg", g, alpha, square=True)
+    mean = _new_moment(state, "grad_avg", g, alpha)
+    return g / ((v - mean * mean).sqrt() + group["eps"])
 
 
 class SignMomentum(torch.optim.Optimizer):
@@ -107,12 +166,18 @@ def reference_loop(
     epochs: int = 2,
     accumulate: int = 1,
     clip_value: float | None = None,
+    at_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """A plain torch loop: ``before_step(module, opt)`` right before each ``opt.step()``, as the paper's step."""
+    """A plain torch loop: ``before_step(module, opt)`` right before each ``opt.step()``, as the paper's step.
+
+    ``at_epoch(epoch, module, opt)``, if given, runs before each epoch and returns the optimizer to go on with.
+    """
     module = Lit(optimizer)
     opt = optimizer(module)
     out = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if at_epoch is not None:
+            opt = at_epoch(epoch, module, opt)
         batches = list(loader())
         for i, (x, y) in enumerate(batches):
             (nn.functional.mse_loss(module.net(x), y) / accumulate).backward()
@@ -141,6 +206,15 @@ OPTIMIZERS = {
         sgd_u,
     ),
     "rmsprop": (lambda m: torch.optim.RMSprop(m.parameters(), lr=LR, foreach=False), rmsprop_u),
+    "rmsprop-centered": (
+        lambda m: torch.optim.RMSprop(m.parameters(), lr=LR, centered=True, foreach=False),
+        centered_rmsprop_u,
+    ),
+    # RAdam: steps 1-5 unrectified (rho_t <= 5), steps 6-8 rectified
+    "radam": (lambda m: torch.optim.RAdam(m.parameters(), lr=LR, foreach=False), radam_u),
+    "adamax": (lambda m: torch.optim.Adamax(m.parameters(), lr=LR, foreach=False), adamax_u),
+    "adagrad": (lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1, foreach=False), adagrad_u),
+    "adadelta": (lambda m: torch.optim.Adadelta(m.parameters(), lr=0.5, foreach=False), adadelta_u),
 }
 
 
@@ -248,6 +322,83 @@ def test_gradient_accumulation_uses_the_accumulated_gradient() -> None:
     assert_differs_from_plain(stepped, run(Lit(optimizer), [WeightDecay(WD)], max_epochs=2, accumulate_grad_batches=2))
 
 
+# ------------------------------------------------------------------- optimizer state replaced mid-run
+def donor_state(optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> dict[str, Any]:
+    """The optimizer state of another run (another seed, one epoch): moments unlike those it replaces."""
+    module = Lit(optimizer, seed=7)
+    opt = optimizer(module)
+    for x, y in loader(seed=3):
+        nn.functional.mse_loss(module.net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt.state_dict()
+
+
+class AtEpoch(Callback):
+    """Runs ``change(trainer, module)`` at the start of epoch ``epoch`` (before its first step)."""
+
+    def __init__(self, epoch: int, change: Callable[[pl.Trainer, pl.LightningModule], None]) -> None:
+        self.epoch, self.change = epoch, change
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.change(trainer, pl_module)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd-momentum"])
+def test_a_state_dict_loaded_mid_run_is_read_afresh(name: str) -> None:
+    """``load_state_dict`` replaces every state tensor: the next step's mask must read the new moments."""
+    optimizer, u_of = OPTIMIZERS[name]
+    donor = donor_state(optimizer)
+
+    def load(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        trainer.optimizers[0].load_state_dict(copy.deepcopy(donor))
+
+    def load_by_hand(epoch: int, module: nn.Module, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        if epoch in (1, 2):
+            opt.load_state_dict(copy.deepcopy(donor))
+        return opt
+
+    factor = (lambda opt: 1 - 0.05 * WD) if name.startswith("sgd") else lr_factor
+    cautious = [WeightDecay(WD, cautious=True), AtEpoch(1, load), AtEpoch(2, load)]
+    got = run(Lit(optimizer), cautious, max_epochs=3)
+    want = reference_loop(optimizer, cautious_by_hand(u_of, factor), epochs=3, at_epoch=load_by_hand)
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, run(Lit(optimizer), [WeightDecay(WD), AtEpoch(1, load)], max_epochs=3))
+
+
+def test_a_rebuilt_optimizer_is_read_afresh() -> None:
+    """A new optimizer mid-fit (Lightning's ``setup_optimizers``): its own, empty state, a first step again."""
+    first, u_of = OPTIMIZERS["adam"]
+    second = lambda m: torch.optim.Adam(m.parameters(), lr=LR, betas=(0.5, 0.9), foreach=False)  # noqa: E731
+
+    def rebuild(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        module.optimizer_fn = second
+        trainer.strategy.setup_optimizers(trainer)
+
+    def rebuild_by_hand(epoch: int, module: nn.Module, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return second(module) if epoch == 1 else opt
+
+    got = run(Lit(first), [WeightDecay(WD, cautious=True), AtEpoch(1, rebuild)], max_epochs=2)
+    want = reference_loop(first, cautious_by_hand(u_of, lr_factor), at_epoch=rebuild_by_hand)
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, run(Lit(first), [WeightDecay(WD), AtEpoch(1, rebuild)], max_epochs=2))
+
+
+def test_the_gradients_are_not_held_between_steps() -> None:
+    """The bucket's cached state look-ups keep no gradient: ``zero_grad(set_to_none=True)`` frees them."""
+    optimizer = OPTIMIZERS["adam"][0]
+    module = Lit(optimizer)
+    opt = optimizer(module)
+    WeightDecay(WD, cautious=True).attach(module.net, opt)
+    for x, y in loader():
+        nn.functional.mse_loss(module.net(x), y).backward()
+        grads = [weakref.ref(p.grad) for p in module.parameters()]  # type: ignore[arg-type]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(g() is None for g in grads)
+
+
 # ------------------------------------------------------------------------------- measured path
 def test_custom_optimizer_takes_the_measured_path_within_a_rounding(caplog: Any) -> None:
     optimizer = lambda m: SignMomentum(m.parameters())  # noqa: E731
@@ -296,6 +447,74 @@ def reference_loop_with(module: Lit, opt: torch.optim.Optimizer) -> list[dict[st
         opt.zero_grad(set_to_none=True)
         out.append(weights(module))
     return out
+
+
+# ------------------------------------------------------------------------------------- Fabric
+def test_attach_under_fabric_is_the_formula() -> None:
+    """``attach`` to Fabric's wrapped optimizer, Fabric's own backward: the paper's step by hand."""
+    from lightning.fabric import Fabric
+
+    optimizer, u_of = OPTIMIZERS["sgd-nesterov"]
+
+    def fabric_loop(callback: WeightDecay | None) -> list[dict[str, Tensor]]:
+        fabric = Fabric(accelerator="cpu", devices=1)
+        module = Lit(optimizer)
+        net, opt = fabric.setup(module.net, optimizer(module))
+        if callback is not None:
+            callback.attach(net, opt)
+        out = []
+        for x, y in loader():
+            fabric.backward(nn.functional.mse_loss(net(x), y))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(weights(module))
+        return out
+
+    want = reference_loop(optimizer, cautious_by_hand(u_of, lambda opt: 1 - 0.05 * WD), epochs=1)
+    got = fabric_loop(WeightDecay(WD, cautious=True))
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, fabric_loop(WeightDecay(WD)))
+
+
+# ------------------------------------------------------------------------------- bf16 and fp16 weights
+def adam_u_as_torch_rounds(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    """CautiousAdamW's ``u = m_hat / (sqrt(v_hat) + eps)`` in float64 from the moments torch's Adam computes
+    in the weights' dtype (its single-tensor ops: ``exp_avg.lerp_``, ``exp_avg_sq.mul_().addcmul_()``)."""
+    group, state, _ = _group_state(opt, p)
+    (b1, b2), eps, grad = group["betas"], group["eps"], p.grad
+    step = float(state["step"]) + 1 if state else 1.0
+    m = (state["exp_avg"] if state else torch.zeros_like(p)).lerp(grad, 1 - b1)  # type: ignore[arg-type]
+    v = (state["exp_avg_sq"] if state else torch.zeros_like(p)).mul(b2).addcmul_(grad, grad, value=1 - b2)  # type: ignore[arg-type]
+    return (m.double() / (1 - b1**step)) / (v.double().sqrt() / (1 - b2**step) ** 0.5 + eps)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
+def test_low_precision_weights_are_cautious_adamw_as_torch_rounds(precision: str, dtype: torch.dtype) -> None:
+    """``bf16-true`` / ``16-true``: bitwise a CautiousAdamW by hand on the weights in that dtype."""
+    eps = 1e-4 if dtype == torch.float16 else 1e-8  # 1e-8 is 0 in float16
+    optimizer = lambda m: torch.optim.Adam(m.parameters(), lr=LR, eps=eps, foreach=False)  # noqa: E731
+
+    def loop(before_step: Any) -> list[dict[str, Tensor]]:
+        module = Lit(optimizer)
+        module.net.to(dtype)  # what Lightning's precision plugin does to the module
+        opt = optimizer(module)
+        out = []
+        for _ in range(2):
+            for x, y in loader():
+                x, y = x.to(dtype), y.to(dtype)  # the plugin converts the batch too
+                nn.functional.mse_loss(module.net(x).float(), y.float()).backward()
+                with torch.no_grad():
+                    before_step(module, opt)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                out.append(weights(module))
+        return out
+
+    got = run(Lit(optimizer), [WeightDecay(WD, cautious=True)], max_epochs=2, precision=precision)
+    assert all(w.dtype == dtype for w in got[-1].values())
+    want = loop(cautious_by_hand(adam_u_as_torch_rounds, lr_factor))
+    assert_runs_equal(got, want, exact=True)
+    assert_differs_from_plain(got, run(Lit(optimizer), [WeightDecay(WD)], max_epochs=2, precision=precision))
 
 
 # ------------------------------------------------------------------------------------- AMP skips

@@ -15,6 +15,7 @@ Kernels: ``torch.optim.Adam(weight_decay=0)`` plus ``cautious_decay_`` before it
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -228,6 +229,44 @@ def test_register_direction_rejects_bad_input() -> None:
         register_direction(torch.optim.SGD, None)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (torch.optim.Adam, {"lr": 1e-2}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": True}),
+        (torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.9, "centered": True}),
+    ],
+    ids=["adam", "sgd-momentum", "sgd-nesterov-foreach", "rmsprop-centered-momentum"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_state_cache_gives_the_uncached_direction_and_looks_up_only_when_the_state_changes(
+    cls: type[torch.optim.Optimizer], options: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """Through first steps (state created), a ``load_state_dict`` (every tensor replaced) and steps between:
+    the cached direction is the uncached one bitwise, and the state is looked up again only at the changes."""
+    model = two_layers(dtype)
+    opt = cls(model.parameters(), **options)
+    params = list(model.parameters())
+    cache, lookups = directions.StateCache(params), []
+    for step in range(1, STEPS):  # every parameter has a gradient at every step
+        if step == 5:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # the same values in new tensors
+        backward(model, step, dtype)
+        cache.grads = [p.grad for p in params]  # type: ignore[misc]
+        cached = direction(opt, opt.param_groups[0], params, cache=cache)
+        fresh = direction(opt, opt.param_groups[0], params)
+        assert isinstance(cached, Direction) and isinstance(fresh, Direction)
+        for a, b in zip(cached.inputs[1:], fresh.inputs[1:], strict=True):  # the very state tensors
+            assert all(x is y for x, y in zip(a, b, strict=True))
+        u_cached, u_fresh = materialize(cached, params), materialize(fresh, params)
+        assert all(torch.equal(a, b) for a, b in zip(u_cached, u_fresh, strict=True))
+        lookups.append(cache.lookups)
+        opt.step()
+    # step 1: no state yet (looked up, not kept); step 2: created, kept; 3, 4 kept; 5: replaced; 6, 7 kept
+    assert lookups == [1, 2, 2, 2, 3, 3, 3]
+
+
 # ---- the kernels ----------------------------------------------------------------------------------------
 
 
@@ -254,7 +293,7 @@ def formula(x: Tensor, u: Tensor, factor: float | Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("factor", [0.9, 1 - 3e-4])
+@pytest.mark.parametrize("factor", [0.9, 1 - 3e-4, 0.5, 0.3])  # 0.3: below 1/2, the general form in float32
 def test_cautious_decay_is_the_formula_entry_by_entry(dtype: torch.dtype, factor: float) -> None:
     xs, us = edge_lists(dtype)
     got = [x.clone() for x in xs]

@@ -60,8 +60,17 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
-    scenarios = ("fsdp2", "fsdp2_resume", "hsdp", "fsdp2_bf16", "module_ref")
+    scenarios = ("fsdp2", "fsdp2_resume", "hsdp", "fsdp2_bf16", "fsdp2_cwd", "module_ref")
     W.spawn(W.fsdp2_worker, (str(out), W.free_port(), scenarios))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cwd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``WeightDecay(cautious=True)`` (issue 20) in one process and under ``ddp_spawn``."""
+    out = tmp_path_factory.mktemp("cwd")
+    W.fit(str(out), "single_cwd", "auto", 1, W.WORLD * W.PER_RANK_BATCH, with_monitor=False, cautious=True)
+    W.fit(str(out), "ddp_cwd", "ddp_spawn", W.WORLD, W.PER_RANK_BATCH, with_monitor=False, cautious=True)
     return out
 
 
@@ -304,3 +313,19 @@ def test_fsdp2_full_reference_on_uneven_shards(fsdp2: Path) -> None:
         run = torch.load(fsdp2 / f"module_ref_rank{rank}.pt", weights_only=False)
         assert "error" not in run, f"rank {rank}: {run.get('error')}"
         assert torch.equal(run["ref"], run["expected"]), rank
+
+
+# ------------------------------------------------------------------------------- cautious decay (issue 20)
+@pytest.mark.parametrize("tag", ["ddp_cwd", "fsdp2_cwd"])
+def test_cautious_decay_across_ranks_is_the_single_process_run(
+    tag: str, cwd: Path, fsdp2: Path, single: Path, request: pytest.FixtureRequest
+) -> None:
+    """DDP and FSDP2 (each rank masks its own shard with its own shard of the optimizer state): the weights of
+    one process with the global batch, and not those of plain decay."""
+    want = W.load_result(cwd, "single_cwd", 0)["weights"]
+    runs = results(cwd if tag == "ddp_cwd" else fsdp2, tag)
+    assert_same_on_every_rank(runs)
+    assert_weights_close(runs[0]["weights"], want, tag)
+    plain = W.load_result(single, "single", 0)["weights"]
+    body = [n for n in want if n.startswith("net.body") and n.endswith("weight")]
+    assert any(not torch.allclose(want[n], plain[n], atol=1e-4) for n in body)  # the mask acts

@@ -22,8 +22,8 @@ from torch.optim import Optimizer
 
 from lightning_decay._binding import Binding, Bucket
 from lightning_decay._compat import rank_zero_info
-from lightning_decay.cautious import cautious_chunks, cautious_decay_, measured_cautious_decay_
-from lightning_decay.directions import Direction, direction
+from lightning_decay.cautious import cautious_chunks, cautious_decay_, held_tensors, measured_cautious_decay_
+from lightning_decay.directions import Direction, StateCache, direction
 
 __all__ = ["CautiousKernel"]
 
@@ -41,6 +41,7 @@ class CautiousKernel:
         # (optimizer, group) -> (share, entries) of each bucket at the last step that computed them.
         self.fractions: dict[tuple[int, int], list[tuple[Tensor, int]]] = {}
         self.chunks: dict[int, tuple[Bucket, int, list[tuple[int, ...]]]] = {}  # id(bucket) -> its chunks
+        self.states: dict[int, tuple[Bucket, StateCache]] = {}  # id(bucket) -> its optimizer-state look-ups
 
     def start(self, index: int) -> None:
         """A new step of optimizer ``index``: the last step's snapshots (a skipped step's) and shares go."""
@@ -50,15 +51,19 @@ class CautiousKernel:
 
     def decay(self, binding: Binding, index: int, optimizer: Optimizer, bucket: Bucket, factor: Any) -> None:
         """Before the step: the masked decay of ``bucket``'s weights with a gradient, or their snapshot."""
-        weights, _, idx = bucket.with_grads()
+        weights, grads, idx = bucket.with_grads()
         if not weights:
             return
-        params = bucket.params if len(idx) == len(bucket.params) else [bucket.params[i] for i in idx]
         group = optimizer.param_groups[bucket.group_index]
-        found = direction(optimizer, group, params)
+        if len(idx) == len(bucket.params):
+            cache = self._states(bucket, grads)
+            found = direction(optimizer, group, bucket.params, cache=cache)
+            cache.grads = None  # the Direction holds them for this step; kept longer, zero_grad could not free them
+        else:  # a subset (parameters without a gradient this step): looked up afresh
+            found = direction(optimizer, group, [bucket.params[i] for i in idx])
         self._announce(index, bucket.group_index, optimizer, group, found, weights)
         if isinstance(found, Direction):
-            chunks = self._chunks(bucket, weights, idx, found.temporaries)
+            chunks = self._chunks(bucket, weights, idx, held_tensors(found, weights, factor) - 1)
             share = cautious_decay_(weights, found, factor, chunks=chunks, fraction=self.want_fraction)
             self._keep(index, bucket.group_index, share, weights)
         else:
@@ -84,11 +89,19 @@ class CautiousKernel:
         self.pending.pop(index, None)
         self.announced = {k for k in self.announced if k[0] != index}
         self.fractions = {k: v for k, v in self.fractions.items() if k[0] != index}
-        self.chunks = {}
+        self.chunks, self.states = {}, {}  # a rebuilt optimizer: its state is another
 
     def reset(self) -> None:
-        self.pending, self.fractions, self.chunks, self.announced = {}, {}, {}, set()
+        self.pending, self.fractions, self.chunks, self.announced, self.states = {}, {}, {}, set(), {}
         self.want_fraction = False
+
+    def _states(self, bucket: Bucket, grads: list[Tensor]) -> StateCache:
+        """The bucket's `StateCache` (one per bucket: rebuilt buckets are new objects), with this step's gradients."""
+        cached = self.states.get(id(bucket))
+        if cached is None or cached[0] is not bucket:
+            cached = self.states[id(bucket)] = (bucket, StateCache(bucket.params))
+        cached[1].grads = grads
+        return cached[1]
 
     def _keep(self, index: int, group_index: int, share: Tensor | None, weights: list[Tensor]) -> None:
         if share is not None:

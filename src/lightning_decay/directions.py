@@ -47,11 +47,12 @@ every change to the gradients (unscaling, clipping, penalties) and right before 
 
 Cost (see [`lightning_decay.cautious`][lightning_decay.cautious]):
 
-- known direction: extra memory ``Direction.temporaries + 1`` chunk-sized tensors at a time (the
-  direction, its intermediates, the decayed chunk), which ``cautious_chunks`` fits in the chunk budget
-  (a few percent of the weights) whatever the model's size; no copy of the weights. Time: the
-  direction's foreach passes (1 for Adam's lerp, 2-3 for SGD momentum, about 8 for RMSprop with
-  momentum) plus 7 passes over the chunk for the mask and the decay, against 1 for plain decay.
+- known direction: extra memory ``Direction.temporaries`` chunk-sized tensors at a time (the direction
+  and its intermediates; one more, the decayed chunk, for bf16/fp16 weights), which ``cautious_chunks``
+  fits in the chunk budget (a few percent of the weights) whatever the model's size; no copy of the
+  weights. Time: the direction's foreach passes (1 for Adam's lerp, 2-3 for SGD momentum, about 8 for
+  RMSprop with momentum) plus 7 passes over the chunk for the mask and the decay, against 1 for plain
+  decay (``benchmarks/run.py`` rows 1.cwd_decay measure it; see ``docs/cautious.md``).
 - measured update: one copy of the decayed weights, taken before the step (the caller's), plus two
   chunk-sized temporaries; about 9 passes over the chunk after the step.
 """
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +72,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from lightning_decay.norms import local_tensor
 
-__all__ = ["Direction", "DirectionFn", "direction", "direction_fn", "register_direction"]
+__all__ = ["Direction", "DirectionFn", "StateCache", "direction", "direction_fn", "register_direction"]
 
 #: ``(optimizer, param_group, params) -> Direction | reason``: ``params`` are parameters of the group,
 #: of one device and dtype, each with a gradient; a string says why no exact direction exists.
@@ -132,8 +134,18 @@ def direction_fn(optimizer_class: type[Optimizer]) -> DirectionFn | None:
     return None
 
 
-def direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor]) -> Direction | str:
+def direction(
+    optimizer: Optimizer, group: dict[str, Any], params: list[Tensor], cache: StateCache | None = None
+) -> Direction | str:
     """This step's direction of ``params`` (one group, one device and dtype, all with gradients).
+
+    Args:
+        optimizer: The optimizer about to step.
+        group: The param group of ``params``.
+        params: Parameters of the group, of one device and dtype, each with a gradient.
+        cache: A [`StateCache`][lightning_decay.directions.StateCache] of these ``params`` (the same list
+            object at every step) with this step's gradients set: the built-in directions then look the
+            state up only when it changed, and loop over no parameter on other steps.
 
     Returns:
         A [`Direction`][lightning_decay.directions.Direction], or why there is no exact one (the caller
@@ -142,7 +154,89 @@ def direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor])
     fn = direction_fn(type(optimizer))
     if fn is None:
         return f"no direction is registered for {type(optimizer).__qualname__} (see register_direction)"
-    return fn(optimizer, group, params)
+    if cache is None or cache.params is not params:
+        return fn(optimizer, group, params)
+    token = _CACHE.set(cache)
+    try:
+        return fn(optimizer, group, params)
+    finally:
+        _CACHE.reset(token)
+
+
+class StateCache:
+    """What the directions look up per parameter, kept for one fixed list of parameters between steps.
+
+    The state lists (``exp_avg``, ``momentum_buffer``...) are kept once every parameter has its state,
+    and looked up again when the optimizer's state may have changed: another ``optimizer.state`` object
+    (``load_state_dict`` replaces it), another number of entries (a step creating state), another dict or
+    tensor for the first parameter (state moved or replaced). Before every parameter has its state (the
+    first steps) they are looked up at every step, so that no state created later is missed. An optimizer
+    rebuilt is another optimizer: the caller drops its caches (``Binding.follow`` makes the effects forget).
+
+    Facts fixed with the parameters (sparse gradients, the optimizer's foreach decision) are kept for the
+    cache's life. Holding the looked-up state keeps it alive until the next look-up (one step).
+
+    Args:
+        params: The parameters, the same list object at every step.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.grads: list[Tensor] | None = None  # this step's local gradients, aligned with params (the caller's)
+        self.facts: dict[Any, Any] = {}
+        self._seen: tuple[Any, ...] | None = None  # (keys, optimizer.state, its length, first dict, first tensors)
+        self._lists: tuple[Pieces, ...] = ()
+        self._full: tuple[bool, ...] = ()  # per list: no None in it
+        self.lookups = 0  # state look-ups so far (what the tests count)
+
+    def states(self, optimizer: Optimizer, keys: tuple[str, ...]) -> tuple[Pieces, ...]:
+        """The local state tensors ``keys`` of the parameters (``None`` where not created yet)."""
+        state = optimizer.state
+        first = state.get(self.params[0])
+        seen = self._seen
+        if (
+            seen is not None
+            and seen[0] == keys
+            and seen[1] is state
+            and seen[2] == len(state)
+            and seen[3] is first
+            and all(t is first.get(k) for k, t in zip(keys, seen[4], strict=True))  # type: ignore[union-attr]
+        ):
+            return self._lists
+        self.lookups += 1
+        per = [state.get(p) for p in self.params]
+        self._lists = tuple([None if s is None else _local(s.get(k)) for s in per] for k in keys)
+        self._full = tuple(all(t is not None for t in lst) for lst in self._lists)
+        complete = all(per)  # every parameter has its (non-empty) state: the lists are final until it changes
+        self._seen = (keys, state, len(state), first, tuple(first.get(k) for k in keys)) if complete else None  # type: ignore[union-attr]
+        return self._lists
+
+
+_CACHE: ContextVar[StateCache | None] = ContextVar("lightning_decay_state_cache", default=None)
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    return None if t is None else local_tensor(t)
+
+
+def _full(tensors: Pieces) -> bool:
+    """Whether every parameter has this state tensor (known without a loop for the current cache's lists)."""
+    cache = _CACHE.get()
+    if cache is not None:
+        for lst, full in zip(cache._lists, cache._full, strict=True):
+            if lst is tensors:
+                return full
+    return all(t is not None for t in tensors)
+
+
+def _fact(key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in the current cache under ``key`` (a fact fixed with its parameters)."""
+    cache = _CACHE.get()
+    if cache is None:
+        return compute()
+    if key not in cache.facts:
+        cache.facts[key] = compute()
+    return cache.facts[key]
 
 
 def _refusal(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor], replayed: bool) -> str | None:
@@ -153,7 +247,7 @@ def _refusal(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor], 
         return f"{name} has weight_decay={wd} of its own (the cautious decay replaces it: set it to 0)"
     if params and (params[0].is_complex() or not params[0].is_floating_point()):
         return f"{name} has {params[0].dtype} parameters (the sign test needs real floating point)"
-    if any(p.grad is not None and p.grad.is_sparse for p in params):
+    if _fact("sparse", lambda: any(p.grad is not None and p.grad.is_sparse for p in params)):
         return f"{name} has sparse gradients"
     if not replayed:
         return None
@@ -175,15 +269,37 @@ def _foreach_path(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     if group.get("fused"):
         return False
     differentiable = bool(group.get("differentiable", False)) and not isinstance(optimizer, torch.optim.SGD)
-    with_grads = [p for p in group["params"] if p.grad is not None]
-    foreach = _default_to_fused_or_foreach(with_grads, differentiable, use_fused=False)[1]
     if isinstance(optimizer, torch.optim.Adam) and isinstance(group["lr"], Tensor) and not group.get("capturable"):
         return False  # adam.py: "Do not flip on foreach for ... lr is a Tensor and capturable=False"
-    return foreach
+    if differentiable:
+        return False
+    # torch decides from the parameters with a gradient, all of a supported type and device; when the
+    # group's parameters all agree, any of its subsets does (kept), else decided again at each step.
+    cache = _CACHE.get()
+    if cache is not None:
+        kept = cache.facts.get("foreach")
+        if kept is None or kept[0] is not group["params"]:
+            kept = cache.facts["foreach"] = (group["params"], _agreed_foreach(group["params"]))
+        if kept[1] is not None:
+            return kept[1]
+    with_grads = [p for p in group["params"] if p.grad is not None]
+    return _default_to_fused_or_foreach(with_grads, False, use_fused=False)[1]
+
+
+def _agreed_foreach(params: list[Tensor]) -> bool | None:
+    """torch's foreach decision for every single parameter, if it is the same for all (``None`` if mixed)."""
+    each = {_default_to_fused_or_foreach([p], False, use_fused=False)[1] for p in params}
+    return each.pop() if len(each) == 1 else None
 
 
 def _gather(optimizer: Optimizer, params: list[Tensor], *keys: str) -> tuple[Pieces, ...]:
-    """The gradients and the state tensors ``keys`` of ``params`` (``None`` where not created yet)."""
+    """The gradients and the state tensors ``keys`` of ``params`` (``None`` where not created yet).
+
+    From the current `StateCache` when there is one (its gradients, its kept state lists).
+    """
+    cache = _CACHE.get()
+    if cache is not None and cache.grads is not None:
+        return (cache.grads, *cache.states(optimizer, keys))  # type: ignore[return-value]
     if any(p.grad is None for p in params):
         raise ValueError("params must all have a gradient this step (leave out those without one, as AdamW does)")
     grads: Pieces = [local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
@@ -235,10 +351,12 @@ def first_moment_direction(optimizer: Optimizer, group: dict[str, Any], params: 
     if reason is not None:
         return reason
     weight, maximize = 1 - beta1, bool(group.get("maximize", False))
+    inputs = _gather(optimizer, params, "exp_avg")
+    every = _full(inputs[1])  # every parameter has its moment: no per-chunk check
 
     def compute(grads: list[Tensor], moments: Pieces) -> list[Tensor]:
         g = _signed(grads, maximize)
-        if all(m is not None for m in moments):
+        if every or all(m is not None for m in moments):
             return torch._foreach_lerp(moments, g, weight)  # type: ignore[arg-type]
         have = [i for i, m in enumerate(moments) if m is not None]
         missing = [i for i, m in enumerate(moments) if m is None]
@@ -247,7 +365,7 @@ def first_moment_direction(optimizer: Optimizer, group: dict[str, Any], params: 
         moved = torch._foreach_lerp([moments[i] for i in have], [g[i] for i in have], weight) if have else []  # type: ignore[misc]
         return _merge(len(g), (missing, started), (have, moved))
 
-    return Direction(_gather(optimizer, params, "exp_avg"), compute, 1 + maximize)
+    return Direction(inputs, compute, 1 + maximize)
 
 
 def gradient_direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor]) -> Direction | str:
@@ -289,10 +407,12 @@ def sgd_direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tens
     maximize, nesterov = bool(group.get("maximize", False)), bool(group["nesterov"])
     # sgd.py's foreach path multiplies the buffers in place only when all of its device group have one
     in_place = _foreach_path(optimizer, group) and _all_have(optimizer, group, params, "momentum_buffer")
+    inputs = _gather(optimizer, params, "momentum_buffer")
+    every = _full(inputs[1])
 
     def compute(grads: list[Tensor], bufs: Pieces) -> list[Tensor]:
         g = _signed(grads, maximize)
-        if all(b is not None for b in bufs):
+        if every or all(b is not None for b in bufs):
             new = _mul(bufs, momentum, in_place)  # type: ignore[arg-type]
             torch._foreach_add_(new, g, alpha=1 - dampening)
         else:
@@ -310,19 +430,29 @@ def sgd_direction(optimizer: Optimizer, group: dict[str, Any], params: list[Tens
             return torch._foreach_add(g, new, alpha=momentum)
         return new
 
-    return Direction(_gather(optimizer, params, "momentum_buffer"), compute, 2 + maximize)
+    return Direction(inputs, compute, 2 + maximize)
 
 
 def _all_have(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor], key: str) -> bool:
-    """Whether every parameter of the group with a gradient, of ``params``' device and dtype, has ``key``."""
+    """Whether every parameter of the group with a gradient, of ``params``' device and dtype, has ``key``.
+
+    With a `StateCache`: once every such parameter has it, with or without a gradient, it stays so until the
+    state changes (``optimizer.state`` replaced, or entries added): kept until then.
+    """
     if not params:
         return True
+    cache, state = _CACHE.get(), optimizer.state
+    if cache is not None:
+        kept = cache.facts.get(("all_have", key))
+        if kept is not None and kept[0] is state and kept[1] == len(state) and kept[2] is group["params"]:
+            return True
     device, dtype = params[0].device, params[0].dtype
-    return all(
-        optimizer.state.get(p, {}).get(key) is not None
-        for p in group["params"]
-        if p.grad is not None and p.device == device and p.dtype == dtype
-    )
+    same = [p for p in group["params"] if p.device == device and p.dtype == dtype]
+    if all(state.get(p, {}).get(key) is not None for p in same):
+        if cache is not None:
+            cache.facts[("all_have", key)] = (state, len(state), group["params"])
+        return True
+    return all(state.get(p, {}).get(key) is not None for p in same if p.grad is not None)
 
 
 def _merge(n: int, *parts: tuple[list[int], list[Tensor] | tuple[Tensor, ...]]) -> list[Tensor]:
@@ -347,21 +477,26 @@ def rmsprop_direction(optimizer: Optimizer, group: dict[str, Any], params: list[
     alpha, eps, centered = group["alpha"], group["eps"], bool(group["centered"])
     maximize, in_place = bool(group.get("maximize", False)), _foreach_path(optimizer, group)
 
+    inputs = _gather(optimizer, params, "square_avg", "momentum_buffer", "grad_avg")
+    every = _full(inputs[1]) and _full(inputs[2]) and (not centered or _full(inputs[3]))
+
+    def filled(tensors: Pieces, like: list[Tensor]) -> list[Tensor]:
+        return tensors if every else _filled(tensors, like)  # type: ignore[return-value]
+
     def compute(grads: list[Tensor], squares: Pieces, bufs: Pieces, averages: Pieces) -> list[Tensor]:
         g = _signed(grads, maximize)
-        avg = _mul(_filled(squares, g), alpha, in_place)  # the new square_avg, then avg in its place
+        avg = _mul(filled(squares, g), alpha, in_place)  # the new square_avg, then avg in its place
         torch._foreach_addcmul_(avg, g, g, value=1 - alpha)
         if centered:
-            mean = torch._foreach_lerp(_filled(averages, g), g, 1 - alpha)
+            mean = torch._foreach_lerp(filled(averages, g), g, 1 - alpha)
             torch._foreach_addcmul_(avg, mean, mean, value=-1)
             del mean
         torch._foreach_sqrt_(avg)
         avg = _add_scalar(avg, eps, in_place)
-        new = _mul(_filled(bufs, g), momentum, in_place)
+        new = _mul(filled(bufs, g), momentum, in_place)
         torch._foreach_addcdiv_(new, g, avg)
         return new
 
-    inputs = _gather(optimizer, params, "square_avg", "momentum_buffer", "grad_avg")
     return Direction(inputs, compute, 3 + maximize)
 
 
