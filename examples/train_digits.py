@@ -13,7 +13,9 @@ Two runs start from the same initialization and see the same batches:
   :class:`~lightning_decay.DecayGroupsMixin` (the Linear weights); biases get ``weight_decay=0.0``.
 
 ``WeightNormMonitor`` logs ``weight_norm/*`` (and update ratios) to TensorBoard under
-``--out/{run}/version_N``; ``examples/plot_norms.py`` turns them into ``docs/img/weight_norms.png``.
+``--out/{run}/version_N``; ``examples/plot_norms.py`` turns them into ``docs/img/weight_norms.png``. In the
+``decay`` run it also logs the equilibrium diagnostics (``log_equilibrium=True``) and writes
+``decay_report.md`` / ``decay_report.png`` beside its logs; the verdict lines close the output.
 At the end a table compares train / validation accuracy (torchmetrics ``Accuracy``) and the weight
 norms.
 
@@ -137,11 +139,14 @@ def train_one(
     if run == "decay":
         print(model.decay_plan())  # which tensors decay and why
     logger = TensorBoardLogger(save_dir=args.out, name=run, default_hp_metric=False)
+    # The decay run also measures whether its decay is doing anything (docs/decay-doing-anything.md): the
+    # equilibrium angle, and the decay report written beside its logs when fit ends.
+    monitor = WeightNormMonitor(log_update_ratio=True, log_equilibrium=run == "decay")
     fast = {"max_steps": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0} if args.fast else {}
     trainer = Trainer(
         max_epochs=args.max_epochs,
         logger=logger,
-        callbacks=[WeightNormMonitor(log_update_ratio=True)],
+        callbacks=[monitor],
         log_every_n_steps=1 if args.fast else 10,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -167,6 +172,7 @@ def train_one(
         **weight_norms(model),
         "seconds": seconds,
         "log_dir": logger.log_dir,
+        "verdicts": [(row.layer, row.verdict) for row in monitor.decay_report_rows],
     }
 
 
@@ -225,6 +231,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "the corrupted training images predicted with their random label; |w|: Euclidean norms at the end."
     )
     print(format_table(results))
+    for r in results:
+        if r["verdicts"]:
+            print(f"\nIs the decay doing anything? ({r['run']} run; decay_report.md in {r['log_dir']})")
+            print("\n".join(f"  {layer}: {verdict}" for layer, verdict in r["verdicts"]))
     print(f"\nTensorBoard logs: tensorboard --logdir {args.out}")
     return results
 

@@ -52,6 +52,15 @@ def test_train_digits(main_job: tuple[list[dict[str, Any]], str, Path], tmp_path
         events = list((logdir / run).glob("version_*/events.out.tfevents.*"))
         assert events, f"no TensorBoard event file for {run}"
 
+    # The decay run writes its decay report beside its logs and the job ends with its verdict lines.
+    decay = results[1]
+    assert (Path(decay["log_dir"]) / "decay_report.md").is_file()
+    assert (Path(decay["log_dir"]) / "decay_report.png").stat().st_size > 10_000
+    assert decay["verdicts"] and not results[0]["verdicts"]
+    verdict_lines = out.split("Is the decay doing anything?")[1]
+    for layer, verdict in decay["verdicts"]:
+        assert f"{layer}: {verdict}" in verdict_lines
+
     # plot_norms reads those event files and writes a PNG
     plot_norms = load(EXAMPLES / "plot_norms.py")
     png = plot_norms.main(["--logdir", str(logdir), "--output", str(tmp_path / "norms.png")])
@@ -110,6 +119,34 @@ def test_docs_show_the_main_job_table(main_job: tuple[list[dict[str, Any]], str,
     val = re.search(r"validation accuracy from ([\d.]+)% to\s+([\d.]+)%", page)
     assert val and abs(float(val.group(1)) / 100 - run["no_decay"]["val_acc"]) <= TOLERANCE["val_acc"]
     assert abs(float(val.group(2)) / 100 - run["decay"]["val_acc"]) <= TOLERANCE["val_acc"]
+
+
+def _page_report(text: str) -> dict[str, dict[str, str]]:
+    """The ```text table under "## The main job's report" on the page: layer -> column -> cell."""
+    block = re.search(r"## The main job's report.*?```text\n(.*?)```", text, flags=re.S)
+    assert block, "the page has no main-job report"
+    header, *rows = block.group(1).strip().splitlines()
+    columns = re.split(r"\s{2,}", header.strip())
+    return {cells[0]: dict(zip(columns, cells, strict=True)) for cells in (re.split(r"\s{2,}", r) for r in rows)}
+
+
+def test_docs_show_the_main_job_decay_report(main_job: tuple[list[dict[str, Any]], str, Path]) -> None:
+    results, _, _ = main_job
+    fresh = (Path(results[1]["log_dir"]) / "decay_report.md").read_text()
+    lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in fresh.splitlines()]
+    header = next(cells for cells in lines if cells[0] == "layer")
+    run = {cells[0]: dict(zip(header, cells, strict=True)) for cells in lines if cells[0].startswith("net.")}
+    page = _page_report((EXAMPLES.parent / "docs" / "decay-doing-anything.md").read_text())
+    assert list(page) == list(run)
+    for layer, row in page.items():
+        got = run[layer]
+        # Exact on any CPU: the schedule's numbers (lr, wd, steps) and the closed form.
+        for column in ("tau (steps)", "timescales", "predicted angle", "scale invariant"):
+            assert row[column] == got[column], (layer, column)
+        # The measured angle is a training outcome: another CPU's last bits move it (see TOLERANCE above),
+        # the mean over 9 logged steps by a few percent; 15 % leaves room and still tells 0.4 from 1.
+        assert float(row["measured angle"]) == pytest.approx(float(got["measured angle"]), rel=0.15), layer
+        assert row["verdict"].split(" (")[0] == got["verdict"].split(" (")[0], layer
 
 
 @pytest.mark.parametrize(

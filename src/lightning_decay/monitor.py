@@ -237,6 +237,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         self._probes = Probes(self)
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
         self._binding: Binding | None = None  # attached without a Trainer: the step hooks
+        #: The rows of the last decay report written (empty before one is): what a script prints or checks.
+        self.decay_report_rows: list[ReportRow] = []
         self._attachment: Any = None  # the live `Attachment`, whose `remove()` takes the hooks off
         self._warned_histograms = False
 
@@ -256,6 +258,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         if self.log_grad_norm and problem is not None:
             rank_zero_warn(f"WeightNormMonitor(log_grad_norm=True) under {problem}: grad norms are not meaningful.")
         self._probes.reset()
+        self.decay_report_rows = []  # a second fit reports its own run only
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_custom_scalars(trainer.loggers, pl_module)
@@ -304,7 +307,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             total_steps = self._binding.steps[-1]
         writers = [lg.experiment for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         step = total_steps if total_steps is not None else 0
-        return self._probes.history.write(directory, total_steps, steps_per_epoch, writers, step)
+        self.decay_report_rows = self._probes.history.write(directory, total_steps, steps_per_epoch, writers, step)
+        return self.decay_report_rows
 
     def _write_custom_scalars(self, loggers: list[Any], module: nn.Module) -> None:
         # The Custom Scalars layout, once per SummaryWriter (TensorBoard reads one per run). Only the rank-0
