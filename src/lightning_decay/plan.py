@@ -387,9 +387,10 @@ class DecayPlan:
     def _check_coverage(self, groups: list[dict[str, Any]]) -> None:
         # minGPT-style guarantee: every parameter in exactly one group. Counted with C-level set operations;
         # the names are looked up only to say what went wrong.
-        grouped = [id(p) for g in groups for p in g["params"]]
+        grouped = list(map(id, itertools.chain.from_iterable(g["params"] for g in groups)))
         seen = set(grouped)
-        if len(seen) == len(grouped) and seen == set(map(id, self._columns.params)):
+        params = self._columns.params  # distinct: as many as the groups hold, all of them there, is equality
+        if len(seen) == len(grouped) == len(params) and seen.issuperset(map(id, params)):
             return
         count: dict[int, int] = {}
         for key in grouped:
