@@ -30,7 +30,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from operator import itemgetter
+from operator import itemgetter, ne
 from typing import Any
 
 import torch
@@ -466,7 +466,7 @@ def _owners(module: nn.Module) -> _Owners:
     modules = list(named_modules_clean(module))
     # Raw names are unique (one per module path and attribute); cleaned ones need checking only where a
     # wrapper's component was removed.
-    if any(raw != clean for raw, clean, _ in modules):
+    if any(map(ne, map(itemgetter(0), modules), map(itemgetter(1), modules))):
         named = [(clean, mod) for _, clean, mod in modules]
         owners, tied, unique = _owned(named, check_unique=True)
         if unique:
@@ -489,8 +489,8 @@ def _owned(
         for leaf, param in mod._parameters.items()
         if param is not None
     ]
-    if len({id(param) for param, _, _ in found}) == len(found):  # the usual case: no parameter reached twice
-        return found, {}, not check_unique or len({name for _, name, _ in found}) == len(found)
+    if len(set(map(id, map(itemgetter(0), found)))) == len(found):  # the usual case: no parameter reached twice
+        return found, {}, not check_unique or len(set(map(itemgetter(1), found))) == len(found)
     owners: dict[int, _Owner] = {}
     tied: dict[int, list[tuple[str, nn.Module]]] = {}
     holder: dict[str, int] = {}
@@ -519,13 +519,13 @@ def _model_hooks(
     entries: list[tuple[str, str]] = []  # (full name, reason) of every no_weight_decay() entry, in hook order
     keywords: dict[str, list[str]] = {}
     for mod_name, mod, hook, kw_hook in _hook_methods(modules):
-        owner = type(mod).__name__
         prefix = f"{mod_name}." if mod_name else ""
         if callable(hook):
             where = f" of {mod_name}" if mod_name else ""
-            entries += [(prefix + e, f"no_weight_decay(){where} {e!r}") for e in _call_hook(hook, _HOOKS[0], owner)]
+            for entry in _call_hook(hook, _HOOKS[0], mod):
+                entries.append((prefix + entry, f"no_weight_decay(){where} {entry!r}"))
         if callable(kw_hook):
-            kws = _call_hook(kw_hook, _HOOKS[1], owner)
+            kws = _call_hook(kw_hook, _HOOKS[1], mod)
             if kws:
                 keywords.setdefault(prefix, []).extend(kws)
     if not entries:
@@ -571,6 +571,7 @@ def _covered(entries: list[tuple[str, str]], modules: list[tuple[str, nn.Module]
     # first, so the first position is the one that stays.
     first = dict(zip(reversed(paths), range(len(paths) - 1, -1, -1), strict=True))
     covered: dict[str, str] = {}
+    count = len(paths)
     for full, reason in entries:
         if full in names:
             covered.setdefault(full, reason)
@@ -578,10 +579,9 @@ def _covered(entries: list[tuple[str, str]], modules: list[tuple[str, nn.Module]
         if end is None:
             continue
         under = full + "."
-        while end < len(paths) and (paths[end] == full or paths[end].startswith(under)):
-            path, mod = modules[end]
-            dotted = f"{path}." if path else ""
-            for leaf, param in mod._parameters.items():
+        while end < count and (paths[end] == full or paths[end].startswith(under)):
+            dotted = paths[end] + "."  # not the root's: under a non-empty path
+            for leaf, param in modules[end][1]._parameters.items():
                 if param is not None:
                     covered.setdefault(dotted + leaf, reason)
             end += 1
@@ -610,14 +610,14 @@ def _keyword_match(name: str, hook_keywords: dict[str, list[str]]) -> str | None
         end = dot + 1
 
 
-def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: str) -> list[str]:
+def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: nn.Module) -> list[str]:
     result = hook()
     # The usual containers first: the ABC check is slow when every block of a large model has a hook.
     if not isinstance(result, (set, frozenset, list, tuple)) and (
         isinstance(result, str) or not isinstance(result, Iterable)
     ):
-        raise TypeError(f"{owner}.{what}() must return a set or list of names, got {result!r}")
-    return [str(r) for r in result]
+        raise TypeError(f"{type(owner).__name__}.{what}() must return a set or list of names, got {result!r}")
+    return list(map(str, result))
 
 
 def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int, torch.Size]:
@@ -631,7 +631,7 @@ def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int
     if not isinstance(fsdp_type, type):
         return shapes
     # By class, once (isinstance through an ABC's __instancecheck__ is slow), and no walk when none is FSDP1's.
-    fsdp_classes = {cls for cls in {type(mod) for _, mod in modules} if issubclass(cls, fsdp_type)}
+    fsdp_classes = {cls for cls in set(map(type, map(itemgetter(1), modules))) if issubclass(cls, fsdp_type)}
     for _, mod in modules if fsdp_classes else ():
         if type(mod) not in fsdp_classes:
             continue
