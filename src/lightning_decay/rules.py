@@ -30,7 +30,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from operator import itemgetter, ne
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -250,10 +250,10 @@ class DecayRules:
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
         check_flag(include_frozen, "include_frozen")
-        owners, tied, modules = _owners(module)
+        owners, tied, paths, mods = _owners(module)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no parameters to classify")
-        hooks = _model_hooks(modules, owners, tied) if self.use_model_hooks else ({}, {})
+        hooks = _model_hooks(paths, mods, owners, tied) if self.use_model_hooks else ({}, {})
         frozen = [] if include_frozen else [name for param, name, _ in owners if not param.requires_grad]
         kept = [owner for owner in owners if owner[0].requires_grad] if frozen else owners
         if not kept:
@@ -261,7 +261,7 @@ class DecayRules:
                 f"{type(module).__name__} has no trainable parameters: all {len(frozen)} are frozen "
                 "(requires_grad=False)"
             )
-        columns = self._columns(kept, tied, hooks, _fsdp1_original_shapes(modules))
+        columns = self._columns(kept, tied, hooks, _fsdp1_original_shapes(mods))
         if self.include or self.exclude:
             all_names = [n for _, n, _ in owners] + [n for more in tied.values() for n, _ in more]
             for pattern in (*self.include, *self.exclude):
@@ -451,39 +451,39 @@ def as_rules(value: Any, argument: str = "rules") -> DecayRules:
 
 #: ``(parameter, its name, the module holding it under that name)``
 _Owner = tuple[nn.Parameter, str, nn.Module]
-_Owners = tuple[list[_Owner], dict[int, list[tuple[str, nn.Module]]], list[tuple[str, nn.Module]]]
+_Owners = tuple[list[_Owner], dict[int, list[tuple[str, nn.Module]]], list[str], list[nn.Module]]
 
 
 def _owners(module: nn.Module) -> _Owners:
     """Every parameter once, with its first (cleaned name, owning module), in registration order.
 
     Also returns, by ``id``, the further (name, owner) pairs of a parameter reached through more than one path
-    (tied or shared; most have one, so no list is built for them), and ``(cleaned module name, module)`` of every
-    module path, named as the parameters are. Names are cleaned from the module tree (only real wrappers lose
-    their component); if two parameters would get the same cleaned name, every name is kept raw (see
-    `clean_names`).
+    (tied or shared; most have one, so no list is built for them), and the cleaned name and the module of every
+    module path (two lists), named as the parameters are. Names are cleaned from the module tree (only real
+    wrappers lose their component); if two parameters would get the same cleaned name, every name is kept raw
+    (see `clean_names`).
     """
     modules = list(named_modules_clean(module))
     # Raw names are unique (one per module path and attribute); cleaned ones need checking only where a
     # wrapper's component was removed.
-    if any(map(ne, map(itemgetter(0), modules), map(itemgetter(1), modules))):
-        named = [(clean, mod) for _, clean, mod in modules]
-        owners, tied, unique = _owned(named, check_unique=True)
+    raw, mods = list(map(itemgetter(0), modules)), list(map(itemgetter(2), modules))
+    clean = list(map(itemgetter(1), modules))
+    if clean != raw:
+        owners, tied, unique = _owned(clean, mods, check_unique=True)
         if unique:
-            return owners, tied, named
-    named = [(raw, mod) for raw, _, mod in modules]
-    owners, tied, _ = _owned(named, check_unique=False)
-    return owners, tied, named
+            return owners, tied, clean, mods
+    owners, tied, _ = _owned(raw, mods, check_unique=False)
+    return owners, tied, raw, mods
 
 
 def _owned(
-    named: list[tuple[str, nn.Module]], check_unique: bool
+    paths: list[str], mods: list[nn.Module], check_unique: bool
 ) -> tuple[list[_Owner], dict[int, list[tuple[str, nn.Module]]], bool]:
-    """`_owners`' owners and tied pairs under the module paths ``named``, and (with ``check_unique``) whether no
-    two different parameters share a name."""
+    """`_owners`' owners and tied pairs of the modules ``mods`` under the module ``paths``, and (with
+    ``check_unique``) whether no two different parameters share a name."""
     found = [
         (param, dotted + leaf, mod)
-        for path, mod in named
+        for path, mod in zip(paths, mods, strict=True)
         if mod._parameters
         for dotted in (f"{path}." if path else "",)
         for leaf, param in mod._parameters.items()
@@ -509,16 +509,16 @@ _HOOKS = ("no_weight_decay", "no_weight_decay_keywords")
 
 
 def _model_hooks(
-    modules: list[tuple[str, nn.Module]], owners: list[_Owner], tied: dict[int, list[tuple[str, nn.Module]]]
+    paths: list[str], mods: list[nn.Module], owners: list[_Owner], tied: dict[int, list[tuple[str, nn.Module]]]
 ) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Collect ``no_weight_decay()`` names and keywords from every submodule, prefixed by its path.
+    """Collect ``no_weight_decay()`` names and keywords from every submodule ``mods``, prefixed by its path.
 
     An entry of ``no_weight_decay()`` names a parameter (``owners`` and ``tied``: every name of every parameter)
     or a module whose parameters are all excluded (`_covered`). Linear in the number of parameters.
     """
     entries: list[tuple[str, str]] = []  # (full name, reason) of every no_weight_decay() entry, in hook order
     keywords: dict[str, list[str]] = {}
-    for mod_name, mod, hook, kw_hook in _hook_methods(modules):
+    for mod_name, mod, hook, kw_hook in _hook_methods(paths, mods):
         prefix = f"{mod_name}." if mod_name else ""
         if callable(hook):
             where = f" of {mod_name}" if mod_name else ""
@@ -532,10 +532,10 @@ def _model_hooks(
         return {}, keywords
     names = set(map(itemgetter(1), owners))
     names.update(n for more in tied.values() for n, _ in more)
-    return _covered(entries, modules, names), keywords
+    return _covered(entries, paths, mods, names), keywords
 
 
-def _hook_methods(modules: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Module, Any, Any]]:
+def _hook_methods(paths: list[str], mods: list[nn.Module]) -> Iterator[tuple[str, nn.Module, Any, Any]]:
     """``(module name, module, its no_weight_decay or None, its no_weight_decay_keywords or None)`` for each module
     that may have one of them.
 
@@ -544,7 +544,7 @@ def _hook_methods(modules: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, n
     ``__getattr__`` (a wrapper that forwards) is asked as usual.
     """
     kinds: dict[type, tuple[bool, bool]] = {}
-    for mod_name, mod in modules:
+    for mod_name, mod in zip(paths, mods, strict=True):
         cls = type(mod)
         kind = kinds.get(cls)
         if kind is None:
@@ -558,7 +558,9 @@ def _hook_methods(modules: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, n
             yield mod_name, mod, hook, getattr(mod, _HOOKS[1], None) if has_kw_hook else None
 
 
-def _covered(entries: list[tuple[str, str]], modules: list[tuple[str, nn.Module]], names: set[str]) -> dict[str, str]:
+def _covered(
+    entries: list[tuple[str, str]], paths: list[str], mods: list[nn.Module], names: set[str]
+) -> dict[str, str]:
     """Parameter name -> the reason of the first ``no_weight_decay()`` entry that covers it: the entry's full name
     if a parameter has it (``names``: all of them), and every parameter name under it where it is a module path.
 
@@ -566,7 +568,6 @@ def _covered(entries: list[tuple[str, str]], modules: list[tuple[str, nn.Module]
     with it: the names are read from there (each module's own parameters under its path, as `_owners` named
     them), not found by sorting or searching every name.
     """
-    paths = list(map(itemgetter(0), modules))
     # path -> its first position (a wrapper and the module it wraps share a path): written from the last to the
     # first, so the first position is the one that stays.
     first = dict(zip(reversed(paths), range(len(paths) - 1, -1, -1), strict=True))
@@ -581,7 +582,7 @@ def _covered(entries: list[tuple[str, str]], modules: list[tuple[str, nn.Module]
         under = full + "."
         while end < count and (paths[end] == full or paths[end].startswith(under)):
             dotted = paths[end] + "."  # not the root's: under a non-empty path
-            for leaf, param in modules[end][1]._parameters.items():
+            for leaf, param in mods[end]._parameters.items():
                 if param is not None:
                     covered.setdefault(dotted + leaf, reason)
             end += 1
@@ -620,7 +621,7 @@ def _call_hook(hook: Callable[[], Iterable[str]], what: str, owner: nn.Module) -
     return list(map(str, result))
 
 
-def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int, torch.Size]:
+def _fsdp1_original_shapes(mods: list[nn.Module]) -> dict[int, torch.Size]:
     """Original shapes of FSDP1 ``use_orig_params=True`` parameters, whose local views are flat shards.
 
     Only ``FullyShardedDataParallel`` modules hold a flat-parameter handle; none exists before FSDP1 is imported.
@@ -631,8 +632,8 @@ def _fsdp1_original_shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[int
     if not isinstance(fsdp_type, type):
         return shapes
     # By class, once (isinstance through an ABC's __instancecheck__ is slow), and no walk when none is FSDP1's.
-    fsdp_classes = {cls for cls in set(map(type, map(itemgetter(1), modules))) if issubclass(cls, fsdp_type)}
-    for _, mod in modules if fsdp_classes else ():
+    fsdp_classes = {cls for cls in set(map(type, mods)) if issubclass(cls, fsdp_type)}
+    for mod in mods if fsdp_classes else ():
         if type(mod) not in fsdp_classes:
             continue
         handle = getattr(mod, "_handle", None)
