@@ -10,6 +10,7 @@ import fnmatch
 import functools
 import itertools
 import math
+import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -276,7 +277,7 @@ class DecayPlan:
 
     @property
     def no_decay_params(self) -> list[nn.Parameter]:
-        return [p for p, decay in zip(self._columns.params, self._columns.decay, strict=True) if not decay]
+        return list(itertools.compress(self._columns.params, map(operator.not_, self._columns.decay)))
 
     # ------------------------------------------------------------------ groups
     def param_groups(
