@@ -390,7 +390,7 @@ class DecayPlan:
         # the names are looked up only to say what went wrong.
         grouped = list(map(id, itertools.chain.from_iterable(g["params"] for g in groups)))
         seen = set(grouped)
-        params = self._columns.params  # distinct: as many as the groups hold, all of them there, is equality
+        params = self._columns.params  # distinct: the same count and every one of them seen is set equality
         if len(seen) == len(grouped) == len(params) and seen.issuperset(map(id, params)):
             return
         count: dict[int, int] = {}
