@@ -1,6 +1,7 @@
 """The code under test against an older revision, interleaved in one process (issue #19: no row slower).
 
     python benchmarks/compare_versions.py --ref 7f5faa3 [--repeats 9] [--threads 1]
+    python benchmarks/compare_versions.py --ref 7f5faa3 --only-groups    # decay_param_groups only (row 5.groups)
 
 The older revision's ``src/lightning_decay`` is extracted with ``git archive`` into a temporary directory and
 renamed ``lightning_decay_old`` (every import rewritten), so both import side by side. Each measurement
@@ -11,7 +12,8 @@ advance it), after a warm-up; the result is the median of the paired ratios new 
 Rows: the hooks around one optimizer step (what Lightning calls: ``on_before_optimizer_step``, the step
 hooks, ``on_train_batch_end``; the step itself left out) for each regularizer and the monitor (an ordinary
 step, a logging step, a logging step with every extra); and ``Trainer.fit`` of a tiny model with Adam +
-``WeightDecay`` against ``AdamW(weight_decay)``, for both versions (the per-step glue).
+``WeightDecay`` against ``AdamW(weight_decay)``, for both versions (the per-step glue). With ``--groups``,
+``decay_param_groups`` of both versions and timm's rule on the models of row 5.groups.
 """
 
 from __future__ import annotations
@@ -127,6 +129,35 @@ def compare_fit(old: Any, new: Any, repeats: int, steps: int = 200, warmup: int 
     ]  # fmt: skip
 
 
+def compare_groups(
+    old: Any, new: Any, repeats: int, sizes: tuple[int, ...] = (10_000, 100_000)
+) -> list[tuple[str, str]]:
+    """``decay_param_groups`` of both versions on ``ManyBlocks`` (row 5.groups' model), after checking that they
+    decide alike, and timm's rule (row 5.groups' reference) beside them."""
+    rows = []
+    for n in sizes:
+        model = M.ManyBlocks(n)
+        fns = {
+            "new": lambda m=model: new.decay_param_groups(m, R.WD),
+            "old": lambda m=model: old.decay_param_groups(m, R.WD),
+            "timm": lambda m=model: R.timm_param_groups_weight_decay(m, R.WD),
+        }
+        decided = {k: [[id(p) for p in g["params"]] for g in fns[k]() if g["weight_decay"]] for k in ("new", "old")}
+        if decided["new"] != decided["old"]:
+            raise AssertionError(f"the two versions group ManyBlocks({n}) differently")
+        s = R.interleaved(fns, 1, max(3, repeats), 1, torch.device("cpu"))
+        ms = {k: statistics.median(v) * 1e3 for k, v in s.items()}
+        for a, b in (("new", "old"), ("new", "timm"), ("old", "timm")):
+            rows.append(
+                (
+                    f"decay_param_groups ManyBlocks({R._k(n)} tensors): {a} / {b}",
+                    f"{R.paired_ratio(s, a, b):.2f}x {R.spread(s, a, b)} ({ms[a]:.1f} / {ms[b]:.1f} ms)",
+                )
+            )
+        del model
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", default="7f5faa3", help="the older revision")
@@ -135,6 +166,8 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,gpt")
     parser.add_argument("--no-fit", action="store_true")
     parser.add_argument("--cases", default="", help="only the cases whose name contains this")
+    parser.add_argument("--groups", action="store_true", help="also decay_param_groups on row 5.groups' models")
+    parser.add_argument("--only-groups", action="store_true", help="only decay_param_groups (no hooks, no fit)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -144,9 +177,13 @@ def main() -> None:
         old = load_old(args.ref, Path(tmp))
         for name in [n for n in CASES if args.cases not in n]:
             del CASES[name]
-        rows = [row for model in args.models.split(",") for row in compare_hooks(old, new, model, args.repeats)]
-        if not args.no_fit:
-            rows += compare_fit(old, new, args.repeats)
+        rows = []
+        if not args.only_groups:
+            rows += [row for model in args.models.split(",") for row in compare_hooks(old, new, model, args.repeats)]
+            if not args.no_fit:
+                rows += compare_fit(old, new, args.repeats)
+        if args.groups or args.only_groups:
+            rows += compare_groups(old, new, args.repeats)
     print(f"new = working tree, old = {args.ref}; new / old, median of {args.repeats} interleaved repetitions [range]")
     print("| measurement | new / old |\n|---|---|")
     for what, value in rows:

@@ -211,6 +211,23 @@ def test_colliding_cleaned_names_keep_the_raw_names() -> None:
     assert sorted(d.name for d in plan) == ["module.bias", "module.weight", "weight"]
 
 
+def test_colliding_cleaned_names_keep_the_raw_names_with_a_shared_module() -> None:
+    """The same where a module is reached under two names: the plan keeps torch's raw names, the first name of
+    each parameter as its name and the other as its alias."""
+    inner = nn.Linear(2, 2)
+    inner.x = inner.y = nn.Linear(2, 2)  # one Linear under two names
+    wrapper = nn.DataParallel(inner)
+    wrapper.register_parameter("weight", nn.Parameter(torch.zeros(2, 2)))  # collides with the model's `weight`
+    plan = DecayRules().classify(wrapper)
+    assert [d.name for d in plan] == [n for n, _ in wrapper.named_parameters()]
+    every = [n for n, _ in wrapper.named_parameters(remove_duplicate=False)]
+    assert sorted(n for d in plan for n in (d.name, *d.aliases)) == sorted(every)
+    assert {d.name: d.aliases for d in plan if d.aliases} == {
+        "module.x.weight": ("module.y.weight",),
+        "module.x.bias": ("module.y.bias",),
+    }
+
+
 # ------------------------------------------------------------- the callbacks on a user `module` attribute
 class UserLit(pl.LightningModule):
     """A ``module`` attribute next to ``head`` in a LightningModule, trained by plain SGD on a loss whose

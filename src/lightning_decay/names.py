@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["clean_names", "clean_param_name", "named_modules_clean", "wrapper_attributes"]
+__all__ = ["clean_names", "clean_param_name", "module_paths", "named_modules_clean", "wrapper_attributes"]
 
 # Wrapper components that can appear anywhere in a dotted name (spelling-based guess only).
 _INNER_WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
@@ -93,29 +93,58 @@ def named_modules_clean(root: nn.Module) -> Iterator[tuple[str, str, nn.Module]]
     components of wrapper modules (see `wrapper_attributes`), decided by the type of the module that
     holds each component. The cleaned names are not checked for uniqueness here (see `clean_names`).
     """
+    return iter(module_paths(root))
+
+
+def module_paths(root: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """`named_modules_clean` as a list, built in one loop (no generator step per module): where no wrapper
+    component is removed, the cleaned name is the raw string itself."""
     types = _loaded_wrapper_types()  # once per walk
     skips: dict[type, tuple[str, ...]] = {}  # by class: ActivationWrapper is an ABC, slow to isinstance per module
+    out: list[tuple[str, str, nn.Module]] = []
     stack: list[tuple[str, str, nn.Module]] = [("", "", root)]
     while stack:
-        raw, clean, mod = stack.pop()
-        yield raw, clean, mod
+        item = stack.pop()
+        out.append(item)
+        raw, clean, mod = item
+        if not mod._modules:
+            continue
         cls = type(mod)
         skip = skips.get(cls)
         if skip is None:
             skip = skips[cls] = _class_attributes(cls, types)
-        children = []
-        for attr, child in mod._modules.items():
-            if child is None:
-                continue
-            child_raw = f"{raw}.{attr}" if raw else attr
-            if attr in skip:
-                child_clean = clean
-            elif clean is raw:  # no wrapper component removed above: the same string, not a second copy
-                child_clean = child_raw
-            else:
-                child_clean = f"{clean}.{attr}" if clean else attr
-            children.append((child_raw, child_clean, child))
+        dotted = f"{raw}." if raw else ""
+        if clean is raw and not skip:  # the usual case: nothing removed above or here
+            children = [
+                (name, name, child)
+                for attr, child in mod._modules.items()
+                if child is not None
+                for name in (dotted + attr,)
+            ]
+        else:
+            children = _children(mod, dotted, clean is raw, clean, skip)
         stack.extend(reversed(children))  # popped in registration order, as `named_modules` yields them
+    return out
+
+
+def _children(
+    mod: nn.Module, dotted: str, same: bool, clean: str, skip: tuple[str, ...]
+) -> list[tuple[str, str, nn.Module]]:
+    """``(raw name, cleaned name, child)`` of each child of ``mod``, whose raw name is ``dotted`` without its final
+    dot; ``same``: no component removed above, so a child not skipped has its raw string as its cleaned name."""
+    children = []
+    for attr, child in mod._modules.items():
+        if child is None:
+            continue
+        child_raw = dotted + attr
+        if attr in skip:
+            child_clean = clean
+        elif same:  # the same string, not a second copy
+            child_clean = child_raw
+        else:
+            child_clean = f"{clean}.{attr}" if clean else attr
+        children.append((child_raw, child_clean, child))
+    return children
 
 
 def _join(prefix: str, leaf: str) -> str:
@@ -146,7 +175,7 @@ def clean_names(root: nn.Module) -> dict[str, str]:
         names["module.module.head.weight"], names["module.head.weight"]  # ('module.head.weight', 'head.weight')
         ```
     """
-    modules = list(named_modules_clean(root))
+    modules = module_paths(root)
     out: dict[str, str] = {}
     owner: dict[str, int] = {}  # cleaned parameter name -> id of the parameter
     unique = True

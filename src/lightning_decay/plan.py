@@ -10,6 +10,7 @@ import fnmatch
 import functools
 import itertools
 import math
+import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -276,7 +277,7 @@ class DecayPlan:
 
     @property
     def no_decay_params(self) -> list[nn.Parameter]:
-        return [p for p, decay in zip(self._columns.params, self._columns.decay, strict=True) if not decay]
+        return list(itertools.compress(self._columns.params, map(operator.not_, self._columns.decay)))
 
     # ------------------------------------------------------------------ groups
     def param_groups(
@@ -387,9 +388,10 @@ class DecayPlan:
     def _check_coverage(self, groups: list[dict[str, Any]]) -> None:
         # minGPT-style guarantee: every parameter in exactly one group. Counted with C-level set operations;
         # the names are looked up only to say what went wrong.
-        grouped = [id(p) for g in groups for p in g["params"]]
+        grouped = list(map(id, itertools.chain.from_iterable(g["params"] for g in groups)))
         seen = set(grouped)
-        if len(seen) == len(grouped) and seen == set(map(id, self._columns.params)):
+        params = self._columns.params  # distinct: the same count and every one of them seen is set equality
+        if len(seen) == len(grouped) == len(params) and seen.issuperset(map(id, params)):
             return
         count: dict[int, int] = {}
         for key in grouped:
