@@ -230,9 +230,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         self.log_sparsity = log_sparsity
         self.log_histograms = log_histograms
         self.include_frozen = include_frozen
-        if not isinstance(group_separator, str) or not group_separator:
-            raise ValueError(f"`group_separator` must be a non-empty string, got {group_separator!r}")
-        self.group_separator = group_separator
+        self.group_separator = _separator(group_separator)
 
         self._probes = Probes(self)
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
@@ -443,6 +441,13 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     ) -> None:
         if self._probes.pending is not None:  # a logging step (no run to read on the others)
             self._probes.after_step(TrainerRun(trainer))
+
+
+def _separator(group_separator: Any) -> str:
+    """``group_separator`` checked: a non-empty string."""
+    if not isinstance(group_separator, str) or not group_separator:
+        raise ValueError(f"`group_separator` must be a non-empty string, got {group_separator!r}")
+    return group_separator
 
 
 def _report_flag(decay_report: bool | None, log_equilibrium: bool) -> bool:
