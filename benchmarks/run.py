@@ -48,7 +48,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups
+from lightning_decay import WeightDecay, WeightPenalty, decay_param_groups, kernels
 from lightning_decay.rules import DecayRules
 
 try:
@@ -749,7 +749,8 @@ def bench_fit(report: Report, tag: str, name: str, size: str, device: torch.devi
 # ------------------------------------------------------------------------------------- 4. memory
 def bench_glue(report: Report, dev_tag: str, device: torch.device, budget: Budget) -> None:
     """The per-step glue on a tiny model, where it is the largest share of a step: ``Trainer.fit`` with
-    ``Adam`` + ``WeightDecay`` against ``AdamW(weight_decay)`` on the same groups (the same math)."""
+    ``Adam`` + ``WeightDecay`` against ``AdamW(weight_decay)`` on the same groups (the same math), and the
+    same question answered in one process, free of the fits' noise (`glue_calls`)."""
     base, batch = M.build("mlp", "tiny", device)
     steps = budget.fit_steps
 
@@ -764,14 +765,95 @@ def bench_glue(report: Report, dev_tag: str, device: torch.device, budget: Budge
         for key in keys if r % 2 == 0 else reversed(keys):
             times[key].append(fit(key))
     ratio = paired_ratio(times, "wd", "adamw")
+    t_step = statistics.median(times["adamw"])
     report.add(
         f"3.glue_fit/{dev_tag}",
         f"Trainer.fit {steps} steps of the tiny MLP (the glue's share is largest), Adam + WeightDecay / "
-        f"AdamW(weight_decay) ({statistics.median(times['adamw']) * 1e3:.2f} ms/step)",
+        f"AdamW(weight_decay) ({t_step * 1e3:.2f} ms/step)",
         f"{_x(ratio)} {spread(times, 'wd', 'adamw', '{:.3f}')}",
         "<= 1.01x",
         ratio <= 1.01,
     )
+    runner = make_runner(base, batch, device, optimizer_factory("adam", 0.0), [WeightDecay(WD)])
+    runner.step()  # gradients and optimizer state exist, as during training
+    s = interleaved(glue_calls(runner), *glue_budget(budget), budget.warmup, device)
+    # Per repetition: 1 + (what the callback adds to a step - the decay AdamW does in its step) / the AdamW
+    # fit step, logging steps amortized over log_every_n_steps.
+    hooks = [((LOG_EVERY - 1) * a + b) / LOG_EVERY for a, b in zip(s["ordinary"], s["logging"], strict=True)]
+    ratios = [1 + (h - k) / t_step for h, k in zip(hooks, s["adamw_decay"], strict=True)]
+    ratio = statistics.median(ratios)
+    us = {k: statistics.median(v) * 1e6 for k, v in {**s, "hooks": hooks}.items()}
+    report.add(
+        f"3.glue_hooks/{dev_tag}",
+        f"the same in one process: 1 + (WeightDecay's per-step calls as Lightning makes them, {us['hooks']:.1f} us "
+        f"(its decay kernel {us['kernel']:.1f} us, the rest glue) - the decay inside AdamW's step, "
+        f"{us['adamw_decay']:.1f} us) / the AdamW fit step",
+        f"{_x(ratio)} [{min(ratios):.4f}, {max(ratios):.4f}]",
+        "<= 1.01x",
+        ratio <= 1.01,
+    )
+
+
+def glue_budget(budget: Budget) -> tuple[int, int]:
+    """(calls per sample, repetitions) of row 3.glue_hooks: its calls take microseconds, so many are cheap."""
+    return max(budget.calls, 50), max(budget.repeats, 15)
+
+
+def glue_calls(runner: Runner) -> dict[str, Callable[[], None]]:
+    """What a ``WeightDecay`` costs a fit step beyond the step's own work, and what AdamW does instead.
+
+    ``ordinary`` / ``logging``: the six per-step hooks Lightning calls on a callback, as its
+    ``_call_callback_hooks`` calls each (a profiler context named by ``state_key`` around it), in the fit
+    loop's order, with the optimizer's step pre- and post-hooks where ``optimizer.step`` runs them; on an
+    ordinary step and on a logging step. ``kernel``: the callback's decay kernel alone, on its bucket.
+    ``adamw_decay``: the multiply AdamW's foreach step runs for the same decay (``torch/optim/adam.py``,
+    ``_multi_tensor_adam``: ``torch._foreach_mul_(device_params, 1 - lr * weight_decay)``).
+    """
+    trainer, module, opt, batch = runner.trainer, runner.module, runner.optimizer, runner.batch
+    (callback,) = runner.callbacks
+    loop = trainer.fit_loop.epoch_loop
+    weights = [p for g in opt.param_groups if g["name"] == "decay" for p in g["params"]]
+    factor = 1 - LR * WD
+    loss = torch.zeros((), device=weights[0].device)
+    before = [
+        ("on_train_batch_start", (batch, 0)),
+        ("on_before_zero_grad", (opt,)),
+        ("on_before_backward", (loss,)),
+        ("on_after_backward", ()),
+        ("on_before_optimizer_step", (opt,)),
+    ]
+
+    def call(name: str, args: tuple[Any, ...]) -> None:
+        with trainer.profiler.profile(f"[Callback]{callback.state_key}.{name}"):
+            getattr(callback, name)(trainer, module, *args)
+
+    def step_calls(batches_that_stepped: int) -> Callable[[], None]:
+        def calls() -> None:
+            loop._batches_that_stepped = batches_that_stepped  # which step `should_update_logs` sees
+            pre, post = list(opt._optimizer_step_pre_hooks.values()), list(opt._optimizer_step_post_hooks.values())
+            for hook in pre:
+                hook(opt, (opt,), {"closure": None})
+            for name, args in before:
+                call(name, args)
+            for hook in post:
+                hook(opt, (opt,), {"closure": None})
+            call("on_train_batch_end", (None, batch, 0))
+
+        return calls
+
+    def kernel() -> None:
+        kernels.decay_(weights, factor)  # the decay group is the callback's one bucket (the same rules)
+
+    @torch.no_grad()
+    def adamw_decay() -> None:
+        torch._foreach_mul_(weights, factor)
+
+    return {
+        "ordinary": step_calls(0),
+        "logging": step_calls(LOG_EVERY - 1),
+        "kernel": kernel,
+        "adamw_decay": adamw_decay,
+    }
 
 
 def storage_bytes(tensors: Iterable[Tensor]) -> dict[int, int]:
@@ -1231,6 +1313,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
     per_device = [
         *[f"{k}/{{}}/{m}" for m in ("linear8", "gpt") for k in ("1.cwd_decay", "1.cwd_decay_measured", "1.cwd_mem")],
         "3.glue_fit",
+        "3.glue_hooks",
         "5.classify",
         *[f"5.{part}/{{}}/{cb}" for cb in SCALE_CALLBACKS for part in ("setup", "step")],
         "5.groups",
@@ -1312,7 +1395,14 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    groups (the same math: the ratio is the callback's own overhead), and `WeightNormMonitor()` at the
    default interval against no callback. Row 3.glue_fit: the same `Adam` + `WeightDecay` against `AdamW`
    fits on the `tiny` MLP, whose step is so cheap that the callback's per-step glue (its hooks' Python)
-   is the largest share it can be.
+   is the largest share it can be. Row 3.glue_hooks answers the same question in one process, free of the
+   fits' noise (a fit samples tens of milliseconds, which load on a shared machine moves by tens of
+   percent): the six per-step hooks Lightning calls on the callback, each in the profiler context its
+   `_call_callback_hooks` opens, and the optimizer's step pre- and post-hooks, in the fit loop's order
+   ({calls_glue} calls per sample, {repeats_glue} interleaved repetitions; logging steps amortized over
+   `log_every_n_steps={every}`), minus the decay AdamW runs inside its step (its foreach
+   `torch._foreach_mul_(params, 1 - lr * weight_decay)` on the same weights), over the median AdamW fit
+   step of row 3.glue_fit: 1 + that share; the brackets are its range over the repetitions.
 4. *Memory*, as multiples of the parameters' bytes: *state* is the bytes of the tensors the callbacks
    hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
@@ -1372,6 +1462,8 @@ def render(report: Report, args: argparse.Namespace, devices: Sequence[str], bud
             fit_steps=budget.fit_steps,
             fit_warmup=budget.fit_warmup,
             fit_repeats=budget.fit_repeats,
+            calls_glue=glue_budget(budget)[0],
+            repeats_glue=glue_budget(budget)[1],
             peak_method=peak_method,
             cwd_target=CWD_DECAY_TARGET,
             clock_text=(

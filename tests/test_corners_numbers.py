@@ -102,11 +102,12 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 LOW = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.complex64])
 @pytest.mark.parametrize("factor", [1 - 0.1 * 0.1, 1 - 0.1 * 0.03, 1 - 1e-3 * 0.05])
 def test_decay_kernel_is_adamws_single_tensor_multiply(dtype: torch.dtype, factor: float) -> None:
     """``kernels.decay_`` gives ``param.mul_(1 - lr * wd)``, the op of AdamW's single-tensor path (its CPU
-    default), not the foreach scalar multiply that rounds the factor to the weights' dtype first."""
+    default), not the foreach scalar multiply that rounds the factor to the weights' dtype first; for every
+    dtype, since on CPU the factor goes in as a 0-dim tensor of the multiply's compute type."""
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(1000, generator=g).to(dtype), torch.randn(7, 5, generator=g).to(dtype)]
     got = [w.clone() for w in ws]

@@ -35,6 +35,8 @@ def found_inf(scaler: Any, optimizer: Optimizer) -> Tensor | None:
 
     A device tensor, so masking with it needs no host sync. ``None`` without a scaler.
     """
+    if scaler is None:
+        return None
     if unscaled_in_step(scaler, optimizer):
         found = getattr(optimizer, "found_inf", None)  # set by GradScaler.step around a fused step
         return found if isinstance(found, Tensor) else None

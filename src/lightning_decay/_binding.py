@@ -15,9 +15,11 @@ callbacks and ``attach`` are thin adapters around a binding.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -81,7 +83,7 @@ class Bucket:
         """
         grads = [p.grad for p in self.params]
         weights = self.weights()
-        if all(g is not None for g in grads):
+        if all(map(operator.is_not, grads, repeat(None))):  # no generator per step
             idx = self.every  # the common case: no further per-parameter work
         else:
             idx = [i for i, g in enumerate(grads) if g is not None]
