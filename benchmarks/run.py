@@ -1077,7 +1077,7 @@ def bench_scaling(report: Report, dev_tag: str, device: torch.device, budget: Bu
                     cb.on_fit_start(trainer, model)
                     cb.on_train_start(trainer, model)  # where the regularizers bind to the optimizers
                     if isinstance(cb, WeightNormMonitor):  # its layout is built at the first logging step
-                        cb._probes.ensure_layout(TrainerRun(trainer), model)
+                        cb._probes.ensure_layout(TrainerRun(trainer, cb._binding), model)
 
                 setups.append(_timed(set_up, device))
                 hooks = _hooks(trainer, model, trainer.optimizers[0], [cb], None)

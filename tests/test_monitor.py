@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import warnings
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decay import DecayRules
-from lightning_decay._monitor_layout import optimizer_signature
+from lightning_decay._binding import Binding, bound_to, every_param, never
+from lightning_decay._monitor_layout import layout_signature
 from lightning_decay.monitor import WeightNormMonitor
 
 INF = math.inf
@@ -295,16 +297,65 @@ def test_optimizers_rebuilt_mid_fit_are_followed(tmp_path: Path) -> None:
 
 def test_an_optimizer_allocated_where_a_freed_one_was_is_not_taken_for_it() -> None:
     """CPython hands a freed object's address to the next object of its size: an ``id()``-keyed layout would
-    take the new optimizer (other parameters, same group sizes) for the old one and measure the wrong tensors."""
+    take the new binding (other parameters, same group sizes) for the old one and measure the wrong tensors."""
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    old = torch.optim.SGD(a.parameters(), lr=0.1)
-    old_id, signature = id(old), optimizer_signature([old])
+
+    def bind(binding: Binding, module: nn.Module) -> Binding:
+        binding.bind(module, [torch.optim.SGD(module.parameters(), lr=0.1)], None, DecayRules(), step_hooks=False)
+        return binding
+
+    def make() -> Binding:
+        return Binding("WeightNormMonitor", [], selects=every_param, decays=never, hooks=False)
+
+    old = bind(make(), a)
+    old_id, signature = id(old), layout_signature(old)
     del old
-    new = torch.optim.SGD(b.parameters(), lr=0.1)
-    if id(new) != old_id:
-        pytest.skip("this interpreter did not reuse the address")
-    assert signature != optimizer_signature([new])
-    assert optimizer_signature([new]) == optimizer_signature([new])
+    gc.collect()  # the bound binding sits in reference cycles: freed here
+    assert signature[0]() is None  # held weakly: a layout never keeps a dead binding alive, nor matches it
+    candidates = [make() for _ in range(20000)]  # one of them may take the freed address
+    new = next((c for c in candidates if id(c) == old_id), candidates[0])
+    bind(new, b)
+    assert signature != layout_signature(new)  # whether or not at the same address
+    assert layout_signature(new) == layout_signature(new)
+
+
+def test_a_param_group_added_changes_the_layout_signature() -> None:
+    """The binding's one signature check: ``BaseFinetuning`` adding a group bumps the version the layout keys."""
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    module = nn.Sequential(a, b)
+    binding = Binding("WeightNormMonitor", [], selects=every_param, decays=never, hooks=False)
+    binding.bind(module, [opt], None, DecayRules(), step_hooks=False)
+    before = layout_signature(binding)
+    binding.refresh()
+    assert layout_signature(binding) == before  # nothing changed: no rebuild
+    opt.add_param_group({"params": list(b.parameters())})
+    binding.refresh()
+    assert layout_signature(binding) != before
+    assert {id(p) for _, bk in binding.all_buckets() for p in bk.params} == {id(p) for p in module.parameters()}
+
+
+class BindingSeen(Callback):
+    """Records, before each step (after the monitor's hook), the monitor bindings on the optimizer and its step
+    hooks (count)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, opt: torch.optim.Optimizer) -> None:
+        monitors = [b for b in bound_to(opt) if b.owner == "WeightNormMonitor"]
+        self.seen.append((len(monitors), len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)))
+
+
+def test_under_a_trainer_the_monitor_is_bound_without_step_hooks_and_unbound_at_teardown(tmp_path: Path) -> None:
+    """The engine's bucket index serves the monitor under a Trainer too: one binding on the optimizer being
+    stepped (a rebuilt one followed), no step hook of its own on it (Lightning's hooks drive it: no per-step
+    call), and none left once the fit ends."""
+    model, seen = TwoLayers(), BindingSeen()
+    callbacks = [RebuildEachEpoch(), WeightNormMonitor(log_grad_norm=True), seen]
+    trainer = _fit(tmp_path, model, callbacks, max_epochs=2)
+    assert len(seen.seen) == 16 and set(seen.seen) == {(1, 0, 0)}, seen.seen
+    assert [b for b in bound_to(trainer.optimizers[0]) if b.owner == "WeightNormMonitor"] == []
 
 
 def test_sparsity_counts_exact_zeros(tmp_path: Path) -> None:

@@ -153,6 +153,10 @@ def decayed(decision: ParamDecision) -> bool:
     return decision.decay
 
 
+def every_param(decision: ParamDecision) -> bool:
+    return True
+
+
 def no_tag(decision: ParamDecision) -> Any:
     return None
 
@@ -185,6 +189,9 @@ class Binding:
         decays: Whether the effects pull the weights toward zero like ``weight_decay`` (double decay).
         count_skipped: Count every step whose post-hook runs, not only those that really ran.
         pull: Where the effects' L2 term pulls the weights, for messages (L2-SP: toward its reference).
+        hooks: Register the step hooks on the optimizers. ``False`` for an observer driven by Lightning's own
+            hooks that counts nothing (the monitor under a Trainer): no per-step call, and optimizers
+            without step hooks (DeepSpeed's) can be bound.
     """
 
     def __init__(
@@ -196,8 +203,9 @@ class Binding:
         decays: Callable[[], bool] = always,
         count_skipped: bool = False,
         pull: Callable[[], str] = toward_zero,
+        hooks: bool = True,
     ) -> None:
-        self.owner, self.effects, self.pull = owner, list(effects), pull
+        self.owner, self.effects, self.pull, self.hooks = owner, list(effects), pull, hooks
         self.selects, self.tag, self.decays, self.count_skipped = selects, tag, decays, count_skipped
         self.module: nn.Module | None = None
         self.rules: DecayRules | None = None
@@ -207,6 +215,8 @@ class Binding:
         self.hint = ""  # appended to double-decay errors (a resumed run: where the optimizer's decay came from)
         self.bound: list[Bound] = []
         self.steps: list[int] = []
+        #: Bumped whenever buckets are (re)built: what a view built on them (the monitor's layout) compares.
+        self.version = 0
 
     # ------------------------------------------------------------------------------ bind
     def bind(
@@ -249,6 +259,8 @@ class Binding:
             if other is not self:
                 self._refuse_double_decay_with(other, {id(p) for b in entry.buckets for p in b.params})
         registry.add(self)
+        if not self.hooks:
+            return
         opt = entry.optimizer
         entry.handles = [
             opt.register_step_pre_hook(lambda o, a, k: self._pre_hook(index, a, k)),
@@ -321,6 +333,12 @@ class Binding:
             self._rebuild(index)
         return entry.buckets
 
+    def refresh(self) -> int:
+        """The one signature check of every optimizer (buckets rebuilt where a param group changed); the version."""
+        for i in range(len(self.bound)):
+            self.buckets(i)
+        return self.version
+
     def all_buckets(self) -> Iterator[tuple[int, Bucket]]:
         for i in range(len(self.bound)):
             for b in self.buckets(i):
@@ -343,6 +361,7 @@ class Binding:
             for (_, _, sharded, tag), ds in keyed.items():
                 buckets.append(Bucket(gi, [d.param for d in ds], [d.name for d in ds], sharded=sharded, tag=tag))
         entry.buckets, entry.signature = buckets, entry.current_signature()
+        self.version += 1
         for effect in self.effects:
             effect.take_over(self, index)
         self._refuse_optimizer_decay(entry)

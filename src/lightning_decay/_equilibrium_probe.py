@@ -60,16 +60,15 @@ class EquilibriumProbe:
         self.key = None
         self.places, self.bucket_keys = {}, {}
 
-    def predictions(
-        self, layout: Layout, optimizers: Sequence[Optimizer], lrs: dict[int, list[float]]
-    ) -> list[BucketPrediction]:
+    def predictions(self, layout: Layout, binding: Binding, lrs: dict[int, list[float]]) -> list[BucketPrediction]:
         """The prediction of each bucket whose decayed members share one (param group, decay); none for the others.
 
         A member decays when its decay coefficient (the optimizer's own plus the outside sources') is not zero.
         A param group whose prediction has no closed form (coupled L2 inside Adam/RMSprop) is left out, with a
         warning once per group saying why.
         """
-        self._ensure_places(layout, optimizers)
+        optimizers = [entry.optimizer for entry in binding.bound]
+        self._ensure_places(layout, binding)
         per_place = {key: self._predict(optimizers, place, lrs) for key, place in self.places.items()}
         out = []
         for bucket, keys in self.bucket_keys.items():
@@ -110,21 +109,22 @@ class EquilibriumProbe:
             f"{name!r}: {reason}. Nothing is logged for its tensors (said once per group)."
         )
 
-    def _ensure_places(self, layout: Layout, optimizers: Sequence[Optimizer]) -> None:
+    def _ensure_places(self, layout: Layout, binding: Binding) -> None:
         """Where each position is stepped and what decays it from outside: once per layout and set of bindings."""
+        optimizers = [entry.optimizer for entry in binding.bound]
         registries = [tuple(sorted(id(b) for b in bound_to(opt))) for opt in optimizers]
-        key = (id(layout), tuple(id(o) for o in optimizers), tuple(registries))
+        key = (layout.signature, tuple(registries))
         if key == self.key:
             return
         position = {id(p): i for i, p in enumerate(layout.params)}
         places: list[Place | None] = [None] * len(layout.params)
-        for opt_index, optimizer in enumerate(optimizers):
-            outside = _outside_sources(optimizer)
-            for group_index, group in enumerate(optimizer.param_groups):
-                for p in group["params"]:
+        for opt_index, entry in enumerate(binding.bound):  # the monitor's own buckets: every parameter stepped
+            outside = _outside_sources(entry.optimizer)
+            for bucket in entry.buckets:
+                for p in bucket.params:
                     i = position.get(id(p))
                     if i is not None and places[i] is None:  # a parameter shared by two: its first optimizer
-                        places[i] = (opt_index, group_index, outside.get(id(p), ()))
+                        places[i] = (opt_index, bucket.group_index, outside.get(id(p), ()))
         self.places, bucket_keys = {}, {}
         for i, place in enumerate(places):
             bucket = layout.bucket_of[i]
@@ -141,8 +141,8 @@ def _outside_sources(optimizer: Optimizer) -> dict[int, tuple[Source, ...]]:
     found: dict[int, list[Source]] = {}
     for binding in list(bound_to(optimizer)):
         index = binding.index_of(optimizer)
-        if index is None:
-            continue
+        if index is None or not any(isinstance(e, (DecoupledDecay, GradientPenalty)) for e in binding.effects):
+            continue  # not bound there, or decays nothing (the monitor's own binding)
         for bucket in binding.bound[index].buckets:
             for p in bucket.params:
                 found.setdefault(id(p), []).append((binding, index, bucket))

@@ -1,4 +1,4 @@
-"""What ``WeightNormMonitor`` knows about the parameters it measures, built once per set of optimizers.
+"""What ``WeightNormMonitor`` knows about the parameters it measures, built once per version of its binding.
 
 The *layout* is everything about the monitored parameters that does not change between logging steps:
 the parameters in a fixed order, the bucket (parameter, module or block) each one is logged under, the
@@ -6,12 +6,14 @@ positions each optimizer steps, the (device, dtype) split of the weights, the ma
 of the replicas that sit out a SUM reduction, and the index tensors that combine partials into buckets.
 Building it walks every parameter in Python; a logging step then works on these lists and tensors with a
 few foreach kernels and no per-parameter Python work, which is what keeps the monitor's cost near that of
-a bare ``torch._foreach_norm``. It is rebuilt only when `optimizer_signature` changes (``BaseFinetuning``
-adding a param group, optimizers rebuilt mid-fit).
+a bare ``torch._foreach_norm``. Which parameters each optimizer steps comes from the monitor's
+``lightning_decay._binding.Binding`` (the engine's bucket index, with its one signature check), and the
+layout is rebuilt only when the binding's buckets are (`layout_signature`: ``BaseFinetuning`` adding a
+param group, optimizers replaced or rebuilt mid-fit).
 
 Also here: `Pending`, what one logging step gathers before the optimizer step, and `reduce_pieces`,
 the one cross-rank reduction of a step, which needs the layout's replica mask. Nothing here depends on
-Lightning: the callback passes in the plan, the optimizers, the device and how a name maps to a bucket.
+Lightning: the callback passes in the plan, the binding, the device and how a name maps to a bucket.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_decay import norms as K
+from lightning_decay._binding import Binding
 from lightning_decay.plan import DecayPlan
 
 __all__ = [
@@ -35,7 +37,6 @@ __all__ = [
     "Pieces",
     "Subset",
     "build_layout",
-    "optimizer_signature",
     "reduce_pieces",
 ]
 
@@ -206,21 +207,9 @@ class Pending:
     scores: list[Tensor] = field(default_factory=list)
 
 
-def optimizer_signature(optimizers: Sequence[Optimizer]) -> tuple[Any, ...]:
-    """What a layout was built for: each optimizer and the size of each of its param groups.
-
-    O(param groups), not O(params), so it is cheap enough to compare on every logging step, and enough
-    to notice ``BaseFinetuning`` adding a group or optimizers rebuilt mid-fit
-    (``trainer.strategy.setup_optimizers(trainer)``). Each optimizer is held by a weak reference, which
-    compares by identity while both are alive and unequal once the old one is gone: unlike ``id()``, a new
-    optimizer allocated where a freed one was is never taken for it, and an old optimizer is not kept alive.
-    """
-    return tuple([(weakref.ref(opt), tuple([len(g["params"]) for g in opt.param_groups])) for opt in optimizers])
-
-
 def build_layout(
     plan: DecayPlan,
-    optimizers: Sequence[Optimizer],
+    binding: Binding,
     device: torch.device,
     bucket_name: BucketName,
     include_frozen: bool,
@@ -229,19 +218,20 @@ def build_layout(
 
     Args:
         plan: The decisions of every parameter, frozen ones included (they split the decay totals).
-        optimizers: The Trainer's optimizers; which positions each one steps.
+        binding: The monitor's binding to the run's optimizers: its buckets say which positions each one steps.
         device: Where the index tensors and all results live (the strategy's root device).
         bucket_name: The bucket a parameter is logged under, from its name and tied aliases.
         include_frozen: Also lay out parameters with ``requires_grad=False``.
 
     Returns:
-        The `Layout`, with its `optimizer_signature` of ``optimizers``.
+        The `Layout`, with the `signature` of ``binding`` it was built for.
     """
     decisions = [d for d in plan if include_frozen or d.param.requires_grad]
     params = [d.param for d in decisions]
     names = [d.name for d in decisions]
     bucket_names, bucket_of = _buckets(decisions, bucket_name)
-    opt_indices = _positions(params, optimizers)
+    binding.refresh()  # the binding's one signature check, before its buckets are read
+    opt_indices = _positions(params, binding)
 
     dtype = K.wide_dtype(device)
     sharded = any(K.is_sharded(p) for p in params)
@@ -271,7 +261,7 @@ def build_layout(
         contrib=contrib,
         local_numel=torch.tensor([K.local_tensor(p).numel() for p in params], dtype=dtype, device=device),
         global_numel=torch.tensor([p.numel() for p in params], dtype=dtype, device=device),
-        signature=optimizer_signature(optimizers),
+        signature=layout_signature(binding),
         weight_groups=weight_groups,
         total_mask=torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), len(params)),
         total_names=total_names,
@@ -298,17 +288,21 @@ def _buckets(decisions: Sequence[Any], bucket_name: BucketName) -> tuple[list[st
     return bucket_names, bucket_of
 
 
-def _positions(params: list[Tensor], optimizers: Sequence[Optimizer]) -> dict[int, list[int]]:
-    """``id(optimizer)`` -> the positions of the parameters it steps."""
+def layout_signature(binding: Binding) -> tuple[Any, ...]:
+    """What a layout was built for: the binding (by a weak reference: compares by identity while alive, never
+    equal to a later binding allocated at its address) and its bucket version, which changes when an optimizer
+    is replaced or its param groups change (``BaseFinetuning`` adding a group, optimizers rebuilt mid-fit)."""
+    return (weakref.ref(binding), binding.version)
+
+
+def _positions(params: list[Tensor], binding: Binding) -> dict[int, list[int]]:
+    """``id(optimizer)`` -> the positions of the parameters it steps, in layout order (from the binding's buckets)."""
     position = {id(p): i for i, p in enumerate(params)}
     opt_indices: dict[int, list[int]] = {}
-    for opt in optimizers:
-        seen: dict[int, None] = {}  # an ordered set: a parameter listed twice is measured once
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) in position:
-                    seen.setdefault(position[id(p)])
-        opt_indices[id(opt)] = list(seen)
+    for entry in binding.bound:
+        # A set: a parameter listed twice is measured once; sorted, the positions keep the layout's order.
+        seen = {position[id(p)] for b in entry.buckets for p in b.params if id(p) in position}
+        opt_indices[id(entry.optimizer)] = sorted(seen)
     return opt_indices
 
 

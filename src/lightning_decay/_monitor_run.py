@@ -1,9 +1,11 @@
 """What ``WeightNormMonitor`` reads of the run it measures: under a Trainer, or attached without one.
 
 The monitor's work needs the optimizers, the loggers, the device, the GradScaler, the batch being run and
-the step label, and whether this step logs. `TrainerRun` reads them from a Trainer, live; `AttachedRun`
-from the monitor's own binding (``lightning_decay._binding.Binding``, whose step counts of the last
-optimizer are the label) and the loggers ``attach`` was given. Real, small classes: no stand-in Trainer.
+the step label, and whether this step logs. Both runs hold the monitor's binding
+(``lightning_decay._binding.Binding``): its bound optimizers and bucket index are what the monitor measures.
+`TrainerRun` reads the rest from a Trainer, live (the binding follows ``trainer.optimizers``, with no step
+hooks); `AttachedRun` from the binding's step counts of the last optimizer (the label) and the loggers
+``attach`` was given. Real, small classes: no stand-in Trainer.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ DEFAULT_INTERVAL = 50
 class TrainerRun:
     """A Trainer, as the monitor reads it (made per hook call: the batch and its label are read once here)."""
 
-    __slots__ = ("batch", "trainer")
+    __slots__ = ("batch", "binding", "trainer")
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
+    def __init__(self, trainer: Any, binding: Binding) -> None:
+        self.trainer, self.binding = trainer, binding
         #: Which batch runs (every optimizer step of one batch has the same).
         self.batch: int = trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
@@ -38,7 +40,7 @@ class TrainerRun:
 
     @property
     def optimizers(self) -> list[Optimizer]:
-        return self.trainer.optimizers
+        return [entry.optimizer for entry in self.binding.bound]
 
     @property
     def loggers(self) -> list[Any]:

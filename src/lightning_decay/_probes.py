@@ -4,7 +4,8 @@
 or an attached one's): at the first optimizer step of a batch it decides whether the batch logs; before
 each optimizer step of a logging batch it takes the gradient norms and the snapshot for update ratios and
 angles; after the batch it measures the weights and hands every metric to the loggers with one host copy.
-The layout of the parameters (``lightning_decay._monitor_layout``) is built once per set of optimizers.
+The layout of the parameters (``lightning_decay._monitor_layout``) is built once per version of the run's
+binding (``run.binding``: the monitor's engine binding, under a Trainer as attached).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning_decay._decay_history import DecayHistory
 from lightning_decay._equilibrium_probe import EquilibriumProbe
 from lightning_decay._host import NonFiniteWarnings, split_to_host
 from lightning_decay._messages import few_names
-from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, optimizer_signature, reduce_pieces
+from lightning_decay._monitor_layout import Layout, Pending, Subset, build_layout, layout_signature, reduce_pieces
 from lightning_decay._plan_cache import plan_for
 from lightning_decay.equilibrium import cosines_from_partials, grad_weight_partials
 
@@ -145,11 +146,13 @@ class Probes:
             self._log_step(run, self.layout, pending)
 
     def ensure_layout(self, run: Any, module: nn.Module) -> None:
-        if self.layout is None or self.layout.signature != optimizer_signature(run.optimizers):
+        binding = run.binding
+        binding.refresh()  # the engine's signature check: a changed param group rebuilds its buckets
+        if self.layout is None or self.layout.signature != layout_signature(binding):
             # Frozen parameters are classified too; ``build_layout`` keeps them only with ``include_frozen``.
             o = self.options
             plan = plan_for(o.rules, module, include_frozen=True)
-            self.layout = build_layout(plan, run.optimizers, run.device, self._bucket_name, o.include_frozen)
+            self.layout = build_layout(plan, binding, run.device, self._bucket_name, o.include_frozen)
             self._warn_empty_blocks(plan, self.layout)
 
     def _bucket_name(self, name: str, aliases: tuple[str, ...]) -> str | None:
@@ -198,7 +201,7 @@ class Probes:
         families = ("angular_update_equilibrium", "angular_update", "scale_invariance", "weight_norm")
         keys = [layout.subset_of_all().metric_keys(f, self.options.group_separator) for f in families]
         nan = float("nan")
-        for bp in self.equilibrium.predictions(layout, run.optimizers, pending.lrs):
+        for bp in self.equilibrium.predictions(layout, run.binding, pending.lrs):
             b, predicted = bp.bucket, bp.prediction.angle
             metrics[keys[0][b]] = predicted  # type: ignore[assignment]
             angle = metrics.get(keys[1][b])

@@ -2,8 +2,10 @@
 
 The Lightning adapter of `lightning_decay._probes.Probes`, which decides when to measure, keeps the layout
 of the parameters (``lightning_decay._monitor_layout``: buckets and index tensors, built once), and hands
-the numbers to every logger the way ``LearningRateMonitor`` does. ``attach`` runs the same probes from the
-step hooks of a `lightning_decay._binding.Binding`.
+the numbers to every logger the way ``LearningRateMonitor`` does. Which parameters each optimizer steps
+comes from the engine, a `lightning_decay._binding.Binding` to the run's optimizers: under a Trainer one with
+no step hooks, bound at train start and following ``trainer.optimizers``; ``attach`` binds one whose step
+hooks run the same probes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.optim import Optimizer
 
 from lightning_decay import norms as K
 from lightning_decay._attach import Attachment, not_attached_error, unwrap
-from lightning_decay._binding import Binding, Effect, never
+from lightning_decay._binding import Binding, Effect, every_param, never
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import (
     HISTOGRAM_LOGGERS,
@@ -234,7 +236,9 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
 
         self._probes = Probes(self)
         self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
-        self._binding: Binding | None = None  # attached without a Trainer: the step hooks
+        # The engine's binding to the run's optimizers (which parameters each steps): under a Trainer with no
+        # step hooks (Lightning's hooks drive the monitor), attached with them (they do).
+        self._binding: Binding | None = None
         #: The rows of the last decay report written (empty before one is): what a script prints or checks.
         self.decay_report_rows: list[ReportRow] = []
         self._attachment: Any = None  # the live `Attachment`, whose `remove()` takes the hooks off
@@ -246,6 +250,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             return
         if self._attachment is not None:  # attached before (Fabric, plain PyTorch): the Trainer takes it over
             self._attachment.remove()
+        self.unbind()  # a binding of an earlier fit (bound again at train start)
         self.rules = module_rules(pl_module, self._given_rules)
         if not trainer.loggers:
             raise MisconfigurationException(
@@ -260,6 +265,18 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_custom_scalars(trainer.loggers, pl_module)
+        self._bind_to_trainer(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.unbind()
+
+    def _bind_to_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Binding:
+        # Here, as the regularizers: the optimizers exist and the strategy has wrapped or sharded the model.
+        binding = Binding("WeightNormMonitor", [], selects=every_param, decays=never, hooks=False)
+        binding.bind(pl_module, trainer.optimizers, None, self.rules, step_hooks=False)
+        self._binding = binding
+        return binding
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``decay_report``: the report of the fit, on rank zero, beside the logs (or in ``default_root_dir``)."""
@@ -301,8 +318,9 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         Returns:
             The rows of the report (``lightning_decay.decay_report.ReportRow``).
         """
-        if total_steps is None and self._binding is not None and self._binding.steps:
-            total_steps = self._binding.steps[-1]
+        binding = self._binding
+        if total_steps is None and binding is not None and binding.step_hooks and binding.steps:
+            total_steps = binding.steps[-1]  # attached: the steps counted (under a Trainer the hook passes them)
         writers = [lg.experiment for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
         step = total_steps if total_steps is not None else 0
         self.decay_report_rows = self._probes.history.write(directory, total_steps, steps_per_epoch, writers, step)
@@ -345,7 +363,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         self.unbind()
         # The same hooks as under a Trainer, from the optimizers' step hooks: `before_step` after each
         # closure, the logging after a step of the last optimizer; every step counted, as the Trainer's label.
-        binding = Binding("WeightNormMonitor", [], selects=never, decays=never, count_skipped=True)
+        binding = Binding("WeightNormMonitor", [], selects=every_param, decays=never, count_skipped=True)
         run = AttachedRun(binding, loggers, next(iter(module.parameters())).device)
         binding.effects.append(_Attached(self._probes, run, module))
         self._probes.reset()
@@ -355,7 +373,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         return Attachment(self, steps=lambda: [run.label])
 
     def unbind(self) -> None:
-        """Take the step hooks of ``attach`` off (``Attachment.remove``)."""
+        """Take the step hooks of ``attach`` off (``Attachment.remove``); under a Trainer, at teardown."""
         if self._binding is not None:
             self._binding.unbind()
             self._binding = None
@@ -379,7 +397,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
         hook has this name). A monitor that is not attached would silently log nothing there: refused."""
-        if self._binding is None:
+        if self._binding is None or not self._binding.step_hooks:
             how = "WeightNormMonitor(logging_interval=...).attach(model, optimizer, fabric.loggers)"
             raise not_attached_error("WeightNormMonitor", how, does="logs nothing")
 
@@ -434,13 +452,18 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._probes.before_step(TrainerRun(trainer), pl_module, optimizer)
+        binding = self._binding
+        if binding is None or not binding.bound:
+            binding = self._bind_to_trainer(trainer, pl_module)  # hooks called without `on_train_start`
+        else:
+            binding.follow(trainer.optimizers)  # an identity check per optimizer; rebuilt ones are bound afresh
+        self._probes.before_step(TrainerRun(trainer, binding), pl_module, optimizer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._probes.pending is not None:  # a logging step (no run to read on the others)
-            self._probes.after_step(TrainerRun(trainer))
+        if self._probes.pending is not None and self._binding is not None:  # a logging step
+            self._probes.after_step(TrainerRun(trainer, self._binding))
 
 
 def _separator(group_separator: Any) -> str:
