@@ -455,8 +455,8 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         binding = self._binding
         if binding is None or not binding.bound:
             binding = self._bind_to_trainer(trainer, pl_module)  # hooks called without `on_train_start`
-        else:
-            binding.follow(trainer.optimizers)  # an identity check per optimizer; rebuilt ones are bound afresh
+        elif binding.index_of(optimizer) is None:  # rebuilt (``strategy.setup_optimizers``): bound afresh
+            binding.follow(trainer.optimizers)
         self._probes.before_step(TrainerRun(trainer, binding), pl_module, optimizer)
 
     def on_train_batch_end(
