@@ -24,7 +24,6 @@ from lightning_decay._attach import Attachment, not_attached_error, unwrap
 from lightning_decay._binding import Binding, Effect, every_param, never
 from lightning_decay._checks import check_choice, check_flag
 from lightning_decay._compat import (
-    HISTOGRAM_LOGGERS,
     TENSORBOARD_LOGGERS,
     Callback,
     MisconfigurationException,
@@ -32,19 +31,18 @@ from lightning_decay._compat import (
     pl,
     rank_zero_warn,
 )
+from lightning_decay._monitor_charts import TOTALS, ChartWriter, custom_scalars
 from lightning_decay._monitor_run import AttachedRun, TrainerRun
-from lightning_decay._plan_cache import plan_for
-from lightning_decay._probes import Probes, bucket_name
+from lightning_decay._probes import Probes
 from lightning_decay._repr import ArgumentsRepr
-from lightning_decay._tb_layout import custom_scalars_layout, depth_key
 from lightning_decay.decay_report import ReportRow
-from lightning_decay.names import clean_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 
 __all__ = ["WeightNormMonitor"]
 
 _GRANULARITIES = ("param", "module")
-_TOTALS = ("total", "decay_total", "no_decay_total")
+_FLAGS = ("log_grad_norm", "log_update_ratio", "log_angular_update", "log_sparsity", "log_histograms")
+_FLAGS += ("include_frozen", "log_equilibrium", "keep_snapshot")
 
 
 class WeightNormMonitor(ArgumentsRepr, Callback):
@@ -206,43 +204,25 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         self.blocks = _compile_blocks(blocks)
         self.rules = as_rules(rules)
         self._given_rules = rules  # None: the LightningModule's `decay_rules` at setup, else the defaults
-        if logging_interval is not None and (
-            isinstance(logging_interval, bool) or not isinstance(logging_interval, int) or logging_interval < 1
-        ):
-            raise ValueError(f"`logging_interval` must be a positive int or None, got {logging_interval!r}")
-        self.logging_interval = logging_interval
-        flags = {
-            "log_grad_norm": log_grad_norm,
-            "log_update_ratio": log_update_ratio,
-            "log_angular_update": log_angular_update,
-            "log_sparsity": log_sparsity,
-            "log_histograms": log_histograms,
-            "include_frozen": include_frozen,
-            "log_equilibrium": log_equilibrium,
-            "keep_snapshot": keep_snapshot,
-        }
-        for flag, value in flags.items():
+        self.logging_interval = _interval(logging_interval)
+        flags = (log_grad_norm, log_update_ratio, log_angular_update, log_sparsity, log_histograms, include_frozen)
+        for flag, value in zip(_FLAGS, (*flags, log_equilibrium, keep_snapshot), strict=True):
             check_flag(value, flag)
-        self.log_equilibrium = log_equilibrium
+        self.log_equilibrium, self.keep_snapshot = log_equilibrium, keep_snapshot
         self.decay_report = _report_flag(decay_report, log_equilibrium)
-        self.keep_snapshot = keep_snapshot
-        self.log_grad_norm = log_grad_norm
-        self.log_update_ratio = log_update_ratio
+        self.log_grad_norm, self.log_update_ratio, self.log_sparsity = log_grad_norm, log_update_ratio, log_sparsity
         self.log_angular_update = log_angular_update or log_equilibrium  # the measured half of the equilibrium
-        self.log_sparsity = log_sparsity
-        self.log_histograms = log_histograms
-        self.include_frozen = include_frozen
+        self.log_histograms, self.include_frozen = log_histograms, include_frozen
         self.group_separator = _separator(group_separator)
 
         self._probes = Probes(self)
-        self._custom_scalars_written: set[int] = set()  # id() of the SummaryWriters that have the layout
+        self._charts = ChartWriter()  # the Custom Scalars layouts written, the histogram warning
         # The engine's binding to the run's optimizers (which parameters each steps): under a Trainer with no
         # step hooks (Lightning's hooks drive the monitor), attached with them (they do).
         self._binding: Binding | None = None
         #: The rows of the last decay report written (empty before one is): what a script prints or checks.
         self.decay_report_rows: list[ReportRow] = []
         self._attachment: Any = None  # the live `Attachment`, whose `remove()` takes the hooks off
-        self._warned_histograms = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -264,7 +244,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         self.decay_report_rows = []  # a second fit reports its own run only
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write_custom_scalars(trainer.loggers, pl_module)
+        self._charts.write_custom_scalars(self, trainer.loggers, pl_module)
         self._bind_to_trainer(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -326,18 +306,6 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         self.decay_report_rows = self._probes.history.write(directory, total_steps, steps_per_epoch, writers, step)
         return self.decay_report_rows
 
-    def _write_custom_scalars(self, loggers: list[Any], module: nn.Module) -> None:
-        # The Custom Scalars layout, once per SummaryWriter (TensorBoard reads one per run). Only the rank-0
-        # logger has a real writer; the others' `experiment` ignores the call.
-        writers = [lg.experiment for lg in loggers if isinstance(lg, TENSORBOARD_LOGGERS)]
-        writers = [w for w in writers if id(w) not in self._custom_scalars_written]
-        if not writers:
-            return
-        layout = self.custom_scalars(module)
-        for writer in writers:
-            writer.add_custom_scalars(layout)
-            self._custom_scalars_written.add(id(writer))
-
     def attach(self, model: nn.Module, optimizers: Any, loggers: Any, scaler: Any = None) -> Attachment:
         """Monitor ``model`` without a Trainer (Fabric, plain PyTorch): the same hooks, run from the step hooks.
 
@@ -367,7 +335,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         run = AttachedRun(binding, loggers, next(iter(module.parameters())).device)
         binding.effects.append(_Attached(self._probes, run, module))
         self._probes.reset()
-        self._write_custom_scalars(loggers, module)
+        self._charts.write_custom_scalars(self, loggers, module)
         binding.bind(module, opts, scaler, self.rules, step_hooks=True)
         self._binding = binding
         return Attachment(self, steps=lambda: [run.label])
@@ -384,15 +352,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
         Histograms go to TensorBoard (``add_histogram``) and Weights & Biases (``wandb.Histogram``) loggers;
         others (CSV, MLflow...) get the scalars only. Called at ``setup`` and by ``attach``.
         """
-        if not self.log_histograms or any(isinstance(lg, HISTOGRAM_LOGGERS) for lg in loggers):
-            return
-        if not self._warned_histograms:
-            self._warned_histograms = True
-            names = ", ".join(type(lg).__name__ for lg in loggers) or "none"
-            rank_zero_warn(
-                f"WeightNormMonitor(log_histograms=True) has no logger that takes histograms (loggers: {names}): "
-                "no histogram will be logged. Add a TensorBoardLogger or a WandbLogger, or set log_histograms=False."
-            )
+        self._charts.check_histogram_loggers(self, loggers)
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Called by Fabric on the objects of ``Fabric(callbacks=...)`` after each optimizer step (no Trainer
@@ -423,31 +383,7 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
             ``{category: {chart: ["Multiline", [tag regex, ...]]}}``, as ``SummaryWriter.add_custom_scalars``
             takes it.
         """
-        plan = plan_for(self.rules, module, include_frozen=True)
-        positions: dict[str, int] = {}
-        names = clean_names(module)  # the plan's names: wrappers found in the module tree
-        for i, (name, _) in enumerate(module.named_parameters(remove_duplicate=False)):
-            positions.setdefault(names.get(name, name), i)
-        rows = []
-        for d in plan:
-            bucket = bucket_name(self, d.name, d.aliases)
-            if bucket is None:
-                continue
-            for name in (d.name, *d.aliases):
-                if self.blocks is not None:
-                    chart = "blocks"
-                elif self.granularity == "module":
-                    chart = depth_key(name.rpartition(".")[0] or name, is_param=False)
-                else:
-                    chart = depth_key(name)
-                rows.append((bucket, chart, positions.get(name, len(positions)), d.decay))
-        flags = (self.log_grad_norm, self.log_update_ratio, self.log_angular_update, self.log_sparsity)
-        flags += (self.log_equilibrium, self.log_equilibrium)
-        optional = ("grad_norm", "update_ratio", "angular_update", "sparsity")
-        optional += ("angular_update_equilibrium", "scale_invariance")
-        families = ["weight_norm", *(f for f, on in zip(optional, flags, strict=True) if on)]
-        totals = {"weight_norm": list(_TOTALS), "grad_norm": ["total"]}
-        return custom_scalars_layout(families, rows, totals, self.group_separator)
+        return custom_scalars(self, module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -464,6 +400,15 @@ class WeightNormMonitor(ArgumentsRepr, Callback):
     ) -> None:
         if self._probes.pending is not None and self._binding is not None:  # a logging step
             self._probes.after_step(TrainerRun(trainer, self._binding))
+
+
+def _interval(logging_interval: Any) -> int | None:
+    """``logging_interval`` checked: a positive int, or ``None`` (the Trainer's ``log_every_n_steps``)."""
+    if logging_interval is not None and (
+        isinstance(logging_interval, bool) or not isinstance(logging_interval, int) or logging_interval < 1
+    ):
+        raise ValueError(f"`logging_interval` must be a positive int or None, got {logging_interval!r}")
+    return logging_interval
 
 
 def _separator(group_separator: Any) -> str:
@@ -492,8 +437,8 @@ def _compile_blocks(blocks: Mapping[str, str | re.Pattern[str]] | None) -> dict[
     for name, pattern in blocks.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"`blocks` names must be non-empty strings, got {name!r}")
-        if name in _TOTALS:
-            raise ValueError(f"`blocks` name {name!r} is reserved for the totals {list(_TOTALS)}")
+        if name in TOTALS:
+            raise ValueError(f"`blocks` name {name!r} is reserved for the totals {list(TOTALS)}")
         try:
             compiled[name] = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
         except (re.error, TypeError) as err:
