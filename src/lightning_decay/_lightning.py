@@ -19,23 +19,21 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_decay._attach import Attachment, not_attached_error, unwrap
-from lightning_decay._binding import Binding, Effect, double_decay
+from lightning_decay._binding import Binding, Effect
 from lightning_decay._compat import (
     BASE_FINETUNING,
     Callback,
     MisconfigurationException,
     deepspeed_problem,
     pl,
-    rank_zero_warn,
 )
 from lightning_decay._host import NonFiniteWarnings
-from lightning_decay._messages import few_names
 from lightning_decay._repr import ArgumentsRepr
 from lightning_decay._resume import Resume
-from lightning_decay.plan import ParamDecision
+from lightning_decay._start_checks import refuse_later_double_decay, warn_group_names
 from lightning_decay.rules import DecayRules, as_rules, module_rules
 
-__all__ = ["Regularizer", "attach", "group_kind", "should_log"]
+__all__ = ["Regularizer", "attach", "should_log"]
 
 
 class Regularizer(ArgumentsRepr, Callback):
@@ -241,8 +239,10 @@ class Regularizer(ArgumentsRepr, Callback):
         self.bind(pl_module, trainer.optimizers, getattr(trainer.precision_plugin, "scaler", None))
         if self._resume.loaded:  # again here for strategies that restore callbacks after their setup
             self._resume.check_steps(self._binding.steps, trainer.global_step, None)
-        self._check_default_weight_decay(trainer.callbacks)  # type: ignore[attr-defined]
-        self._check_group_names()
+        finetuning = next((cb for cb in trainer.callbacks if isinstance(cb, BASE_FINETUNING)), None)  # type: ignore[attr-defined]
+        if finetuning is not None and not self._takes_over_optimizer_decay():
+            refuse_later_double_decay(self._binding, type(finetuning).__name__, hasattr(self, "takes_over"))
+        warn_group_names(self._binding, "rules=" if self._given_rules is not None else None)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -268,65 +268,6 @@ class Regularizer(ArgumentsRepr, Callback):
         if stage == "fit":
             self.unbind()
             self._resume.end_fit()
-
-    def _check_default_weight_decay(self, callbacks: list[Any]) -> None:
-        """Refuse, before the first step, a double decay that ``BaseFinetuning`` would start at its unfreeze epoch.
-
-        ``unfreeze_and_add_param_group`` adds a group without ``weight_decay``, so the group gets the optimizer's
-        default (AdamW's is 0.01) although the groups given were built with 0: the parameters this callback
-        regularizes and the optimizer does not hold yet would be decayed twice from then on.
-        """
-        binding = self._binding
-        if not binding.decays() or self._takes_over_optimizer_decay():
-            return
-        finetuning = next((cb for cb in callbacks if isinstance(cb, BASE_FINETUNING)), None)
-        if finetuning is None:
-            return
-        assert binding.plan is not None
-        for entry in binding.bound:
-            optimizer = entry.optimizer
-            wd = optimizer.defaults.get("weight_decay", 0.0)
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            later = [d.name for d in binding.plan if binding.selects(d) and id(d.param) not in held]
-            if wd and later:
-                opt, pull = type(optimizer).__name__, binding.pull()
-                take_over = (
-                    ", or let WeightDecay(weight_decay=None) take it over" if hasattr(self, "takes_over") else ""
-                )
-                raise MisconfigurationException(
-                    f"{double_decay(pull)} ahead: {type(finetuning).__name__} adds param groups when it unfreezes, and "
-                    f"a group added without weight_decay gets {opt}'s default weight_decay={wd} "
-                    f"(`optimizer.defaults`), on parameters {type(self).__name__} also pulls {pull} and the optimizer "
-                    f"does not hold yet ({few_names(later, 3)}). Build the optimizer with weight_decay=0 as its "
-                    f"default too (`{opt}(groups, lr=..., weight_decay=0.0)`){take_over}."
-                )
-
-    def _check_group_names(self) -> None:
-        """Warn when the optimizer's groups say otherwise: decayed weights in a ``no_decay`` group, or vice versa.
-
-        Named groups (``decay_param_groups``, the mixin, timm's ``layer_3_no_decay``) tell which rules built
-        them; rules of this callback that disagree usually mean two different sets of rules for one run.
-        """
-        plan = self._binding.plan
-        assert plan is not None
-        found: dict[str, list[str]] = {"no_decay": [], "decay": []}
-        for entry in self._binding.bound:
-            for group in entry.optimizer.param_groups:
-                kind = group_kind(group.get("name"))
-                if kind is None:
-                    continue
-                for p in group["params"]:
-                    d: ParamDecision | None = plan.decision_for(p)
-                    if d is not None and p.requires_grad and self._binding.selects(d) == (kind == "no_decay"):
-                        found[kind].append(d.name)
-        where = "rules=" if self._given_rules is not None else "rules (the LightningModule's decay_rules or defaults)"
-        for kind, verb in (("no_decay", "regularizes"), ("decay", "leaves alone")):
-            if found[kind]:
-                rank_zero_warn(
-                    f"{type(self).__name__} {verb} {few_names(found[kind], 3)}, which the optimizer holds in a "
-                    f"{kind!r} group: its {where} and the rules that built the groups differ. Use one DecayRules "
-                    "for both (set the LightningModule's `decay_rules` and give the callback no `rules`)."
-                )
 
 
 def attach(
@@ -368,17 +309,6 @@ def attach(
     if not isinstance(regularizer, Regularizer):
         raise TypeError(f"`regularizer` must be a WeightDecay or WeightPenalty, got {type(regularizer).__name__}")
     return regularizer.attach(model, optimizers, scaler)
-
-
-def group_kind(name: Any) -> str | None:
-    """``"decay"`` / ``"no_decay"`` for a param group named so (``"no_decay"``, ``"layer_3/decay"``,
-    timm's ``"layer_3_no_decay"``), else ``None``."""
-    if not isinstance(name, str):
-        return None
-    for kind in ("no_decay", "decay"):  # "no_decay" first: it ends in "decay" too
-        if name == kind or name.endswith((f"/{kind}", f"_{kind}")):
-            return kind
-    return None
 
 
 def should_log(trainer: pl.Trainer) -> bool:
