@@ -624,13 +624,17 @@ def bench_monitor(
     )
 
 
-def bench_equilibrium(report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget) -> None:
+def bench_equilibrium(
+    report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget, t_step: float
+) -> None:
     """Row 2.equilibrium: a logging step of ``WeightNormMonitor(log_equilibrium=True)`` (angles, the kept snapshot,
     the scale-invariance score, the predictions) against one of ``WeightNormMonitor()`` (the weight-norm floor),
-    ``AdamW(weight_decay)`` on the decay groups; beside it, the same with ``keep_snapshot=False`` (a fresh copy)."""
+    ``AdamW(weight_decay)`` on the decay groups; beside it, the same with ``keep_snapshot=False`` (a fresh copy).
+    Row 2.equilibrium_amortized: its cost at ``log_every_n_steps`` over ``t_step``, the time of a step."""
     key = f"2.equilibrium/{tag}"
     if WeightNormMonitor is None:
-        report.add(key, "WeightNormMonitor(log_equilibrium=True)", "skipped: lightning_decay.monitor not importable")
+        for k in (key, f"2.equilibrium_amortized/{tag}"):
+            report.add(k, "WeightNormMonitor(log_equilibrium=True)", "skipped: lightning_decay.monitor not importable")
         return
     base, batch = M.build(name, size, device)
     monitors = {
@@ -638,6 +642,7 @@ def bench_equilibrium(report: Report, tag: str, name: str, size: str, device: to
         "equilibrium": WeightNormMonitor(logging_interval=1, log_equilibrium=True, decay_report=False),
         "fresh": WeightNormMonitor(logging_interval=1, log_equilibrium=True, decay_report=False, keep_snapshot=False),
         "angle": WeightNormMonitor(logging_interval=1, log_angular_update=True),
+        "idle": WeightNormMonitor(log_equilibrium=True, decay_report=False),  # log_every_n_steps: not this step
     }
     runner = make_runner(base, batch, device, optimizer_factory("adamw", WD))
     runner.step()  # gradients and optimizer state exist, as during training
@@ -670,6 +675,15 @@ def bench_equilibrium(report: Report, tag: str, name: str, size: str, device: to
         f"angle alone {_x(angle)} {spread(s, 'angle', 'floor')}",
         "<= 3x",
         ratio <= 3.0,
+    )
+    t_idle = statistics.median(s["idle"])
+    amortized = (statistics.median(s["equilibrium"]) + (LOG_EVERY - 1) * t_idle) / LOG_EVERY / t_step
+    report.add(
+        f"2.equilibrium_amortized/{tag}",
+        f"WeightNormMonitor(log_equilibrium=True) cost at log_every_n_steps={LOG_EVERY} / step time",
+        f"{amortized * 100:.3f} % (idle hook {t_idle * 1e6:.1f} us)",
+        "< 1 %",
+        amortized < 0.01,
     )
 
 
@@ -1307,7 +1321,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
     per_model = [
         "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.cwd", "1.cwd_measured",
         "1.extra_wd", "1.extra_l2",
-        "2.bare", "2.lightning", "2.amortized", "2.equilibrium", "3.wd_fit", "3.monitor_fit",
+        "2.bare", "2.lightning", "2.amortized", "2.equilibrium", "2.equilibrium_amortized", "3.wd_fit", "3.monitor_fit",
         "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
     ]  # fmt: skip
     per_device = [
@@ -1388,7 +1402,8 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
    buffer, the scale-invariance score, the predicted angles) against one of `WeightNormMonitor()`, the
    weight-norm floor, with `AdamW(weight_decay)` on the decay groups (`--only 2.equilibrium` runs it alone);
    beside it the same with `keep_snapshot=False`, whose snapshot is a fresh allocation, and
-   `WeightNormMonitor(log_angular_update=True)` alone.
+   `WeightNormMonitor(log_angular_update=True)` alone; row 2.equilibrium_amortized: its amortized cost, as
+   above.
 3. *Fit*: real `Trainer.fit` of {fit_steps} steps (timed from step {fit_warmup} to the end; in-memory logger,
    no progress bar or checkpointing, `log_every_n_steps={every}`), {fit_repeats} interleaved repetitions of
    four fits after a warm-up of each: `Adam` + `WeightDecay` against `AdamW(weight_decay)` on the same
@@ -1618,12 +1633,12 @@ def _run_all(
             t0 = time.perf_counter()
             t_step = bench_step(report, tag, name, args.size, device, budget) if "1" in only else float("nan")
             t1 = time.perf_counter()
+            if ("2" in only or "2.equilibrium" in only) and t_step != t_step:
+                t_step = _plain_step_time(name, args.size, device, budget)  # no row 1: for the amortized costs
             if "2" in only:
-                if t_step != t_step:  # no row 1: time a plain step for the amortized cost
-                    t_step = _plain_step_time(name, args.size, device, budget)
                 bench_monitor(report, tag, name, args.size, device, budget, t_step)
             if "2" in only or "2.equilibrium" in only:
-                bench_equilibrium(report, tag, name, args.size, device, budget)
+                bench_equilibrium(report, tag, name, args.size, device, budget, t_step)
             t2 = time.perf_counter()
             if "3" in only:
                 bench_fit(report, tag, name, args.size, device, budget)
