@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -238,3 +240,107 @@ def test_vit_tensorboard_fast(tmp_path: Path) -> None:
     charts = list(out["layout"]["weight_norm"])
     assert charts.index("blocks.2 · decayed") < charts.index("blocks.10 · decayed") and charts[0] == "totals · all"
     assert charts.index("blocks.2 · decayed") + 1 == charts.index("blocks.2 · not decayed")  # side by side
+
+
+# ------------------------------------------------------------------------- cautious weight decay, measured
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in ``text``: rows of cells, the header first, the ``|---|`` line left out."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        previous = line
+    return tables
+
+
+def test_cautious_experiment_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load(EXAMPLES / "cautious_experiment.py")
+    out = example.main(["--fast", "--out", str(tmp_path), "--markdown", str(tmp_path / "table.md")])
+    printed = capsys.readouterr().out
+    assert out["markdown"] in printed and (tmp_path / "table.md").read_text() == out["markdown"] + "\n"
+    outcomes, norms, per_seed = _markdown_tables(out["markdown"])
+    for table in (outcomes, norms, per_seed):
+        assert [row[0] for row in table[1:]] == ["plain", "cautious"]
+    plain, cautious = out["results"]
+    assert (plain["arm"], cautious["arm"], plain["seed"], cautious["seed"]) == ("plain", "cautious", 0, 0)
+    for r in (plain, cautious):
+        for key in ("train_loss", "val_loss", "val_acc", "noise_fit", *example.NORMS):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["arm"], key)
+        assert 0 < r["val_acc"] <= 1
+        # The norm WeightNormMonitor logged at the last step is that of the final weights.
+        assert r["decay_total"] == pytest.approx(r["final_norm"], rel=1e-5)
+    # Same initialization in both arms; only the mask differs, so the final weights do.
+    assert plain["init_norm"] == cautious["init_norm"]
+    assert plain["final_norm"] != cautious["final_norm"]
+    # The plain arm logs no mask; the cautious arm's share of decayed entries kept is in (0, 1].
+    assert math.isnan(plain["fraction_end"]) and math.isnan(plain["fraction_mean"])
+    assert example.FRACTION not in example.read_metrics(plain["log_dir"])
+    assert example.FRACTION in example.read_metrics(cautious["log_dir"])
+    assert 0 < cautious["fraction_end"] <= 1 and 0 < cautious["fraction_mean"] <= 1
+    shown = dict(zip(per_seed[0], per_seed[2], strict=True))
+    assert float(shown["mask kept (last)"]) == pytest.approx(cautious["fraction_end"], abs=5e-4)
+    assert float(shown["val acc"]) == pytest.approx(cautious["val_acc"], abs=5e-4)
+    assert dict(zip(per_seed[0], per_seed[1], strict=True))["mask kept (last)"] == "—"
+
+
+def _page_experiment() -> tuple[str, str]:
+    """docs/cautious-experiment.md: the command of its ```bash block and the tables between its markers."""
+    page = (EXAMPLES.parent / "docs" / "cautious-experiment.md").read_text()
+    command = re.search(r"```bash\n(python examples/cautious_experiment\.py[^\n]*)\n```", page)
+    tables = re.search(
+        r"<!-- cautious_experiment\.py: begin -->\n\n(.*?)\n<!-- cautious_experiment\.py: end -->", page, re.S
+    )
+    assert command and tables, "the page names no command or has no generated tables"
+    return command.group(1), tables.group(1)
+
+
+def _check_spread(summary: list[list[str]], rows: list[dict[str, str]]) -> None:
+    """Each ``mean ± std`` cell of a summary table is the mean and sample std of the per-seed cells."""
+    header = summary[0][1:]
+    for arm, *cells in summary[1:]:
+        for column, cell in zip(header, cells, strict=True):
+            values = [r[column] for r in rows if r["arm"] == arm]
+            if arm == "plain" and column.startswith("mask kept"):
+                assert cell == "—" and set(values) == {"—"}  # plain decay has no mask
+                continue
+            mean, std = (float(x) for x in cell.split(" ± "))
+            floats = [float(v) for v in values]
+            # The per-seed values are rounded to 3 decimals: that moves the mean by at most 0.0005 and the
+            # std by at most 0.0005 * sqrt(n / (n - 1)); the summary is rounded once more (0.0005).
+            n = len(floats)
+            assert abs(mean - statistics.fmean(floats)) <= 0.001 + 1e-9, (arm, column, mean)
+            assert abs(std - statistics.stdev(floats)) <= 0.0005 * (1 + math.sqrt(n / (n - 1))) + 1e-9, (arm, column)
+
+
+def test_docs_cautious_experiment_table_is_consistent() -> None:
+    """The page's tables are those of the command it names (a full rerun takes minutes: checked offline).
+
+    The "Measured by" line is the command line the example prints for the page's command, so the settings
+    are the page's; the per-seed rows cover every arm and seed; each summary cell is the mean and sample std
+    of the per-seed rows (to their rounding); and the example's own formatting of those rows gives the
+    page's per-seed table cell for cell.
+    """
+    example = load(EXAMPLES / "cautious_experiment.py")
+    command, text = _page_experiment()
+    args = example.parse_args(command.split()[2:])
+    assert not args.fast and len(args.seeds) >= 3
+    headline = text.split("\n", 1)[0]
+    measured = re.fullmatch(r"Measured by `([^`]*)`: (\d+) runs of (\d+) steps .*, \d+ s wall time\.", headline)
+    assert measured and measured.group(1) == example.command_line(args)
+    assert (int(measured.group(2)), int(measured.group(3))) == (len(example.ARMS) * len(args.seeds), args.steps)
+    outcomes, norms, per_seed = _markdown_tables(text)
+    header = per_seed[0]
+    rows = [dict(zip(header, row, strict=True)) for row in per_seed[1:]]
+    assert [(r["arm"], int(r["seed"])) for r in rows] == [(a, s) for s in args.seeds for a in example.ARMS]
+    assert header[2:] == outcomes[0][1:] + norms[0][1:] == list(example.COLUMNS.values())
+    _check_spread(outcomes, rows)
+    _check_spread(norms, rows)
+    parsed = [
+        {"arm": r["arm"], "seed": int(r["seed"])}
+        | {key: math.nan if r[c] == "—" else float(r[c]) for key, c in zip(example.COLUMNS, header[2:], strict=True)}
+        for r in rows
+    ]
+    assert _markdown_tables(example.format_tables(parsed, headline))[2] == per_seed
