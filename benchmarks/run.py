@@ -967,11 +967,15 @@ def bench_memory(report: Report, tag: str, name: str, size: str, device: torch.d
         cases += [
             ("4.monitor", "WeightNormMonitor (logging step)", lambda: [WeightNormMonitor(logging_interval=1)], none,
              none),
+            # The snapshot: kept between logging steps by default (state, one copy), else allocated per step.
             ("4.ratio", "WeightNormMonitor(log_update_ratio) (logging step)",
-             lambda: [WeightNormMonitor(logging_interval=1, log_update_ratio=True)], none, p_bytes + none),
+             lambda: [WeightNormMonitor(logging_interval=1, log_update_ratio=True)], p_bytes + none, none),
+            ("4.ratio_fresh", "WeightNormMonitor(log_update_ratio, keep_snapshot=False) (logging step)",
+             lambda: [WeightNormMonitor(logging_interval=1, log_update_ratio=True, keep_snapshot=False)], none,
+             p_bytes + none),
         ]  # fmt: skip
     else:
-        for key in ("4.monitor", "4.ratio"):
+        for key in ("4.monitor", "4.ratio", "4.ratio_fresh"):
             report.add(f"{key}/{tag}", "WeightNormMonitor", "skipped: lightning_decay.monitor not importable")
     for key, what, make, state_bound, peak_bound in cases:
         runner = make_runner(base, batch, device, optimizer_factory("adam", 0.0), make())
@@ -1322,7 +1326,7 @@ def expected_keys(devices: Sequence[str], models: Sequence[str] = MODELS) -> lis
         "1.base", "1.adamw", "1.wd", "1.l2adam", "1.l2sgd", "1.l1prox", "1.cwd", "1.cwd_measured",
         "1.extra_wd", "1.extra_l2",
         "2.bare", "2.lightning", "2.amortized", "2.equilibrium", "2.equilibrium_amortized", "3.wd_fit", "3.monitor_fit",
-        "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio",
+        "4.params", "4.wd", "4.l2", "4.l2sp", "4.l1prox", "4.monitor", "4.ratio", "4.ratio_fresh",
     ]  # fmt: skip
     per_device = [
         *[f"{k}/{{}}/{m}" for m in ("linear8", "gpt") for k in ("1.cwd_decay", "1.cwd_decay_measured", "1.cwd_mem")],
@@ -1421,7 +1425,9 @@ with Python's GC off while timing (and `torch.cuda.synchronize()` around each sa
 4. *Memory*, as multiples of the parameters' bytes: *state* is the bytes of the tensors the callbacks
    hold after a step (parameters, gradients and optimizer state left out); *peak* is the most memory
    allocated while their hooks for one step run ({peak_method}). Targets: no copy of the parameters,
-   except L2-SP's reference (persistent) and the update-ratio snapshot (logging steps only).
+   except L2-SP's reference (persistent) and the update-ratio snapshot: kept between logging steps by
+   default (`keep_snapshot=True`: state, one copy), or allocated on logging steps only (`keep_snapshot=False`: row
+   4.ratio_fresh, peak).
 5. *Scaling*: a model of {scale} small tensors (blocks of Linear(8, 8) + LayerNorm(8), each block
    with a `no_weight_decay()` hook) and gradients set directly. *Set-up*: `setup`, `on_fit_start` and
    `on_train_start` (and
