@@ -557,6 +557,26 @@ def bare_foreach_norms(params: list[Tensor]) -> list[float]:
         return torch.stack(torch._foreach_norm(params, 2)).tolist()
 
 
+def monitor_hooks(runner: Any, batch: Any, monitors: list[Any]) -> Callable[[Any], Callable[[], None]]:
+    """After one step of ``runner`` (gradients and optimizer state exist, as during training) and each monitor's
+    ``setup``: ``hooks(monitor)``, a call of the hooks Lightning runs around one optimizer step for it."""
+    runner.step()
+    trainer, module, opt = runner.trainer, runner.module, runner.optimizer
+    for mon in monitors:
+        mon.setup(trainer, module, "fit")
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+
+    def hooks(mon: Any) -> Callable[[], None]:
+        def call() -> None:
+            progress.increment_ready()  # a new batch, as the fit loop would count it
+            mon.on_before_optimizer_step(trainer, module, opt)
+            mon.on_train_batch_end(trainer, module, None, batch, 0)
+
+        return call
+
+    return hooks
+
+
 def bench_monitor(
     report: Report, tag: str, name: str, size: str, device: torch.device, budget: Budget, t_step: float
 ) -> None:
@@ -569,20 +589,8 @@ def bench_monitor(
     logging_monitor = WeightNormMonitor(logging_interval=1)  # every call is a logging step
     idle_monitor = WeightNormMonitor()  # Trainer's log_every_n_steps=50; the step timed here is not logged
     runner = make_runner(base, batch, device, optimizer_factory("adam", 0.0))
-    runner.step()  # gradients and optimizer state exist, as during training
-    trainer, module, opt = runner.trainer, runner.module, runner.optimizer
-    for mon in (logging_monitor, idle_monitor):
-        mon.setup(trainer, module, "fit")
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-
-    def hooks(mon: Any) -> Callable[[], None]:
-        def call() -> None:
-            progress.increment_ready()  # a new batch, as the fit loop would count it
-            mon.on_before_optimizer_step(trainer, module, opt)
-            mon.on_train_batch_end(trainer, module, None, batch, 0)
-
-        return call
-
+    hooks = monitor_hooks(runner, batch, [logging_monitor, idle_monitor])
+    trainer, module = runner.trainer, runner.module
     params = [p for p in module.parameters() if p.requires_grad]
     fns = {
         "monitor": hooks(logging_monitor),
@@ -645,20 +653,8 @@ def bench_equilibrium(
         "idle": WeightNormMonitor(log_equilibrium=True, decay_report=False),  # log_every_n_steps: not this step
     }
     runner = make_runner(base, batch, device, optimizer_factory("adamw", WD))
-    runner.step()  # gradients and optimizer state exist, as during training
-    trainer, module, opt = runner.trainer, runner.module, runner.optimizer
-    for mon in monitors.values():
-        mon.setup(trainer, module, "fit")
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-
-    def hooks(mon: Any) -> Callable[[], None]:
-        def call() -> None:
-            progress.increment_ready()  # a new batch, as the fit loop would count it
-            mon.on_before_optimizer_step(trainer, module, opt)
-            mon.on_train_batch_end(trainer, module, None, batch, 0)
-
-        return call
-
+    hooks = monitor_hooks(runner, batch, list(monitors.values()))
+    module = runner.module
     s = interleaved({k: hooks(m) for k, m in monitors.items()}, budget.calls, budget.repeats, budget.warmup, device)
     if not monitors["equilibrium"]._probes.history.series:  # recorded where a prediction was logged
         raise RuntimeError("log_equilibrium logged no prediction: the benchmark does not measure its logging step")

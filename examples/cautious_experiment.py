@@ -31,6 +31,7 @@ import csv
 import logging
 import math
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,12 +40,15 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decay import DecayRules, WeightDecay, WeightNormMonitor, decay_param_groups
+
+# The main job's data, split and label noise (examples/train_digits.py), whether this file runs as a script or is
+# loaded from its path (the tests): its folder on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_digits import load_data
 
 ARMS = ("plain", "cautious")
 FRACTION = "weight_decay/cautious_fraction/decay"
@@ -83,24 +87,6 @@ class DigitsMLP(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Named groups, so the callback logs weight_decay/cautious_fraction/decay; both at weight_decay=0.
         return torch.optim.Adam(decay_param_groups(self, weight_decay=0.0), lr=self.lr)
-
-
-def load_data(label_noise: float, seed: int) -> tuple[TensorDataset, TensorDataset, torch.Tensor]:
-    """Digits split half / half (stratified, by ``seed``), pixels in [0, 1], noise on the training labels.
-
-    Returns:
-        The training set (noisy labels), the validation set (clean) and the clean training labels.
-    """
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_va, y_tr, y_va = train_test_split(x / 16.0, y, train_size=0.5, stratify=y, random_state=seed)
-    clean = torch.as_tensor(y_tr)
-    g = torch.Generator().manual_seed(seed)
-    noisy = torch.rand(len(clean), generator=g) < label_noise
-    y_tr = clean.clone()
-    y_tr[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=g)
-    train = TensorDataset(torch.as_tensor(x_tr, dtype=torch.float32), y_tr)
-    val = TensorDataset(torch.as_tensor(x_va, dtype=torch.float32), torch.as_tensor(y_va))
-    return train, val, clean
 
 
 def log_every(steps: int) -> int:
