@@ -79,7 +79,7 @@ else
 fi
 
 if [ "${status[install]}" = ok ] || [ "${status[install]}" = skipped ]; then
-    run cuda_tests 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rxXs
+    run cuda_tests 200 "$PY" -m pytest tests/test_cuda.py tests/test_host_sync.py -q -p no:cacheprovider -rxXs
     run benchmarks 240 "$PY" benchmarks/run.py --device cuda --size large --only 1,2,4,6 \
         --note "scripts/gpu_check.sh" --out "$log_dir/benchmarks.md"
 else
