@@ -1,7 +1,8 @@
 """Reference models of the benchmarks: a deep MLP with LayerNorm (100 parameter tensors) and a small
-GPT-style transformer (197 parameter tensors), at three sizes.
+GPT-style transformer (197 parameter tensors), at four sizes.
 
 ``tiny`` is for the smoke test, ``small`` runs the whole benchmark in about a minute on 2 CPU cores,
+``medium`` puts the weights past a CPU's caches (about 100 MB: time is then memory traffic, not dispatch),
 ``large`` is meant for a GPU. The number of parameter tensors is the same at every size: the per-tensor
 overheads this benchmark is about depend on it.
 """
@@ -28,6 +29,7 @@ class ModelSpec:
 SIZES: dict[str, dict[str, ModelSpec]] = {
     "tiny": {"mlp": ModelSpec(width=16, batch=4), "gpt": ModelSpec(width=16, batch=2, seq=8, vocab=32)},
     "small": {"mlp": ModelSpec(width=128, batch=64), "gpt": ModelSpec(width=64, batch=4, seq=16, vocab=256)},
+    "medium": {"mlp": ModelSpec(width=1024, batch=64), "gpt": ModelSpec(width=384, batch=4, seq=64, vocab=2048)},
     "large": {"mlp": ModelSpec(width=2048, batch=512), "gpt": ModelSpec(width=512, batch=16, seq=256, vocab=8192)},
 }
 

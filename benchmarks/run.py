@@ -118,6 +118,8 @@ BUDGETS = {
     "small": Budget(
         warmup=5, steps=15, calls=20, repeats=7, fit_steps=70, fit_warmup=20, fit_repeats=9, scale_repeats=5
     ),
+    # Past the caches, on CPU: the rows whose ratios are set by memory traffic (``--only 1.cwd_decay,2.equilibrium``).
+    "medium": Budget(warmup=2, steps=3, calls=3, repeats=7, fit_steps=30, fit_warmup=5, fit_repeats=3),
     "large": Budget(
         warmup=5, steps=20, calls=20, repeats=9, fit_steps=300, fit_warmup=20, fit_repeats=4, large_numel=50 * 2**20
     ),
@@ -476,7 +478,7 @@ def bench_step(report: Report, tag: str, name: str, size: str, device: torch.dev
 
 # ------------------------------------------------------------- 1. cautious decay: the decay's own cost
 #: Width of the ``linear8`` model of rows 1.cwd_decay (8 x Linear(width, width)) at each size.
-LINEAR8_WIDTH = {"tiny": 32, "small": 512, "large": 2048}
+LINEAR8_WIDTH = {"tiny": 32, "small": 512, "medium": 2048, "large": 2048}
 #: key: (optimizer, callbacks); the decay's hooks around one step, the step itself left out.
 DECAY_VARIANTS: dict[str, tuple[str, Callable[[], list[Callback]]]] = {
     "plain": ("adam", lambda: [WeightDecay(WD)]),
@@ -1560,7 +1562,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="auto: this process's CPU time on CPU, wall time on CUDA; wall: wall time everywhere",
     )
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6", help="comma-separated subset of the measurements 1-6 (2.equilibrium: that row)"
+        "--only",
+        default="1,2,3,4,5,6",
+        help="comma-separated subset of the measurements 1-6 (2.equilibrium, 1.cwd_decay: those rows alone)",
     )
     parser.add_argument(
         "--rss-repeats", type=int, default=None, help="fits per variant of the peak-RSS rows 6.* (default per size)"
@@ -1652,7 +1656,7 @@ def _run_all(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"   ({tag}: 1: {t1 - t0:.1f} s, 2: {t2 - t1:.1f} s, 3: {t3 - t2:.1f} s, 4: {t4 - t3:.1f} s)")
-        if "1" in only:
+        if "1" in only or "1.cwd_decay" in only:
             print(f"== {dev} cautious decay, the decay's own cost (8 x Linear, gpt)", flush=True)
             bench_cautious_decay(report, dev, args.size, device, budget)
         if "3" in only:
